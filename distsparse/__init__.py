@@ -1,0 +1,27 @@
+"""distsparse: exact, rank-aware data sparsification for PyTorch.
+
+Public names are re-exported here; importing has no side effects (no warning filters,
+no process-group calls).
+"""
+
+from .norm_sparsifier import DataNormSparsifier
+from .scheduler import (
+    BaseDataScheduler,
+    CubicScheduler,
+    GammaScheduler,
+    LambdaScheduler,
+    LinearScheduler,
+)
+from .sparsifier import BaseDataSparsifier
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseDataSparsifier",
+    "DataNormSparsifier",
+    "BaseDataScheduler",
+    "GammaScheduler",
+    "LambdaScheduler",
+    "LinearScheduler",
+    "CubicScheduler",
+]

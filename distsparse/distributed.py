@@ -1,0 +1,223 @@
+"""Every collective distsparse uses, behind one small object that degrades to local.
+
+This is the only module that imports ``torch.distributed``. With no initialized process
+group (and none passed in) every operation is a local no-op, so single-process code runs
+the very same code path. All methods documented as *collective* must be called by every
+rank of the group, in the same order; none of them iterates a ``set``.
+
+Payloads are raw bytes (JSON or bit-packed masks) carried in ``uint8`` tensors: nothing
+is pickled, so a rank can never execute code another rank sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+__all__ = ["Comm", "RankDisagreementError", "RemoteError"]
+
+
+class RankDisagreementError(RuntimeError):
+    """Ranks hold different groups, shapes or configs; raised on every rank."""
+
+
+class RemoteError(RuntimeError):
+    """An exception raised on another rank (or on the coordinator), re-raised here."""
+
+
+class Comm:
+    """Rank facts and the few collectives distsparse needs.
+
+    ``process_group=None`` means the default group when ``torch.distributed`` is
+    initialized, and purely local operation otherwise.
+    """
+
+    def __init__(self, process_group: Any | None = None) -> None:
+        self._group = process_group
+
+    # -- rank facts -------------------------------------------------------------------
+    @property
+    def is_distributed(self) -> bool:
+        if self._group is not None:
+            return True
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def group(self) -> Any | None:
+        return self._group
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self._group) if self.is_distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self._group) if self.is_distributed else 1
+
+    @property
+    def device(self) -> torch.device:
+        """Where collective buffers must live: CUDA for NCCL, CPU otherwise."""
+        if self.is_distributed and dist.get_backend(self._group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _global_rank(self, group_rank: int) -> int:
+        if self._group is None:
+            return group_rank
+        return dist.get_global_rank(self._group, group_rank)
+
+    # -- byte collectives -------------------------------------------------------------
+    def all_gather_bytes(self, payload: bytes) -> list[bytes]:
+        """Collective: every rank's ``payload``, indexed by rank (sizes may differ)."""
+        if not self.is_distributed or self.world_size == 1:
+            return [payload]
+        device = self.device
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        sizes = [torch.empty_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self._group)
+        lengths = [int(s.item()) for s in sizes]
+        buf = torch.zeros(max(lengths) or 1, dtype=torch.uint8, device=device)
+        if payload:
+            buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        out = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(out, buf, group=self._group)
+        return [o[:n].cpu().numpy().tobytes() for o, n in zip(out, lengths)]
+
+    def all_gather_tensor(self, tensor: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+        """Collective: every rank's 1-D ``uint8`` tensor, indexed by rank, in one all-gather.
+
+        ``lengths[r]`` is rank r's tensor length, which every rank must already know (for
+        masks it follows from ownership and shapes); shorter tensors are padded.
+        """
+        if not self.is_distributed or self.world_size == 1:
+            return [tensor]
+        device = self.device
+        longest = max(lengths) or 1
+        buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+        buf[: tensor.numel()] = tensor.to(device)
+        out = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
+        dist.all_gather_into_tensor(out, buf, group=self._group)
+        return [out[r * longest : r * longest + n] for r, n in enumerate(lengths)]
+
+    def broadcast_bytes(self, payload: bytes | None, src: int = 0) -> bytes:
+        """Collective: ``payload`` from group rank ``src`` to every rank."""
+        if not self.is_distributed or self.world_size == 1:
+            assert payload is not None
+            return payload
+        device = self.device
+        is_src = self.rank == src
+        size = torch.tensor([len(payload) if is_src and payload is not None else 0], dtype=torch.int64, device=device)
+        dist.broadcast(size, src=self._global_rank(src), group=self._group)
+        n = int(size.item())
+        buf = torch.zeros(max(n, 1), dtype=torch.uint8, device=device)
+        if is_src and n:
+            buf[:n] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)  # type: ignore[arg-type]
+        dist.broadcast(buf, src=self._global_rank(src), group=self._group)
+        return buf[:n].cpu().numpy().tobytes()
+
+    def barrier(self) -> None:
+        """Collective: returns once every rank arrived."""
+        if self.is_distributed and self.world_size > 1:
+            # An all-gather instead of dist.barrier(): it works the same on gloo and NCCL
+            # without NCCL's device guessing.
+            self.all_gather_bytes(b"")
+
+    # -- patterns ---------------------------------------------------------------------
+    def run_on_coordinator(self, fn: Callable[[], T], encode: Callable[[T], bytes],
+                           decode: Callable[[bytes], T], src: int = 0) -> T:
+        """Collective: ``fn()`` runs on rank ``src`` only; every rank gets its decoded result.
+
+        If ``fn`` raises on the coordinator, every rank raises (the coordinator re-raises
+        its own exception, the others a :class:`RemoteError` carrying its message) instead
+        of waiting forever. The coordinator also uses the *decoded* value, so all ranks hold
+        the same bits.
+        """
+        if not self.is_distributed or self.world_size == 1:
+            return decode(encode(fn()))
+        payload: bytes | None = None
+        error: BaseException | None = None
+        if self.rank == src:
+            try:
+                payload = b"\x00" + encode(fn())
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                error = exc
+                payload = b"\x01" + f"{type(exc).__name__}: {exc}".encode()
+        received = self.broadcast_bytes(payload, src=src)
+        if received[:1] == b"\x01":
+            if error is not None:
+                raise error
+            raise RemoteError(f"rank {src} raised: {received[1:].decode(errors='replace')}")
+        return decode(received[1:])
+
+    def raise_if_any_failed(self, errors: Sequence[str], what: str,
+                            local_error: BaseException | None = None) -> None:
+        """Collective: if any rank reports errors, every rank raises.
+
+        A rank that failed re-raises ``local_error`` (its own exception, e.g. a ValueError
+        naming the group); the others raise :class:`RemoteError` listing every rank's errors.
+        """
+        local = "\n".join(errors).encode()
+        if not self.is_distributed or self.world_size == 1:
+            if local_error is not None:
+                raise local_error
+            if errors:
+                raise RemoteError(local.decode())
+            return
+        flags = torch.tensor([1 if errors else 0], dtype=torch.int64, device=self.device)
+        gathered = [torch.empty_like(flags) for _ in range(self.world_size)]
+        dist.all_gather(gathered, flags, group=self._group)
+        if not any(int(g.item()) for g in gathered):
+            return
+        messages = self.all_gather_bytes(local)
+        lines = [
+            f"[rank {r}] {line}"
+            for r, m in enumerate(messages)
+            for line in m.decode(errors="replace").splitlines()
+        ]
+        if local_error is not None:
+            raise local_error
+        raise RemoteError(f"{what} failed:\n" + "\n".join(lines))
+
+    def check_agreement(self, description: dict[str, dict[str, Any]], what: str) -> None:
+        """Collective: raise :class:`RankDisagreementError` on every rank unless all ranks
+        hold the same ``description`` ({group name: JSON-able facts}).
+
+        A 32-byte digest is compared first (one small all-gather per call); only on a
+        mismatch are the full descriptions exchanged to name the offending groups.
+        """
+        if not self.is_distributed or self.world_size == 1:
+            return
+        blob = json.dumps(description, sort_keys=True).encode()
+        digest = hashlib.sha256(blob).digest()
+        digests = self.all_gather_bytes(digest)
+        if all(d == digests[0] for d in digests):
+            return
+        described = [json.loads(b) for b in self.all_gather_bytes(blob)]
+        names = sorted({n for d in described for n in d})
+        problems = []
+        for name in names:
+            per_rank = [d.get(name) for d in described]
+            if all(p == per_rank[0] for p in per_rank):
+                continue
+            missing = [r for r, p in enumerate(per_rank) if p is None]
+            if missing:
+                problems.append(f"group {name!r} is missing on rank(s) {missing}")
+                continue
+            for key in sorted(per_rank[0]):
+                values = [p.get(key) for p in per_rank]
+                if any(v != values[0] for v in values):
+                    shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+                    problems.append(f"group {name!r} differs in {key}: {shown}")
+        raise RankDisagreementError(
+            f"{what}: ranks disagree (rank {self.rank} of {self.world_size}):\n  "
+            + "\n  ".join(problems)
+            + "\nEvery rank must add the same groups with the same shapes and configs "
+            "(use replicated=False for per-rank data such as input batches)."
+        )

@@ -1,0 +1,222 @@
+"""Pure tensor functions: block scores, exact lowest-k selection, within-block zeros, bit packing.
+
+No state, no communication. Every function works on the data's device and never
+materialises more than the block scores, the mask and one row chunk of temporaries:
+the data is scored in chunks of whole block rows, the lowest blocks are found by
+selection (``kthvalue``) rather than a sort, and the mask is a ``bool`` tensor.
+
+Tie rule (the same on every rank and every run): among blocks with equal scores the one
+with the lower row-major block index is pruned first; inside a block, among elements with
+equal magnitude the one with the lower row-major position is zeroed first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "as_matrix",
+    "block_scores",
+    "lowest_blocks",
+    "norm_block_mask",
+    "pack_bits",
+    "unpack_bits",
+    "packed_size",
+]
+
+# Elements scored per chunk: big enough to amortise kernel launches, small enough that
+# the |x| temporary stays a rounding error next to the data.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def as_matrix(data: torch.Tensor) -> torch.Tensor:
+    """The 2-D view a block mask is computed on: 1-D data is one row; N-D data
+    (N > 2) is ``(prod(shape[:-1]), shape[-1])`` — blocks run along the last dimension
+    and across the flattened leading dimensions."""
+    if data.dim() == 1:
+        return data.reshape(1, -1)
+    if data.dim() == 2:
+        return data
+    return data.reshape(-1, data.shape[-1])
+
+
+def _magnitude(chunk: torch.Tensor, norm: str) -> torch.Tensor:
+    # Same arithmetic as torch.ao (|x| or x*x in the data's dtype), so rankings match it.
+    return chunk.abs() if norm == "L1" else chunk * chunk
+
+
+def _row_chunks(rows: int, cols: int, block_rows: int) -> range:
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(cols, 1) // block_rows) * block_rows
+    return range(0, rows, per_chunk)
+
+
+def block_scores(matrix: torch.Tensor, block_shape: tuple[int, int], norm: str) -> torch.Tensor:
+    """Mean of |x| (L1) or x² (L2) over each block's valid elements, shape (block rows, block cols).
+
+    Computed with ``avg_pool2d(ceil_mode=True)`` exactly as torch.ao does (edge blocks are
+    averaged over their valid elements), one chunk of whole block rows at a time.
+    """
+    rows, cols = matrix.shape
+    bh, bw = block_shape
+    n_br, n_bc = -(-rows // bh), -(-cols // bw)
+    out = torch.empty(n_br, n_bc, dtype=matrix.dtype, device=matrix.device)
+    step = _row_chunks(rows, cols, bh).step
+    for start in range(0, rows, step):
+        chunk = _magnitude(matrix[start : start + step], norm)
+        pooled = F.avg_pool2d(chunk[None, None], kernel_size=block_shape, stride=block_shape, ceil_mode=True)
+        out[start // bh : start // bh + pooled.shape[-2]] = pooled[0, 0]
+    return out
+
+
+def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a 1-D tensor, exactly, in linear time."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16):
+        # numpy's introselect is several times faster than torch.kthvalue on CPU.
+        return torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+    return flat.kthvalue(k).values
+
+
+def lowest_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean tensor (scores' shape) marking exactly the ``k`` lowest scores.
+
+    Exact and deterministic: a linear-time selection finds the k-th smallest score;
+    everything up to it is taken, and if ties at that value would take too many, the
+    ones with the highest flat indices are given back.
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = _kth_smallest(flat, k).to(flat.device)
+    chosen = flat <= threshold
+    excess = int(torch.count_nonzero(chosen)) - k
+    if excess > 0:
+        ties = (flat == threshold).nonzero().reshape(-1)
+        chosen[ties[ties.numel() - excess :]] = False
+    return chosen.reshape(scores.shape)
+
+
+def _within_block_keep(
+    matrix: torch.Tensor,
+    pruned: torch.Tensor,
+    block_shape: tuple[int, int],
+    zeros_per_block: int,
+    norm: str,
+    mask_blocks: torch.Tensor,
+) -> None:
+    """In each pruned block, clear the ``zeros_per_block`` smallest elements of ``mask_blocks``.
+
+    ``mask_blocks`` is the padded mask viewed as (block rows, block cols, bh, bw).
+    Works one chunk of block rows at a time; padding counts as +inf so it is chosen last
+    (as torch.ao's NaN padding is).
+    """
+    rows, cols = matrix.shape
+    bh, bw = block_shape
+    n_br, n_bc = pruned.shape
+    step_rows = _row_chunks(rows, cols, bh).step
+    step_br = step_rows // bh
+    for br0 in range(0, n_br, step_br):
+        br1 = min(n_br, br0 + step_br)
+        coords = pruned[br0:br1].nonzero()
+        if coords.numel() == 0:
+            continue
+        chunk = _magnitude(matrix[br0 * bh : br1 * bh], norm)
+        padded = torch.full(((br1 - br0) * bh, n_bc * bw), float("inf"), dtype=chunk.dtype, device=chunk.device)
+        padded[: chunk.shape[0], : chunk.shape[1]] = chunk
+        blocks = padded.view(br1 - br0, bh, n_bc, bw).permute(0, 2, 1, 3)
+        values = blocks[coords[:, 0], coords[:, 1]].reshape(len(coords), bh * bw)
+        order = torch.sort(values, dim=1, stable=True).indices[:, :zeros_per_block]
+        keep = torch.ones_like(values, dtype=torch.bool)
+        keep.scatter_(1, order, False)
+        mask_blocks[coords[:, 0] + br0, coords[:, 1]] = keep.view(-1, bh, bw)
+
+
+def _check_finite(data: torch.Tensor) -> None:
+    bad = ~torch.isfinite(data)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"data contains {int(bad.sum())} NaN/Inf value(s), first at index {first} "
+            f"(value {data[first].item()})"
+        )
+
+
+def norm_block_mask(
+    data: torch.Tensor,
+    sparsity_level: float,
+    block_shape: tuple[int, int],
+    zeros_per_block: int,
+    norm: str,
+) -> torch.Tensor:
+    """The ``DataNormSparsifier`` mask for ``data`` (bool, data's shape and device; True keeps).
+
+    Zeroes exactly ``round(sparsity_level * number_of_blocks)`` lowest-scoring blocks
+    (Python's round, half to even, as torch.ao), and inside each of those its
+    ``zeros_per_block`` smallest elements.
+    """
+    matrix = as_matrix(data)
+    rows, cols = matrix.shape
+    bh, bw = block_shape
+    values_per_block = bh * bw
+    if data.numel() == 0:
+        return torch.ones(data.shape, dtype=torch.bool, device=data.device)
+    if sparsity_level <= 0 or zeros_per_block == 0:
+        _check_finite(data)
+        return torch.ones(data.shape, dtype=torch.bool, device=data.device)
+    scores = block_scores(matrix, block_shape, norm)
+    if not bool(torch.isfinite(scores).all()):
+        _check_finite(data)  # else finite data whose squares overflowed: inf scores rank last
+    k = round(sparsity_level * scores.numel())
+    pruned = lowest_blocks(scores, k)
+    del scores
+    n_br, n_bc = pruned.shape
+    exact = rows == n_br * bh and cols == n_bc * bw
+    mask = torch.empty(n_br * bh, n_bc * bw, dtype=torch.bool, device=data.device)
+    mask_blocks = mask.view(n_br, bh, n_bc, bw).permute(0, 2, 1, 3)
+    mask_blocks.copy_(torch.logical_not(pruned)[:, :, None, None].expand(n_br, n_bc, bh, bw))
+    if zeros_per_block < values_per_block and k > 0:
+        # Pruned blocks keep all but their smallest zeros_per_block elements.
+        _within_block_keep(matrix, pruned, block_shape, zeros_per_block, norm, mask_blocks)
+    if not exact:
+        mask = mask[:rows, :cols].contiguous()
+    return mask.reshape(data.shape)
+
+
+# -- bit packing ------------------------------------------------------------------------
+
+
+def packed_size(numel: int) -> int:
+    """Bytes that ``pack_bits`` produces for ``numel`` mask elements."""
+    return (numel + 7) // 8
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """1 bit per element, most significant bit first (the layout of ``numpy.packbits``).
+
+    Works on any device; returns a 1-D ``uint8`` tensor of ``packed_size(mask.numel())``.
+    """
+    flat = mask.reshape(-1).to(torch.bool)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(-1, 8).to(torch.uint8)
+    packed = bits[:, 0] << 7
+    for i in range(1, 8):
+        packed |= bits[:, i] << (7 - i)
+    return packed
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a ``bool`` tensor of ``shape`` on ``packed``'s device."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if packed.numel() != packed_size(numel):
+        raise ValueError(f"packed mask has {packed.numel()} bytes, expected {packed_size(numel)} for shape {tuple(shape)}")
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].to(torch.bool).reshape(tuple(shape))

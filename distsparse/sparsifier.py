@@ -1,0 +1,516 @@
+"""BaseDataSparsifier: named data groups, their masks and configs, the rank-aware step().
+
+A *group* is a name, the user's tensor (held by reference, never copied), a ``bool`` mask
+of the same shape on the same device, a config dict and a scope:
+
+* *replicated* — the same tensor on every rank (parameters, embedding tables under DDP).
+  Exactly one rank owns it and computes its mask; every rank receives it bit-packed.
+* *local* — per-rank data (input batches): every rank computes its own mask.
+
+Subclasses implement :meth:`update_mask` (one group's mask from its data and config) and
+may validate configs and data. All communication goes through :class:`~distsparse.distributed.Comm`,
+which is purely local when ``torch.distributed`` is not initialized.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import Comm
+from .masks import pack_bits, packed_size, unpack_bits
+
+__all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION"]
+
+#: Version of the ``state_dict()`` layout (also written into checkpoints).
+STATE_FORMAT_VERSION = 1
+
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+@dataclass
+class _Group:
+    data: torch.Tensor  # the user's own tensor (an embedding's .weight), shared storage
+    mask: torch.Tensor  # bool, data's shape and device; True keeps
+    replicated: bool
+
+
+@dataclass
+class _PendingGroup:
+    """A group restored from a state dict before ``add_data`` added it (an input batch
+    added inside the training loop). Its config and mask apply when it is added."""
+
+    config: dict[str, Any]
+    shape: tuple[int, ...]
+    replicated: bool
+    mask: torch.Tensor | None  # None: start fresh (local mask from another world size)
+
+
+def _shape_text(shape: Iterable[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _to_json_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Config as JSON-able values (tuples become lists); raises TypeError otherwise."""
+    out = json.loads(json.dumps(dict(config)))
+    return out
+
+
+class BaseDataSparsifier(abc.ABC):
+    r"""Base class of data sparsifiers: holds named data, their masks and configs.
+
+    Args:
+        data_list: optional ``[(name, data), ...]`` added with the default config.
+        process_group: keyword-only; the group masks are shared over. ``None`` uses the
+            default group when ``torch.distributed`` is initialized, else runs locally.
+        **defaults: the default config of every group; ``add_data(..., **config)``
+            overrides it per group.
+
+    Subclasses implement :meth:`update_mask`. ``step()`` is a *collective* when
+    distributed: every rank must call it, in the same order as its other collectives.
+
+    Limitations:
+        Tensor subclasses such as ``DTensor`` (FSDP2 shards) are not supported: a
+        replicated group must hold the whole tensor on every rank.
+    """
+
+    def __init__(self, data_list: Iterable[tuple[str, Any]] | None = None, *,
+                 process_group: Any | None = None, **defaults: Any) -> None:
+        self.defaults: dict[str, Any] = self._canonical_config("<defaults>", dict(defaults))
+        self.data_groups: dict[str, dict[str, Any]] = {}
+        self._groups: dict[str, _Group] = {}
+        self._pending: dict[str, _PendingGroup] = {}
+        self._comm = Comm(process_group)
+        #: Number of ``step()`` calls so far (the scheduler reads it for its order warning).
+        self.step_count = 0
+        #: Figures of the last ``step()``: seconds computing and communicating, bytes sent.
+        self.last_step_stats: dict[str, float] = {}
+        self._ownership_key: tuple | None = None
+        self._owners: dict[str, int] = {}
+        for name, data in data_list or ():
+            self.add_data(name, data)
+
+    # -- subclass hooks ---------------------------------------------------------------
+    @abc.abstractmethod
+    def update_mask(self, name: str, data: torch.Tensor, **config: Any) -> torch.Tensor | None:
+        """Return the new mask of group ``name`` (bool, ``data``'s shape and device).
+
+        Called under ``torch.no_grad()`` on the rank that computes the group. Returning
+        ``None`` means the subclass updated ``self.get_mask(name)`` in place (torch.ao style).
+        Raise ``ValueError`` for bad data; the step then changes no mask on any rank.
+        """
+
+    def _canonical_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Validate a group's config and return it normalised. Override to check keys."""
+        try:
+            _to_json_config(config)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"group {name!r}: config must hold JSON-able values ({exc})") from None
+        return config
+
+    def _check_data(self, name: str, data: torch.Tensor) -> None:
+        """Refuse data this sparsifier cannot handle. Override to add checks."""
+
+    # -- groups -----------------------------------------------------------------------
+    @staticmethod
+    def _extract_tensor(name: str, data: Any) -> tuple[torch.Tensor, bool]:
+        if isinstance(data, _EMBEDDING_TYPES):
+            return data.weight, True
+        if isinstance(data, nn.Module):
+            raise TypeError(
+                f"group {name!r}: unsupported data type {type(data).__name__}; pass a tensor, "
+                "nn.Parameter, nn.Embedding or nn.EmbeddingBag (for other modules, add their "
+                "weight parameters)"
+            )
+        if isinstance(data, torch.Tensor):
+            return data, isinstance(data, nn.Parameter)
+        raise TypeError(
+            f"group {name!r}: unsupported data type {type(data).__name__}; expected torch.Tensor, "
+            "nn.Parameter, nn.Embedding or nn.EmbeddingBag"
+        )
+
+    def add_data(self, name: str, data: Any, reuse_mask: bool = True,
+                 replicated: bool | None = None, **config: Any) -> torch.Tensor:
+        """Add (or replace) group ``name`` and return its data with the current mask applied.
+
+        ``data`` is a tensor, ``nn.Parameter``, ``nn.Embedding`` or ``nn.EmbeddingBag``
+        (its ``weight``); it is held by reference, never copied. Parameters and embeddings
+        are *replicated* by default, plain tensors *local*; ``replicated=`` overrides.
+
+        Re-adding an existing name replaces the data, keeps the group's config (updated by
+        ``config``) and — with ``reuse_mask=True`` — its mask, which needs the same shape;
+        a different shape raises ``ValueError`` and leaves the group untouched (pass
+        ``reuse_mask=False`` to start the new data with a fresh mask). Re-adding every batch
+        is the intended use and warns nothing.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"group name must be a non-empty string, got {name!r}")
+        tensor, default_replicated = self._extract_tensor(name, data)
+        self._check_data(name, tensor)
+        old = self._groups.get(name)
+        pending = self._pending.get(name)
+        if old is not None:
+            merged = self._canonical_config(name, {**self.data_groups[name], **config})
+            scope = old.replicated if replicated is None else bool(replicated)
+            if reuse_mask:
+                if tuple(tensor.shape) != tuple(old.data.shape):
+                    raise ValueError(
+                        f"group {name!r}: new data has shape {_shape_text(tensor.shape)} but the "
+                        f"mask to reuse has shape {_shape_text(old.data.shape)}; pass "
+                        "reuse_mask=False to start this data with a fresh mask (e.g. a smaller "
+                        "last batch), or use drop_last=True in the DataLoader"
+                    )
+                mask = old.mask if old.mask.device == tensor.device else old.mask.to(tensor.device)
+            else:
+                mask = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+        elif pending is not None:
+            merged = self._canonical_config(name, {**self.defaults, **config, **pending.config})
+            scope = pending.replicated if replicated is None else bool(replicated)
+            if tuple(tensor.shape) != pending.shape:
+                raise ValueError(
+                    f"group {name!r}: data has shape {_shape_text(tensor.shape)} but the loaded "
+                    f"state holds this group with shape {_shape_text(pending.shape)}"
+                )
+            if scope != pending.replicated:
+                raise ValueError(
+                    f"group {name!r}: added as {'replicated' if scope else 'local'} but the loaded "
+                    f"state holds it as {'replicated' if pending.replicated else 'local'}"
+                )
+            mask = (pending.mask.to(tensor.device) if pending.mask is not None
+                    else torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device))
+        else:
+            merged = self._canonical_config(name, {**self.defaults, **config})
+            scope = default_replicated if replicated is None else bool(replicated)
+            mask = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+        # Everything validated: commit.
+        self._groups[name] = _Group(data=tensor, mask=mask, replicated=scope)
+        self.data_groups[name] = merged
+        self._pending.pop(name, None)
+        return tensor * mask
+
+    def _group(self, name: str) -> _Group:
+        try:
+            return self._groups[name]
+        except KeyError:
+            raise ValueError(
+                f"data with name {name!r} does not exist; known groups: {sorted(self._groups)}"
+            ) from None
+
+    def get_data(self, name: str, return_original: bool = True) -> torch.Tensor:
+        """The user's own tensor (``return_original=True``, shared storage) or ``data * mask``."""
+        group = self._group(name)
+        return group.data if return_original else group.data * group.mask
+
+    def get_mask(self, name: str) -> torch.Tensor:
+        """The group's mask: ``bool``, the data's shape and device; True keeps."""
+        return self._group(name).mask
+
+    def is_replicated(self, name: str) -> bool:
+        """Whether group ``name`` holds the same data on every rank (else per-rank data)."""
+        return self._group(name).replicated
+
+    def squash_mask(self, names: Iterable[str] | None = None, leave_parametrized: bool = True,
+                    *args: Any, **kwargs: Any) -> None:
+        """Write the masks into the user's tensors in place (``data *= mask``).
+
+        Unlike torch.ao, the groups stay registered (masks and configs kept), so ``step()``
+        and checkpoints keep working afterwards. ``leave_parametrized=False`` leaves the data
+        unchanged (torch.ao's meaning: drop the masking without applying it).
+        """
+        selected = list(self._groups) if names is None else list(names)
+        for name in selected:
+            self._group(name)  # validate all names before touching anything
+        if not leave_parametrized:
+            return
+        with torch.no_grad():
+            for name in selected:
+                group = self._groups[name]
+                group.data.mul_(group.mask)
+
+    # -- ranks ------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    def _replicated_sizes(self) -> list[tuple[str, int]]:
+        return [(n, self._groups[n].data.numel()) for n in sorted(self._groups) if self._groups[n].replicated]
+
+    def _ownership(self) -> dict[str, int]:
+        """Deterministic owner of every replicated group, balanced by element count.
+
+        Longest-processing-time greedy: groups by decreasing size (name breaks ties) go to
+        the least-loaded rank (lowest rank breaks ties). Identical on every rank because it
+        depends only on sorted names, sizes and the world size.
+        """
+        sizes = self._replicated_sizes()
+        key = (self.world_size, tuple(sizes))
+        if key != self._ownership_key:
+            loads = [0] * self.world_size
+            owners: dict[str, int] = {}
+            for name, numel in sorted(sizes, key=lambda item: (-item[1], item[0])):
+                rank = min(range(self.world_size), key=lambda r: (loads[r], r))
+                owners[name] = rank
+                loads[rank] += max(numel, 1)
+            self._ownership_key, self._owners = key, owners
+        return self._owners
+
+    def owner_of(self, name: str) -> int:
+        """Rank that computes group ``name``'s mask (0 when not distributed; this rank for
+        a local group, whose mask every rank computes from its own data)."""
+        group = self._group(name)
+        if not group.replicated:
+            return self.rank
+        return self._ownership()[name]
+
+    def _describe(self) -> dict[str, dict[str, Any]]:
+        """What every rank must agree on before a step: names, scopes, configs, and for
+        replicated groups shapes and dtypes (local data may differ per rank)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in sorted(self._groups):
+            group = self._groups[name]
+            facts: dict[str, Any] = {
+                "scope": "replicated" if group.replicated else "local",
+                "config": _to_json_config(self.data_groups[name]),
+            }
+            if group.replicated:
+                facts["shape"] = list(group.data.shape)
+                facts["dtype"] = str(group.data.dtype).replace("torch.", "")
+            out[name] = facts
+        return out
+
+    # -- step -------------------------------------------------------------------------
+    def _compute_mask(self, name: str) -> torch.Tensor:
+        group = self._groups[name]
+        config = self.data_groups[name]
+        self._canonical_config(name, dict(config))  # a hand-edited data_groups entry is caught here
+        result = self.update_mask(name, group.data.detach(), **config)
+        mask = self.get_mask(name) if result is None else result
+        if tuple(mask.shape) != tuple(group.data.shape):
+            raise ValueError(f"group {name!r}: update_mask returned shape {_shape_text(mask.shape)}, "
+                             f"data has {_shape_text(group.data.shape)}")
+        return mask.to(dtype=torch.bool, device=group.data.device)
+
+    def step(self) -> None:
+        """Recompute every group's mask. *Collective* when distributed.
+
+        Replicated groups are computed by their owner and shared bit-packed in one
+        all-gather; local groups by every rank from its own data. Ranks first check that
+        they hold the same groups (RuntimeError naming the group otherwise). If any group
+        fails (NaN/Inf data, a bad config) every rank raises and no mask changes anywhere.
+        """
+        self.step_count += 1
+        comm = self._comm
+        started = time.perf_counter()
+        comm.check_agreement(self._describe(), f"{type(self).__name__}.step()")
+        owners = self._ownership() if comm.world_size > 1 else {}
+        rank = comm.rank
+        names = sorted(self._groups)
+        mine = [n for n in names if not self._groups[n].replicated or owners.get(n, 0) == rank]
+        new_masks: dict[str, torch.Tensor] = {}
+        errors: list[str] = []
+        first_error: Exception | None = None
+        with torch.no_grad():
+            for name in mine:
+                try:
+                    new_masks[name] = self._compute_mask(name)
+                except (ValueError, TypeError) as exc:
+                    first_error = first_error or exc
+                    errors.append(f"group {name!r}: {exc}" if repr(name) not in str(exc) else str(exc))
+        computed = time.perf_counter()
+        if comm.world_size == 1:
+            if first_error is not None:
+                raise first_error
+        else:
+            comm.raise_if_any_failed(errors, f"{type(self).__name__}.step()", local_error=first_error)
+        bytes_sent = 0
+        if comm.world_size > 1:
+            received, bytes_sent = self._exchange_replicated(owners, new_masks)
+            new_masks.update(received)
+        for name, mask in new_masks.items():
+            self._groups[name].mask = mask
+        finished = time.perf_counter()
+        self.last_step_stats = {
+            "compute_seconds": computed - started,
+            "comm_seconds": finished - computed,
+            "bytes_sent": float(bytes_sent),
+            "groups_computed": float(len(mine)),
+        }
+
+    def _exchange_replicated(self, owners: dict[str, int],
+                             new_masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """One all-gather of every rank's owned masks, bit-packed and concatenated in name order."""
+        comm = self._comm
+        by_rank: list[list[str]] = [[] for _ in range(comm.world_size)]
+        for name in sorted(owners):
+            by_rank[owners[name]].append(name)
+        lengths = [sum(packed_size(self._groups[n].data.numel()) for n in names) for names in by_rank]
+        own = by_rank[comm.rank]
+        device = comm.device
+        if own:
+            payload = torch.cat([pack_bits(new_masks[n].to(device)) for n in own])
+        else:
+            payload = torch.empty(0, dtype=torch.uint8, device=device)
+        gathered = comm.all_gather_tensor(payload, lengths)
+        received: dict[str, torch.Tensor] = {}
+        for r, names in enumerate(by_rank):
+            if r == comm.rank:
+                continue
+            offset = 0
+            for name in names:
+                group = self._groups[name]
+                size = packed_size(group.data.numel())
+                packed = gathered[r][offset : offset + size]
+                received[name] = unpack_bits(packed, tuple(group.data.shape)).to(group.data.device)
+                offset += size
+        return received, lengths[comm.rank] * (comm.world_size - 1)
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and configs — never the user's data. For example::
+
+            {
+                "format_version": 1,
+                "sparsifier": "DataNormSparsifier",
+                "defaults": {"sparsity_level": 0.5, "sparse_block_shape": [1, 4], ...},
+                "groups": {"emb.weight": {"config": {...}, "shape": [1000, 64],
+                                          "replicated": True}, ...},
+                "masks": {"emb.weight": <bool tensor (1000, 64)>, ...},
+                "world_size": 2, "rank": 0, "step_count": 12,
+            }
+
+        Values are tensors or JSON-able. Groups restored by ``load_state_dict`` but not yet
+        added again are included. Local groups' masks are this rank's.
+        """
+        groups: dict[str, Any] = {}
+        masks: dict[str, torch.Tensor] = {}
+        for name, pend in self._pending.items():
+            groups[name] = {"config": _to_json_config(pend.config), "shape": list(pend.shape),
+                            "replicated": pend.replicated}
+            if pend.mask is not None:
+                masks[name] = pend.mask.clone()
+        for name, group in self._groups.items():
+            groups[name] = {"config": _to_json_config(self.data_groups[name]),
+                            "shape": list(group.data.shape), "replicated": group.replicated}
+            masks[name] = group.mask.clone()
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "sparsifier": type(self).__name__,
+            "defaults": _to_json_config(self.defaults),
+            "groups": {n: groups[n] for n in sorted(groups)},
+            "masks": {n: masks[n] for n in sorted(masks)},
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore masks and configs into the groups already added; validate, then mutate.
+
+        The user's tensors stay attached (``squash_mask`` after a resume changes the live
+        model). A group in ``state_dict`` that was not added yet is kept pending and applies
+        when ``add_data`` adds that name with the same shape. ``strict=True`` refuses a
+        state that lacks a group this sparsifier has; any group held with another shape or
+        scope is refused either way. Local masks saved on another world size are dropped
+        with a warning (the group starts with a fresh mask). On any error nothing changes.
+        """
+        plan = self._validate_state(state_dict, strict)
+        defaults, updates, pending, fresh_local = plan
+        if fresh_local:
+            warnings.warn(
+                f"local groups {fresh_local} were saved on {state_dict['world_size']} ranks and "
+                f"this run has {self.world_size}: their per-rank masks start fresh",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.defaults = defaults
+        for name, (config, mask) in updates.items():
+            group = self._groups[name]
+            self.data_groups[name] = config
+            group.mask = (mask.to(device=group.data.device, dtype=torch.bool, copy=True) if mask is not None
+                          else torch.ones(group.data.shape, dtype=torch.bool, device=group.data.device))
+        self._pending = pending if strict else {**self._pending, **pending}
+        self.step_count = int(state_dict.get("step_count", self.step_count))
+
+    def _validate_state(self, sd: Mapping[str, Any], strict: bool):
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(sd).__name__}")
+        for key in ("format_version", "sparsifier", "defaults", "groups", "masks", "world_size", "rank"):
+            if key not in sd:
+                raise ValueError(f"state_dict is missing key {key!r}")
+        if sd["format_version"] != STATE_FORMAT_VERSION:
+            raise ValueError(f"unsupported state format_version {sd['format_version']!r} "
+                             f"(this distsparse reads {STATE_FORMAT_VERSION})")
+        if sd["sparsifier"] != type(self).__name__:
+            raise ValueError(f"state_dict was saved by {sd['sparsifier']!r}, not {type(self).__name__!r}")
+        defaults = self._canonical_config("<defaults>", dict(copy.deepcopy(sd["defaults"])))
+        groups, masks = sd["groups"], sd["masks"]
+        if not isinstance(groups, Mapping) or not isinstance(masks, Mapping):
+            raise TypeError("state_dict 'groups' and 'masks' must be mappings")
+        same_world = int(sd["world_size"]) == self.world_size and int(sd["rank"]) == self.rank
+        updates: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
+        pending: dict[str, _PendingGroup] = {}
+        fresh_local: list[str] = []
+        for name in sorted(groups):
+            entry = groups[name]
+            if not isinstance(entry, Mapping) or not {"config", "shape", "replicated"} <= set(entry):
+                raise ValueError(f"group {name!r}: state entry must hold config, shape and replicated")
+            config = self._canonical_config(name, dict(copy.deepcopy(entry["config"])))
+            shape = tuple(int(s) for s in entry["shape"])
+            replicated = bool(entry["replicated"])
+            mask = masks.get(name)
+            if mask is not None:
+                if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, torch.uint8, torch.int8):
+                    raise TypeError(f"group {name!r}: mask must be a bool tensor, got {type(mask).__name__} "
+                                    f"{getattr(mask, 'dtype', '')}")
+                if tuple(mask.shape) != shape:
+                    raise ValueError(f"group {name!r}: mask has shape {_shape_text(mask.shape)}, "
+                                     f"group shape is {_shape_text(shape)}")
+            elif replicated:
+                raise ValueError(f"group {name!r}: state holds no mask for this replicated group")
+            if not replicated and not same_world:
+                fresh_local.append(name)
+                mask = None
+            current = self._groups.get(name)
+            if current is None:
+                pending[name] = _PendingGroup(config=config, shape=shape, replicated=replicated, mask=mask)
+                continue
+            if tuple(current.data.shape) != shape:
+                raise ValueError(f"group {name!r}: state holds shape {_shape_text(shape)}, "
+                                 f"the data added has shape {_shape_text(current.data.shape)}")
+            if current.replicated != replicated:
+                raise ValueError(f"group {name!r}: state holds it as {'replicated' if replicated else 'local'}, "
+                                 f"it was added as {'replicated' if current.replicated else 'local'}")
+            updates[name] = (config, mask)
+        if strict:
+            missing = sorted(set(self._groups) - set(groups))
+            if missing:
+                raise ValueError(f"state_dict lacks groups {missing} that this sparsifier has "
+                                 "(pass strict=False to keep their current masks)")
+        return defaults, updates, pending, fresh_local
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}(rank {self.rank} of {self.world_size}, {len(self._groups)} groups"]
+        for name in sorted(self._groups):
+            group = self._groups[name]
+            config = ", ".join(f"{k}={v!r}" for k, v in sorted(self.data_groups[name].items()))
+            density = float(group.mask.float().mean()) if group.mask.numel() else math.nan
+            scope = "replicated" if group.replicated else "local"
+            lines.append(f"  {name!r}: {_shape_text(group.data.shape)} {scope}, {config}, "
+                         f"kept {density:.1%}")
+        for name in sorted(self._pending):
+            lines.append(f"  {name!r}: pending (restored, waiting for add_data)")
+        return "\n".join(lines) + ")"
