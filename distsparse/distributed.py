@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from datetime import timedelta
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,6 +24,23 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 __all__ = ["Comm", "RankDisagreementError", "RemoteError"]
+
+
+def _all_gather_into(out: torch.Tensor, tensor: torch.Tensor, group: Any | None) -> Any:
+    # torch 2.13 renamed all_gather_into_tensor to all_gather_single; support both.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, tensor, group=group, async_op=True)
+
+
+def _default_timeout() -> float:
+    raw = os.environ.get("DISTSPARSE_COLLECTIVE_TIMEOUT", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"DISTSPARSE_COLLECTIVE_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"DISTSPARSE_COLLECTIVE_TIMEOUT must be positive, got {raw!r}")
+    return value
 
 
 class RankDisagreementError(RuntimeError):
@@ -37,10 +56,26 @@ class Comm:
 
     ``process_group=None`` means the default group when ``torch.distributed`` is
     initialized, and purely local operation otherwise.
+
+    Every collective waits at most ``timeout`` seconds (default: the environment variable
+    ``DISTSPARSE_COLLECTIVE_TIMEOUT``, else 300) and then raises ``RuntimeError`` — a
+    backstop for a rank that never arrives (crashed, or skipped a ``step()``), which the
+    per-step agreement check cannot see. The process group is unusable after that.
     """
 
-    def __init__(self, process_group: Any | None = None) -> None:
+    def __init__(self, process_group: Any | None = None, timeout: float | None = None) -> None:
         self._group = process_group
+        self.timeout = _default_timeout() if timeout is None else float(timeout)
+
+    def _wait(self, work: Any, what: str) -> None:
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"distsparse: rank {self.rank} waited more than {self.timeout:g} s in {what}; "
+                "another rank did not join (it crashed, or it skipped a collective call such as "
+                f"step(), save_checkpoint() or scheduler.step()). Original error: {exc}"
+            ) from exc
 
     # -- rank facts -------------------------------------------------------------------
     @property
@@ -81,13 +116,13 @@ class Comm:
         device = self.device
         size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
         sizes = [torch.empty_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size, group=self._group)
+        self._wait(dist.all_gather(sizes, size, group=self._group, async_op=True), "all_gather (sizes)")
         lengths = [int(s.item()) for s in sizes]
         buf = torch.zeros(max(lengths) or 1, dtype=torch.uint8, device=device)
         if payload:
             buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         out = [torch.empty_like(buf) for _ in range(self.world_size)]
-        dist.all_gather(out, buf, group=self._group)
+        self._wait(dist.all_gather(out, buf, group=self._group, async_op=True), "all_gather (bytes)")
         return [o[:n].cpu().numpy().tobytes() for o, n in zip(out, lengths)]
 
     def all_gather_tensor(self, tensor: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
@@ -103,8 +138,14 @@ class Comm:
         buf = torch.zeros(longest, dtype=torch.uint8, device=device)
         buf[: tensor.numel()] = tensor.to(device)
         out = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
-        dist.all_gather_into_tensor(out, buf, group=self._group)
+        self._wait(_all_gather_into(out, buf, self._group), "all_gather (masks)")
         return [out[r * longest : r * longest + n] for r, n in enumerate(lengths)]
+
+    def _all_gather_fixed(self, payload: bytes) -> list[bytes]:
+        """Collective: like :meth:`all_gather_bytes` for payloads of one agreed size."""
+        tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        parts = self.all_gather_tensor(tensor, [len(payload)] * self.world_size)
+        return [p.cpu().numpy().tobytes() for p in parts]
 
     def broadcast_bytes(self, payload: bytes | None, src: int = 0) -> bytes:
         """Collective: ``payload`` from group rank ``src`` to every rank."""
@@ -114,12 +155,14 @@ class Comm:
         device = self.device
         is_src = self.rank == src
         size = torch.tensor([len(payload) if is_src and payload is not None else 0], dtype=torch.int64, device=device)
-        dist.broadcast(size, src=self._global_rank(src), group=self._group)
+        self._wait(dist.broadcast(size, src=self._global_rank(src), group=self._group, async_op=True),
+                   "broadcast (size)")
         n = int(size.item())
         buf = torch.zeros(max(n, 1), dtype=torch.uint8, device=device)
         if is_src and n:
             buf[:n] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)  # type: ignore[arg-type]
-        dist.broadcast(buf, src=self._global_rank(src), group=self._group)
+        self._wait(dist.broadcast(buf, src=self._global_rank(src), group=self._group, async_op=True),
+                   "broadcast (bytes)")
         return buf[:n].cpu().numpy().tobytes()
 
     def barrier(self) -> None:
@@ -172,7 +215,7 @@ class Comm:
             return
         flags = torch.tensor([1 if errors else 0], dtype=torch.int64, device=self.device)
         gathered = [torch.empty_like(flags) for _ in range(self.world_size)]
-        dist.all_gather(gathered, flags, group=self._group)
+        self._wait(dist.all_gather(gathered, flags, group=self._group, async_op=True), "all_gather (status)")
         if not any(int(g.item()) for g in gathered):
             return
         messages = self.all_gather_bytes(local)
@@ -196,7 +239,7 @@ class Comm:
             return
         blob = json.dumps(description, sort_keys=True).encode()
         digest = hashlib.sha256(blob).digest()
-        digests = self.all_gather_bytes(digest)
+        digests = self._all_gather_fixed(digest)
         if all(d == digests[0] for d in digests):
             return
         described = [json.loads(b) for b in self.all_gather_bytes(blob)]
