@@ -1,0 +1,133 @@
+"""Helpers shared by the distsparse benchmarks (no torch import at module level).
+
+Memory is measured with the kernel's own counters: writing ``5`` to
+``/proc/self/clear_refs`` resets the peak resident set size (VmHWM) to the current
+RSS, so ``VmHWM`` read after an operation minus ``VmRSS`` read before it is the
+peak memory growth *during* that operation, including allocations that were freed
+again before it returned.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+
+ONE_THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+}
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def proc_status_kb(key: str) -> int:
+    """Value of ``key`` (e.g. ``VmRSS``, ``VmHWM``) in /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS. Returns False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.update(ONE_THREAD_ENV)
+    # make `import distsparse` and `import _common` work from a fresh interpreter
+    paths = [REPO_ROOT, os.path.dirname(os.path.abspath(__file__))]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine_info() -> dict:
+    import torch  # parent only; cheap enough
+
+    cpu_model = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_gib = int(line.split()[1]) / 2**20
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip() or "?"
+        dirty = subprocess.run(
+            ["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "distsparse"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        if dirty:
+            commit += " (distsparse/ has uncommitted changes)"
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    try:
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
+    return {
+        "load": load,
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "mem_gib": mem_gib,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "git": commit,
+    }
+
+
+def machine_info_md(info: dict) -> str:
+    mem = f"{info['mem_gib']:.1f} GiB" if info.get("mem_gib") else "?"
+    return (
+        f"- CPU: {info['cpu_model']}; os.cpu_count() = {info['cpu_count']}, "
+        f"usable = {info['cpus_usable']}; RAM {mem}; load average at start "
+        f"(1/5/15 min) {info['load']}\n"
+        f"- Python {info['python']}, torch {info['torch']}, {info['platform']}\n"
+        f"- repo commit: {info['git']}\n"
+    )
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,409 @@
+#!/usr/bin/env python
+"""distsparse DataNormSparsifier.step() at world size 1 vs 2 (gloo on 127.0.0.1).
+
+    python benchmarks/bench_distributed.py           # 8 x (250,000 x 64) float32 (~1 minute)
+    python benchmarks/bench_distributed.py --quick   # 8 x (25,000 x 64)
+
+Each world size is a fresh set of processes (``subprocess`` + ``MASTER_ADDR``,
+``MASTER_PORT`` (a free port), ``RANK``, ``WORLD_SIZE``), one thread each
+(``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)``), with a hard timeout on every
+child. Every rank builds the same 8 tables from a fixed seed and adds them as
+``nn.Parameter`` s, so they are *replicated* groups that distsparse shards across ranks.
+
+Measured per world size:
+
+* ``step()`` wall time: one warm-up step, then ``--steps`` steps, each preceded by a
+  barrier; the time of a step is the max over ranks; the median over steps is reported;
+* ``sp.last_step_stats`` after each step (``bytes_sent``, ``comm_seconds``,
+  ``compute_seconds``, ...), median over steps, per rank;
+* peak RSS growth during ``step()`` (``/proc/self/clear_refs`` + ``VmHWM``), per rank;
+* whether every rank ends with the same masks, and whether they equal world 1's;
+* ``LinearScheduler.step()`` time: ``--sched-steps`` calls, each preceded by a barrier,
+  max over ranks per call, median reported.
+
+Results are printed as markdown and written to ``benchmarks/results/distributed.md``
+(``distributed_quick.md`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _common  # noqa: E402
+
+SEED = 777
+TARGET_RATIO = 0.6
+TARGET_SCHED_MS = 2.0
+STAT_KEYS = ("bytes_sent", "bytes_received", "comm_seconds", "compute_seconds")
+
+
+# --------------------------------------------------------------------------- child
+
+
+def run_child(cfg: dict) -> dict:
+    import gc
+    import hashlib
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    t0 = time.perf_counter()
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=cfg["pg_timeout"]))
+    init_s = time.perf_counter() - t0
+
+    import importlib
+
+    distsparse = importlib.import_module(cfg.get("module", "distsparse"))
+    DataNormSparsifier = distsparse.DataNormSparsifier
+
+    names = [f"table_{i}" for i in range(cfg["tables"])]
+    params = []
+    for i in range(cfg["tables"]):
+        g = torch.Generator().manual_seed(SEED + i)
+        params.append(nn.Parameter(torch.randn(cfg["rows"], cfg["cols"], generator=g)))
+    data_bytes = sum(p.numel() * p.element_size() for p in params)
+
+    sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), norm="L1")
+    for n, p in zip(names, params):
+        sp.add_data(n, p)
+
+    owners = {}
+    if hasattr(sp, "owner_of"):
+        owners = {n: int(sp.owner_of(n)) for n in names}
+
+    def barrier():
+        dist.barrier()
+
+    # warm-up
+    barrier()
+    t0 = time.perf_counter()
+    sp.step()
+    warm_s = time.perf_counter() - t0
+
+    step_s, growth_kb, stats = [], [], []
+    for _ in range(cfg["steps"]):
+        gc.collect()
+        barrier()
+        rss_before = _common.proc_status_kb("VmRSS")
+        _common.reset_peak_rss()
+        t0 = time.perf_counter()
+        sp.step()
+        dt = time.perf_counter() - t0
+        growth_kb.append(_common.proc_status_kb("VmHWM") - rss_before)
+        step_s.append(dt)
+        st = getattr(sp, "last_step_stats", None)
+        stats.append(_jsonable(st) if st is not None else None)
+
+    sha = hashlib.sha256()
+    for n in names:
+        sha.update(n.encode())
+        sha.update(sp.get_mask(n).detach().to(torch.bool).contiguous().numpy().tobytes())
+
+    sched_s, sched_levels, sched_err = [], None, None
+    if cfg["sched_steps"] > 0:
+        try:
+            sch = distsparse.LinearScheduler(sp, final_value=0.8, initial_value=0.0,
+                                             start_step=0, ramp_steps=100)
+            for _ in range(cfg["sched_steps"]):
+                barrier()
+                t0 = time.perf_counter()
+                sch.step()
+                sched_s.append(time.perf_counter() - t0)
+            sched_levels = {n: float(sp.data_groups[n]["sparsity_level"]) for n in names}
+        except Exception as e:  # report, don't hang the other rank: it hits the barrier timeout
+            sched_err = f"{type(e).__name__}: {e}"
+
+    barrier()
+    dist.destroy_process_group()
+    return dict(rank=rank, world=world, init_s=init_s, data_bytes=data_bytes, owners=owners,
+                warmup_s=warm_s, step_s=step_s, step_growth_kb=growth_kb, stats=stats,
+                has_stats=hasattr(sp, "last_step_stats"), mask_sha256=sha.hexdigest(),
+                sched_s=sched_s, sched_levels=sched_levels, sched_error=sched_err,
+                threads=torch.get_num_threads())
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    try:
+        return float(x)
+    except Exception:
+        return repr(x)
+
+
+# -------------------------------------------------------------------------- parent
+
+
+def launch_world(world: int, cfg: dict, timeout: float) -> list[dict]:
+    port = _common.free_port()
+    tmp = tempfile.mkdtemp(prefix=f"distsparse_bench_w{world}_")
+    procs = []
+    for rank in range(world):
+        env = _common.child_env()
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT),
+                      out))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for p, _ in procs:
+        left = deadline - time.monotonic()
+        try:
+            p.wait(timeout=max(left, 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    if timed_out:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for rank, (p, out) in enumerate(procs):
+        out.seek(0)
+        text = out.read()
+        out.close()
+        res = None
+        for line in reversed(text.splitlines()):
+            if line.startswith("RESULT "):
+                res = json.loads(line[len("RESULT "):])
+                break
+        if res is None:
+            why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {p.returncode}"
+            tail = " / ".join(text.strip().splitlines()[-12:])
+            res = dict(rank=rank, error=f"{why}: {tail}")
+        results.append(res)
+    for f in os.listdir(tmp):
+        os.remove(os.path.join(tmp, f))
+    os.rmdir(tmp)
+    return results
+
+
+def ms(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 1000:.2f} ms" if x < 0.01 else f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def human_bytes(b: float | None) -> str:
+    if b is None:
+        return "n/a"
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= f:
+            return f"{b / f:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def summarize(results: list[dict]) -> dict:
+    world = len(results)
+    nsteps = len(results[0]["step_s"])
+    per_step_max = [max(r["step_s"][i] for r in results) for i in range(nsteps)]
+    s = dict(world=world, step_median=statistics.median(per_step_max),
+             step_all=per_step_max, warmup=max(r["warmup_s"] for r in results))
+    s["growth_kb"] = [max(r["step_growth_kb"]) for r in results]
+    s["data_bytes"] = results[0]["data_bytes"]
+    s["sha_same"] = len({r["mask_sha256"] for r in results}) == 1
+    s["sha"] = results[0]["mask_sha256"]
+    s["has_stats"] = all(r["has_stats"] for r in results)
+    stats = {}
+    keys_seen = set()
+    for r in results:
+        per_rank = {}
+        steps = [x for x in r["stats"] if isinstance(x, dict)]
+        for x in steps:
+            keys_seen.update(x.keys())
+        for k in STAT_KEYS:
+            vals = [x[k] for x in steps if isinstance(x.get(k), (int, float))]
+            per_rank[k] = statistics.median(vals) if vals else None
+        stats[r["rank"]] = per_rank
+    s["stats"] = stats
+    s["stat_keys"] = sorted(keys_seen)
+    s["last_stats"] = {r["rank"]: (r["stats"][-1] if r["stats"] else None) for r in results}
+    if results[0]["sched_s"]:
+        n = len(results[0]["sched_s"])
+        per_call = [max(r["sched_s"][i] for r in results) for i in range(n)]
+        s["sched_median"] = statistics.median(per_call)
+        s["sched_max"] = max(per_call)
+        s["sched_first"] = per_call[0]
+        s["sched_levels_same"] = len({json.dumps(r["sched_levels"], sort_keys=True)
+                                      for r in results}) == 1
+        s["sched_level_final"] = sorted(set(results[0]["sched_levels"].values()))
+    else:
+        s["sched_median"] = None
+    s["sched_errors"] = [f"rank {r['rank']}: {r['sched_error']}" for r in results
+                         if r.get("sched_error")]
+    owners = results[0]["owners"]
+    if owners:
+        owned = {}
+        for n, o in owners.items():
+            owned.setdefault(o, []).append(n)
+        s["owned"] = {rk: len(v) for rk, v in sorted(owned.items())}
+        per_table_bits = results[0]["data_bytes"] // 4 // len(owners)
+        s["owned_packed_bytes"] = {rk: len(owned.get(rk, [])) * per_table_bits / 8
+                                   for rk in range(world)}
+        s["owners_agree"] = all(r["owners"] == owners for r in results)
+    else:
+        s["owned"], s["owners_agree"], s["owned_packed_bytes"] = None, None, None
+    return s
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10x smaller tables")
+    ap.add_argument("--tables", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=None, help="rows per table (250,000)")
+    ap.add_argument("--cols", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5, help="timed step() calls after a warm-up")
+    ap.add_argument("--sched-steps", type=int, default=50)
+    ap.add_argument("--worlds", default="1,2")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per world size")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--module", default="distsparse", help=argparse.SUPPRESS)  # harness dev
+    args = ap.parse_args()
+
+    if args.child is not None:
+        res = run_child(json.loads(args.child))
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    rows = args.rows or (25_000 if args.quick else 250_000)
+    cfg = dict(tables=args.tables, rows=rows, cols=args.cols, steps=args.steps,
+               sched_steps=args.sched_steps, pg_timeout=60, module=args.module)
+    out = args.out or os.path.join(
+        HERE, "results", "distributed_quick.md" if args.quick else "distributed.md")
+    info = _common.machine_info()
+    worlds = [int(w) for w in args.worlds.split(",")]
+    summaries, errors = {}, []
+    t_start = time.perf_counter()
+    for w in worlds:
+        print(f"[world {w}] launching {w} gloo process(es) ...", file=sys.stderr, flush=True)
+        res = launch_world(w, cfg, args.timeout)
+        bad = [r for r in res if "error" in r]
+        if bad:
+            errors += [f"world {w} rank {r['rank']}: {r['error']}" for r in bad]
+            print("  ERROR: " + "; ".join(r["error"][:2000] for r in bad), file=sys.stderr)
+            continue
+        summaries[w] = s = summarize(res)
+        summaries[w]["raw"] = res
+        print(f"  step median {ms(s['step_median'])}, sched median {ms(s['sched_median'])}",
+              file=sys.stderr, flush=True)
+
+    def cell(w, f):
+        return f(summaries[w]) if w in summaries else "error"
+
+    table = []
+    hdr = ["metric"] + [f"world {w}" for w in worlds] + ["target / check"]
+    table.append(["step() wall time (median of %d; max over ranks)" % args.steps]
+                 + [cell(w, lambda s: ms(s["step_median"])) for w in worlds] + [""])
+    table.append(["step() all timed calls (max over ranks)"]
+                 + [cell(w, lambda s: " / ".join(ms(x) for x in s["step_all"])) for w in worlds]
+                 + [""])
+    ratio = None
+    if 1 in summaries and 2 in summaries:
+        ratio = summaries[2]["step_median"] / summaries[1]["step_median"]
+        verdict = "PASS" if ratio <= TARGET_RATIO else "FAIL"
+        table.append(["step() time ratio world 2 / world 1"] + ["" for _ in worlds[:-1]]
+                     + [f"{ratio:.2f}", f"<= {TARGET_RATIO} : {verdict}"])
+    for key, label, fmt in (("bytes_sent", "bytes sent per step, per rank", human_bytes),
+                            ("bytes_received", "bytes received per step, per rank", human_bytes),
+                            ("comm_seconds", "communication time per step, per rank", ms),
+                            ("compute_seconds", "compute time per step, per rank", ms)):
+        def f(s, key=key, fmt=fmt):
+            if not s["has_stats"]:
+                return "no sp.last_step_stats"
+            vals = [s["stats"][rk][key] for rk in sorted(s["stats"])]
+            if all(v is None for v in vals):
+                return f"(no '{key}' key)"
+            return " / ".join(f"r{rk}: {fmt(v)}" for rk, v in zip(sorted(s["stats"]), vals))
+        table.append([label + " (median)"] + [cell(w, f) for w in worlds] + [""])
+    table.append(["groups owned per rank"]
+                 + [cell(w, lambda s: ", ".join(f"r{k}: {v}" for k, v in s["owned"].items())
+                         if s["owned"] else "no owner_of") for w in worlds] + [""])
+    table.append(["bit-packed size of the masks each rank owns (reference)"]
+                 + [cell(w, lambda s: " / ".join(f"r{k}: {human_bytes(v)}"
+                                                 for k, v in s["owned_packed_bytes"].items())
+                         if s["owned_packed_bytes"] else "no owner_of") for w in worlds] + [""])
+    table.append(["peak RSS growth during step(), per rank (x data)"]
+                 + [cell(w, lambda s: " / ".join(
+                     f"r{i}: {g * 1024 / 1e6:.0f} MB ({g * 1024 / s['data_bytes']:.2f}x)"
+                     for i, g in enumerate(s["growth_kb"]))) for w in worlds] + [""])
+    same_as_w1 = None
+    if 1 in summaries:
+        same_as_w1 = {w: summaries[w]["sha"] == summaries[1]["sha"] for w in summaries}
+    table.append(["masks identical on all ranks / equal to world 1's"]
+                 + [cell(w, lambda s: ("yes" if s["sha_same"] else "NO") + " / " + (
+                     ("yes" if same_as_w1[s["world"]] else "NO") if same_as_w1 else "?"))
+                    for w in worlds] + [""])
+    table.append([f"LinearScheduler.step() per call (median of {args.sched_steps}; max over ranks)"]
+                 + [cell(w, lambda s: ms(s["sched_median"]) if s["sched_median"] is not None
+                         else "error") for w in worlds]
+                 + [(f"world 2 <= {TARGET_SCHED_MS:g} ms : "
+                     + ("PASS" if summaries[2]["sched_median"] * 1000 <= TARGET_SCHED_MS
+                        else "FAIL"))
+                    if 2 in summaries and summaries[2]["sched_median"] is not None else ""])
+    table.append(["LinearScheduler.step() first / slowest call"]
+                 + [cell(w, lambda s: f"{ms(s['sched_first'])} / {ms(s['sched_max'])}"
+                         if s["sched_median"] is not None else "error") for w in worlds] + [""])
+    table.append(["scheduled sparsity_level after the calls (same on all ranks?)"]
+                 + [cell(w, lambda s: (f"{s['sched_level_final']} "
+                                       f"({'yes' if s['sched_levels_same'] else 'NO'})")
+                         if s["sched_median"] is not None else "error") for w in worlds] + [""])
+    table.append(["step() warm-up call (max over ranks)"]
+                 + [cell(w, lambda s: ms(s["warmup"])) for w in worlds] + [""])
+
+    notes = list(errors)
+    for w, s in summaries.items():
+        notes += s["sched_errors"]
+        if s["owners_agree"] is False:
+            notes.append(f"world {w}: ranks disagree on owner_of()")
+        if s["stat_keys"]:
+            notes.append(f"world {w}: sp.last_step_stats keys: {', '.join(s['stat_keys'])}; "
+                         f"last step: " + "; ".join(f"r{rk}: {json.dumps(v)}"
+                                                    for rk, v in s["last_stats"].items()))
+        elif not s["has_stats"]:
+            notes.append(f"world {w}: the sparsifier has no `last_step_stats` attribute")
+    total = time.perf_counter() - t_start
+    data_mb = rows * args.cols * 4 * args.tables / 1e6
+    md = [f"# distsparse step(): world size 1 vs 2{' (--quick sizes)' if args.quick else ''}\n",
+          f"Generated by `python benchmarks/bench_distributed.py{' --quick' if args.quick else ''}`"
+          f" on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {args.tables} replicated "
+          f"`nn.Parameter` tables of {rows:,} x {args.cols} float32 ({data_mb:.0f} MB per rank), "
+          f"block (1,4), sparsity 0.5, L1; gloo on 127.0.0.1; 1 thread per process.\n",
+          _common.machine_info_md(info),
+          _common.md_table(hdr, table)]
+    if notes:
+        md.append("\nNotes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    md.append(f"\nTotal benchmark wall time: {total:.0f} s.\n")
+    text = "\n".join(md)
+    print(text, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"written to {os.path.relpath(out)}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

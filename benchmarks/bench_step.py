@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""DataNormSparsifier.step(): distsparse vs torch.ao, time and peak memory.
+
+    python benchmarks/bench_step.py            # full sizes (~2-3 minutes on 2 cores)
+    python benchmarks/bench_step.py --quick    # 10x smaller tables (seconds)
+
+Every (implementation, case) runs in its own fresh Python process with one thread
+(``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)``), on the same data: each child
+regenerates it from a fixed seed. The child measures
+
+* ``step()`` wall time (``time.perf_counter``), best of ``--*-repeats`` calls;
+* peak memory growth during ``step()``: it resets the kernel's peak RSS with
+  ``/proc/self/clear_refs`` (``5``) right before the call and reads ``VmHWM`` after it,
+  minus ``VmRSS`` read before it; the maximum over the repeats is reported, in MB and
+  as a multiple of the data size (the bytes of the tables themselves);
+
+and writes the resulting masks as packed bits to a temporary file, which the parent
+compares bit for bit (and by sha256 of ``mask.to(torch.bool).numpy().tobytes()``).
+
+Results are printed as a markdown table and written to ``benchmarks/results/step.md``
+(``step_quick.md`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _common  # noqa: E402
+
+SEED = 20240611
+
+# name -> (description, [(rows, cols), ...] full, same quick, block shape, zeros_per_block, level)
+CASES = {
+    "A": dict(
+        desc="1 x (1,000,000 x 64), block (1,4)",
+        quick_desc="1 x (100,000 x 64), block (1,4)",
+        tables=[(1_000_000, 64)], quick_tables=[(100_000, 64)],
+        block=(1, 4), zeros_per_block=None, sparsity=0.5,
+    ),
+    "B": dict(
+        desc="10 x (100,000 x 64), block (1,4)",
+        quick_desc="10 x (10,000 x 64), block (1,4)",
+        tables=[(100_000, 64)] * 10, quick_tables=[(10_000, 64)] * 10,
+        block=(1, 4), zeros_per_block=None, sparsity=0.5,
+    ),
+    "C": dict(
+        desc="1 x (1,000,000 x 64), block (2,2), zeros_per_block=2",
+        quick_desc="1 x (100,000 x 64), block (2,2), zeros_per_block=2",
+        tables=[(1_000_000, 64)], quick_tables=[(100_000, 64)],
+        block=(2, 2), zeros_per_block=2, sparsity=0.5,
+    ),
+}
+
+TARGETS = {  # case -> (min speedup, max distsparse peak growth in x data)
+    "A": (25.0, 1.0),
+}
+
+IMPL_LABEL = {"ao": "torch.ao", "ds": "distsparse"}
+
+
+# --------------------------------------------------------------------------- child
+
+
+def run_child(spec: dict) -> dict:
+    """Runs in a fresh interpreter: build data, add_data, time step(), dump mask."""
+    import gc
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    impl = spec["impl"]
+    use_ao = impl == "ao" or spec.get("ds_as_ao", False)
+    if use_ao:
+        from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
+    else:
+        from distsparse import DataNormSparsifier
+
+    tables = spec["tables"]
+    names = [f"table_{i}" for i in range(len(tables))]
+    data = []
+    for i, (rows, cols) in enumerate(tables):
+        g = torch.Generator().manual_seed(spec["seed"] + i)
+        data.append(torch.randn(rows, cols, generator=g, dtype=torch.float32))
+    data_bytes = sum(t.numel() * t.element_size() for t in data)
+
+    kwargs = dict(sparsity_level=spec["sparsity"], sparse_block_shape=tuple(spec["block"]),
+                  norm="L1")
+    if spec["zeros_per_block"] is not None:
+        kwargs["zeros_per_block"] = spec["zeros_per_block"]
+    sp = DataNormSparsifier(**kwargs)
+
+    gc.collect()
+    rss0 = _common.proc_status_kb("VmRSS")
+    clear_ok = _common.reset_peak_rss()
+    t0 = time.perf_counter()
+    for name, t in zip(names, data):
+        sp.add_data(name, t)
+    add_s = time.perf_counter() - t0
+    add_growth_kb = _common.proc_status_kb("VmHWM") - rss0
+
+    times, growth_kb = [], []
+    for _ in range(spec["repeats"]):
+        gc.collect()
+        rss_before = _common.proc_status_kb("VmRSS")
+        _common.reset_peak_rss()
+        t0 = time.perf_counter()
+        sp.step()
+        dt = time.perf_counter() - t0
+        hwm = _common.proc_status_kb("VmHWM")
+        times.append(dt)
+        growth_kb.append(hwm - rss_before)
+
+    sha = hashlib.sha256()
+    packed, zeros, total, dtypes, shape_ok = [], 0, 0, set(), True
+    for name, t in zip(names, data):
+        m = sp.get_mask(name)
+        dtypes.add(str(m.dtype))
+        shape_ok &= tuple(m.shape) == tuple(t.shape)
+        mb = m.detach().to(torch.bool).contiguous().numpy()
+        sha.update(mb.tobytes())
+        zeros += int(mb.size - np.count_nonzero(mb))
+        total += int(mb.size)
+        packed.append(np.packbits(mb.reshape(-1)))
+    np.save(spec["mask_out"], np.concatenate(packed))
+
+    return dict(
+        impl=impl, ds_as_ao=spec.get("ds_as_ao", False), threads=torch.get_num_threads(),
+        data_bytes=data_bytes, add_data_s=add_s, add_data_growth_kb=add_growth_kb,
+        clear_refs_ok=clear_ok, step_s=times, step_growth_kb=growth_kb,
+        mask_sha256=sha.hexdigest(), mask_zero_fraction=zeros / max(total, 1),
+        mask_elements=total, mask_dtypes=sorted(dtypes), mask_shape_ok=shape_ok,
+        rss_end_kb=_common.proc_status_kb("VmRSS"),
+    )
+
+
+# -------------------------------------------------------------------------- parent
+
+
+def launch(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=_common.child_env(), capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout:.0f} s")
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-15:]
+        return dict(error=f"exit {p.returncode}: " + " / ".join(tail))
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            r["process_wall_s"] = wall
+            return r
+    return dict(error="no RESULT line; stdout tail: " + p.stdout[-500:])
+
+
+def compare_masks(path_a: str, path_b: str) -> tuple[bool, int]:
+    import numpy as np
+
+    a, b = np.load(path_a), np.load(path_b)
+    if a.shape != b.shape:
+        return False, -1
+    diff = int(np.unpackbits(np.bitwise_xor(a, b)).sum())
+    return diff == 0, diff
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10x smaller tables")
+    ap.add_argument("--cases", default="A,B,C", help="comma-separated subset of A,B,C")
+    ap.add_argument("--ao-repeats", type=int, default=None,
+                    help="step() calls for torch.ao (default 2 full, 3 quick)")
+    ap.add_argument("--ds-repeats", type=int, default=5, help="step() calls for distsparse")
+    ap.add_argument("--child-timeout", type=float, default=240.0, help="seconds per child")
+    ap.add_argument("--out", default=None, help="markdown output file")
+    ap.add_argument("--ds-as-ao", action="store_true", help=argparse.SUPPRESS)  # harness dev
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child is not None:
+        res = run_child(json.loads(args.child))
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    ao_repeats = args.ao_repeats or (3 if args.quick else 2)
+    out = args.out or os.path.join(HERE, "results", "step_quick.md" if args.quick else "step.md")
+    cases = [c.strip().upper() for c in args.cases.split(",") if c.strip()]
+    info = _common.machine_info()
+
+    tmp = tempfile.mkdtemp(prefix="distsparse_bench_")
+    rows, detail_rows, notes, results = [], [], [], {}
+    t_start = time.perf_counter()
+    try:
+        for ci, case in enumerate(cases):
+            c = CASES[case]
+            res = {}
+            for impl, reps in (("ao", ao_repeats), ("ds", args.ds_repeats)):
+                spec = dict(
+                    impl=impl, case=case, seed=SEED + 1000 * ci,
+                    tables=c["quick_tables"] if args.quick else c["tables"],
+                    block=list(c["block"]), zeros_per_block=c["zeros_per_block"],
+                    sparsity=c["sparsity"], repeats=reps,
+                    mask_out=os.path.join(tmp, f"{case}_{impl}.npy"),
+                    ds_as_ao=args.ds_as_ao and impl == "ds",
+                )
+                print(f"[case {case}] {IMPL_LABEL[impl]}: {reps} step() call(s) ...",
+                      file=sys.stderr, flush=True)
+                r = launch(spec, args.child_timeout)
+                r["mask_out"] = spec["mask_out"]
+                res[impl] = r
+                if "error" in r:
+                    print(f"  ERROR: {r['error']}", file=sys.stderr, flush=True)
+                else:
+                    print(f"  step best {fmt_s(min(r['step_s']))}, peak growth "
+                          f"{max(r['step_growth_kb']) * 1024 / 1e6:.0f} MB, process "
+                          f"{r['process_wall_s']:.1f} s", file=sys.stderr, flush=True)
+            results[case] = res
+            ao, ds = res["ao"], res["ds"]
+            desc = c["quick_desc"] if args.quick else c["desc"]
+            if "error" in ao or "error" in ds:
+                rows.append([f"{case}: {desc}"] + ["error"] * 6)
+                for impl in ("ao", "ds"):
+                    if "error" in res[impl]:
+                        notes.append(f"case {case} {IMPL_LABEL[impl]}: {res[impl]['error']}")
+                continue
+            data_mb = ao["data_bytes"] / 1e6
+            t_ao, t_ds = min(ao["step_s"]), min(ds["step_s"])
+            g_ao = max(ao["step_growth_kb"]) * 1024
+            g_ds = max(ds["step_growth_kb"]) * 1024
+            same, ndiff = compare_masks(ao["mask_out"], ds["mask_out"])
+            sha_same = ao["mask_sha256"] == ds["mask_sha256"]
+            if same and sha_same:
+                ident = "yes"
+            elif ndiff < 0:
+                ident = "NO (different mask sizes)"
+            else:
+                ident = f"NO ({ndiff:,} of {ao['mask_elements']:,} elements differ)"
+            rows.append([
+                f"{case}: {desc}", fmt_s(t_ao), fmt_s(t_ds), f"{t_ao / t_ds:.1f}x",
+                f"{g_ao / 1e6:.0f} MB ({g_ao / ao['data_bytes']:.2f}x)",
+                f"{g_ds / 1e6:.0f} MB ({g_ds / ds['data_bytes']:.2f}x)",
+                ident,
+            ])
+            detail_rows.append([
+                case, f"{data_mb:.0f} MB",
+                " / ".join(fmt_s(x) for x in ao["step_s"]),
+                " / ".join(fmt_s(x) for x in ds["step_s"]),
+                f"{fmt_s(ao['add_data_s'])}, +{ao['add_data_growth_kb'] * 1024 / 1e6:.0f} MB",
+                f"{fmt_s(ds['add_data_s'])}, +{ds['add_data_growth_kb'] * 1024 / 1e6:.0f} MB",
+                f"{ao['mask_zero_fraction']:.4f} / {ds['mask_zero_fraction']:.4f}",
+                f"{','.join(ao['mask_dtypes'])} / {','.join(ds['mask_dtypes'])}",
+            ])
+            for impl in ("ao", "ds"):
+                r = res[impl]
+                if not r["clear_refs_ok"]:
+                    notes.append(f"case {case} {IMPL_LABEL[impl]}: /proc/self/clear_refs "
+                                 "refused; peak growth is an upper bound (since process start)")
+                if r["threads"] != 1:
+                    notes.append(f"case {case} {IMPL_LABEL[impl]}: ran with {r['threads']} threads")
+                if not r["mask_shape_ok"]:
+                    notes.append(f"case {case} {IMPL_LABEL[impl]}: mask shape != data shape")
+            if ds.get("ds_as_ao"):
+                notes.append(f"case {case}: the 'distsparse' column ran torch.ao (--ds-as-ao)")
+            if case in TARGETS and not args.quick:
+                min_speed, max_growth = TARGETS[case]
+                sp_ok = t_ao / t_ds >= min_speed
+                mem_ok = g_ds / ds["data_bytes"] <= max_growth
+                notes.append(
+                    f"case {case} targets: speedup >= {min_speed:g}x: "
+                    f"{'PASS' if sp_ok else 'FAIL'} ({t_ao / t_ds:.1f}x); distsparse peak "
+                    f"growth <= {max_growth:g}x data: {'PASS' if mem_ok else 'FAIL'} "
+                    f"({g_ds / ds['data_bytes']:.2f}x)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    total = time.perf_counter() - t_start
+    md = [f"# DataNormSparsifier.step(): torch.ao vs distsparse"
+          f"{' (--quick sizes)' if args.quick else ''}\n",
+          f"Generated by `python benchmarks/bench_step.py{' --quick' if args.quick else ''}` "
+          f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; each run in a fresh "
+          f"process, 1 thread; sparsity_level 0.5, L1 norm, float32 data from a fixed seed.\n",
+          _common.machine_info_md(info),
+          f"Time: best of {ao_repeats} step() call(s) for torch.ao, best of "
+          f"{args.ds_repeats} for distsparse. Peak growth: max over those calls of "
+          f"(VmHWM after step - VmRSS before step), VmHWM reset via /proc/self/clear_refs; "
+          f"x = multiple of the data size.\n",
+          _common.md_table(["case", "torch.ao step", "distsparse step", "speedup",
+                            "torch.ao peak growth", "distsparse peak growth",
+                            "masks identical"], rows),
+          "\nDetails (every step() call; add_data time and peak growth; fraction of mask "
+          "elements pruned; mask dtype), torch.ao / distsparse:\n",
+          _common.md_table(["case", "data", "torch.ao step() calls", "distsparse step() calls",
+                            "torch.ao add_data", "distsparse add_data", "pruned fraction",
+                            "mask dtype"], detail_rows)]
+    if notes:
+        md.append("\nNotes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    md.append(f"\nTotal benchmark wall time: {total:.0f} s.\n")
+    text = "\n".join(md)
+    print(text, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"written to {os.path.relpath(out)}", file=sys.stderr)
+    return 0 if all("error" not in r for res in results.values() for r in res.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""
+    accelerate launch --config_file launch/cpu_2proc.yaml examples/train_dlrm.py     # 2 CPU processes (gloo)
+    accelerate launch --config_file launch/single_gpu.yaml examples/train_dlrm.py    # 1 GPU
+    accelerate launch --config_file launch/multi_gpu.yaml examples/train_dlrm.py     # N GPUs (NCCL)
+    torchrun --nproc_per_node 2 examples/train_dlrm.py                                # same as the first line
+    python examples/train_dlrm.py                                                     # 1 process, no launcher
+
+Run from the repository root. Add `--dense` for the dense baseline, `--csv PATH` to
+train on your own `user,item,label` rows, `--help` for the rest.
+
+DLRM-style click model whose embedding tables are sparsified during training by
+distsparse, trained with HuggingFace accelerate (DDP), resumable after a crash.
+
+What it does
+------------
+* Data: a deterministic synthetic click log generated in-process from `--seed`
+  (200k rows by default; users and items with Zipf popularity and latent factors, items
+  with 1-3 categories, hour/device/region context, 4 dense features; labels drawn from a
+  logistic model, so the task is learnable), split 90/10 into train/validation.
+  `--csv PATH` reads `user,item,label` rows instead (ids may be any tokens; the item's
+  category bag is derived from a hash of the item id, context/dense features are 0).
+* Model: tables `user`, `item` (nn.Embedding), `item_category` (nn.EmbeddingBag, mean
+  over up to 3 categories, padding index 0), `hour`, `device`, `region` (small
+  nn.Embedding), a bottom MLP for the dense features, pairwise dot-product interactions
+  and a top MLP (DLRM, Naumov et al. 2019).
+* Sparsity: `distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4))`
+  with every table added by `sp.add_data(name, table)` (embedding tables are
+  "replicated" groups: each table's mask is computed by one owning rank and shared), and
+  `distsparse.CubicScheduler(sp, final_value=0.8, initial_value=0.0, start_step=S0,
+  ramp_steps=R)`. Every training step: optimizer step, `sp.step()` (new masks from the
+  current weights), `sch.step()` (next sparsity level), `sp.squash_mask()` (the masks are
+  multiplied into the live embedding weights, so the next forward pass uses them).
+  Pruned weights may regrow through the optimizer and be pruned again at the next step
+  (gradual magnitude pruning); after the ramp the level stays at `--final-sparsity`.
+* Dense reference: the first S0 = `--start-step` steps are dense (level 0). The script
+  evaluates the validation set at step S0 and reports it as "dense @ step S0", then
+  reports the final sparse model. That dense model has seen fewer steps than the final
+  one; for a same-length dense baseline run the script again with `--dense` (no
+  sparsifier at all) and compare the two summaries.
+* Checkpoints: `accelerator.save_state()` every `--save-every` steps into
+  `OUTPUT_DIR/ckpt/step_000120/` (model, optimizer, RNG states, plus distsparse's
+  safetensors sparsity state through `distsparse.register_for_checkpointing`) and a
+  `train_state.json`; after every rank has finished writing (`wait_for_everyone`), the
+  main process writes a `COMPLETE` marker, and only then deletes checkpoints beyond the
+  newest `--keep`. A folder without the marker is never resumed from.
+* Resume: by default from the newest folder with a `COMPLETE` marker (or `--resume PATH`,
+  or `--resume none` to start over): `accelerator.load_state()`, step counter from
+  `train_state.json`, and `accelerator.skip_first_batches()` to continue inside the
+  epoch. The data order depends only on (seed, epoch), so a resumed run follows the
+  uninterrupted run step for step.
+* Output: a tqdm bar on the local main process; every `--log-every` steps a line with
+  loss, throughput and per-table sparsity (also sent to `accelerator.log`, with trackers
+  when `--log-with` is given); a final summary (zeroed parameters per table, dense bytes
+  vs. bytes of a (1,4)-block sparse encoding = kept blocks * 4 values * 4 bytes + a
+  1-bit-per-block bitmap, validation loss and AUC) and `OUTPUT_DIR/summary.json` with a
+  sha256 digest of every mask and the last scheduled values.
+* `--crash-at-step N` ends every rank with `os._exit(1)` right after step N (after that
+  step's checkpoint, if any): used to test crash/resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm is optional: a no-op stand-in
+    class tqdm:  # type: ignore[no-redef]
+        def __init__(self, *a, **k): pass
+        def update(self, n=1): pass
+        def set_postfix(self, *a, **k): pass
+        def close(self): pass
+        @staticmethod
+        def write(s): print(s, flush=True)
+
+import distsparse
+
+TABLES = ("user", "item", "item_category", "hour", "device", "region")
+N_DENSE = 4
+MAX_CATS = 3
+CKPT_RE = re.compile(r"^step_(\d{6,})$")
+
+
+# --------------------------------------------------------------------------- data
+def synthetic_clicks(rows: int, n_users: int, n_items: int, n_cats: int, seed: int):
+    """Deterministic click log: same (rows, sizes, seed) -> same tensors on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    k = 8
+
+    def zipf(n, a):
+        w = 1.0 / (torch.arange(n, dtype=torch.float64) + 5.0) ** a
+        perm = torch.randperm(n, generator=g)  # popular ids are not just the low ones
+        return w[perm]
+
+    user = torch.multinomial(zipf(n_users, 0.8), rows, replacement=True, generator=g)
+    item = torch.multinomial(zipf(n_items, 1.0), rows, replacement=True, generator=g)
+    hour = torch.randint(0, 24, (rows,), generator=g)
+    device = torch.randint(0, 6, (rows,), generator=g)
+    region = torch.randint(0, 50, (rows,), generator=g)
+    dense = torch.randn(rows, N_DENSE, generator=g)
+
+    # item -> 1..3 categories in 1..n_cats (0 is padding)
+    n_of = torch.randint(1, MAX_CATS + 1, (n_items,), generator=g)
+    item_cats = torch.randint(1, n_cats + 1, (n_items, MAX_CATS), generator=g)
+    item_cats[torch.arange(MAX_CATS)[None, :] >= n_of[:, None]] = 0
+    cats = item_cats[item]
+
+    U = torch.randn(n_users, k, generator=g) / math.sqrt(k)
+    V = torch.randn(n_items, k, generator=g)
+    bu = 0.5 * torch.randn(n_users, generator=g)
+    bi = 0.8 * torch.randn(n_items, generator=g)
+    bc = torch.cat([torch.zeros(1), 0.6 * torch.randn(n_cats, generator=g)])
+    bh = 0.5 * torch.sin(torch.arange(24) / 24 * 2 * math.pi)
+    bd = 0.3 * torch.randn(6, generator=g)
+    br = 0.3 * torch.randn(50, generator=g)
+    wd = torch.tensor([0.6, -0.4, 0.3, 0.0])
+    cat_sum = bc[cats].sum(1) / (cats > 0).sum(1)
+    logit = (1.5 * (U[user] * V[item]).sum(1) + bu[user] + bi[item] + cat_sum
+             + bh[hour] + bd[device] + br[region] + dense @ wd - 0.5)
+    label = torch.bernoulli(torch.sigmoid(logit), generator=g)
+    return dict(user=user, item=item, cats=cats, hour=hour, device=device, region=region,
+                dense=dense, label=label)
+
+
+def csv_clicks(path: str, n_cats: int):
+    """`user,item,label` rows (a header line is skipped). Ids are arbitrary tokens."""
+    users, items, labels = [], [], []
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) < 3:
+                raise ValueError(f"{path}:{i + 1}: expected user,item,label, got {row!r}")
+            try:
+                lab = float(row[2])
+            except ValueError:
+                if i == 0:
+                    continue  # header
+                raise ValueError(f"{path}:{i + 1}: label {row[2]!r} is not a number") from None
+            users.append(row[0].strip()); items.append(row[1].strip()); labels.append(lab)
+    if not labels:
+        raise ValueError(f"{path}: no rows")
+    def factorize(tokens):
+        index = {t: j for j, t in enumerate(sorted(set(tokens)))}
+        return torch.tensor([index[t] for t in tokens])
+    user, item = factorize(users), factorize(items)
+    rows = len(labels)
+    # category bag from a stable hash of the item index (CSV has no categories)
+    h = (item[:, None] * torch.tensor([2654435761, 40503, 97]) + torch.tensor([0, 7, 13])) % n_cats + 1
+    h[:, 2] = 0
+    z = torch.zeros(rows, dtype=torch.long)
+    return dict(user=user, item=item, cats=h, hour=z, device=z.clone(), region=z.clone(),
+                dense=torch.zeros(rows, N_DENSE), label=torch.tensor(labels).clamp(0, 1))
+
+
+class EpochSampler(Sampler):
+    """Permutation that depends only on (seed, epoch): a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+# --------------------------------------------------------------------------- model
+def mlp(sizes):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class DLRM(nn.Module):
+    def __init__(self, n_users, n_items, n_cats, dim=16):
+        super().__init__()
+        self.tables = nn.ModuleDict({
+            "user": nn.Embedding(n_users, dim),
+            "item": nn.Embedding(n_items, dim),
+            "item_category": nn.EmbeddingBag(n_cats + 1, dim, mode="mean", padding_idx=0),
+            "hour": nn.Embedding(24, dim),
+            "device": nn.Embedding(6, dim),
+            "region": nn.Embedding(50, dim),
+        })
+        for t in self.tables.values():
+            nn.init.normal_(t.weight, std=0.1)
+        with torch.no_grad():
+            self.tables["item_category"].weight[0].zero_()
+        self.bottom = mlp([N_DENSE, 32, dim])
+        n_vec = len(self.tables) + 1
+        self.register_buffer("iu", torch.triu_indices(n_vec, n_vec, offset=1), persistent=False)
+        self.top = mlp([dim + self.iu.shape[1], 64, 32, 1])
+
+    def forward(self, user, item, cats, hour, device, region, dense):
+        t = self.tables
+        vecs = [self.bottom(dense), t["user"](user), t["item"](item), t["item_category"](cats),
+                t["hour"](hour), t["device"](device), t["region"](region)]
+        T = torch.stack(vecs, 1)                      # (B, 7, dim)
+        Z = torch.bmm(T, T.transpose(1, 2))           # pairwise dot products
+        inter = Z[:, self.iu[0], self.iu[1]]          # (B, 21)
+        return self.top(torch.cat([vecs[0], inter], 1)).squeeze(1)
+
+
+# --------------------------------------------------------------------------- metrics
+def auc_score(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC via the rank-sum (Mann-Whitney U) formula, ties get their average rank."""
+    scores = scores.double().flatten(); labels = labels.flatten() > 0.5
+    n_pos = int(labels.sum()); n_neg = labels.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    sorted_s, order = torch.sort(scores)
+    _, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()                 # 1-based rank of each tie group's last
+    avg_rank = ends - (counts.double() - 1) / 2             # average rank inside the group
+    ranks = torch.empty_like(scores)
+    ranks[order] = avg_rank[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@torch.no_grad()
+def evaluate(model, data, device, batch=8192):
+    model.eval()
+    logits = []
+    n = data["label"].numel()
+    for s in range(0, n, batch):
+        b = {k: v[s:s + batch].to(device) for k, v in data.items() if k != "label"}
+        logits.append(model(**b).float().cpu())
+    model.train()
+    logits = torch.cat(logits)
+    loss = F.binary_cross_entropy_with_logits(logits, data["label"]).item()
+    return {"loss": loss, "auc": auc_score(logits, data["label"])}
+
+
+def mask_stats(mask: torch.Tensor, weight: torch.Tensor, block=4):
+    """Zeroed params, dense bytes and bytes of a (1, block) block-sparse encoding."""
+    m = mask.detach().bool().cpu().reshape(-1, mask.shape[-1])
+    rows, cols = m.shape
+    nb = -(-cols // block)
+    pad = nb * block - cols
+    if pad:
+        m = F.pad(m, (0, pad), value=False)
+    kept_blocks = int(m.reshape(rows, nb, block).any(-1).sum())
+    es = weight.element_size()
+    return {
+        "numel": weight.numel(),
+        "zeroed": int((~mask.bool()).sum()),
+        "sparsity": 1.0 - float(mask.float().mean()),
+        "dense_bytes": weight.numel() * es,
+        "sparse_bytes": kept_blocks * block * es + -(-(rows * nb) // 8),
+        "kept_blocks": kept_blocks,
+        "blocks": rows * nb,
+    }
+
+
+def mask_digest(mask: torch.Tensor) -> str:
+    return hashlib.sha256(mask.detach().bool().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def list_checkpoints(root: Path, complete_only=True):
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (not complete_only or (p / "COMPLETE").is_file()):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int):
+    path = root / f"step_{step:06d}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if path.exists():              # leftover of a crashed save: never trust it
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))  # every rank: model/optimizer (main), RNG (each), sparsity hook
+    if accelerator.is_main_process:
+        with open(path / "train_state.json", "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush(); os.fsync(f.fileno())
+    accelerator.wait_for_everyone()    # all ranks finished writing their files
+    if accelerator.is_main_process:
+        with open(path / "COMPLETE", "w") as f:
+            f.write(f"{step}\n"); f.flush(); os.fsync(f.fileno())
+        # only now drop old checkpoints (and incomplete ones older than this)
+        complete = list_checkpoints(root)
+        for s, p in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+        for s, p in list_checkpoints(root, complete_only=False):
+            if s < step and not (p / "COMPLETE").is_file():
+                shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="runs/dlrm")
+    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=512, help="per process")
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=200_000, help="synthetic rows (train+validation)")
+    p.add_argument("--num-users", type=int, default=6000)
+    p.add_argument("--num-items", type=int, default=2000)
+    p.add_argument("--num-categories", type=int, default=120)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--csv", default=None, help="read user,item,label rows instead of synthetic data")
+    p.add_argument("--dense", action="store_true", help="dense baseline: no sparsifier")
+    p.add_argument("--final-sparsity", type=float, default=0.8)
+    p.add_argument("--start-step", type=int, default=100, help="S0: dense warm-up steps before the ramp")
+    p.add_argument("--ramp-steps", type=int, default=300, help="R: cubic ramp length in steps")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep")
+    p.add_argument("--resume", default="auto", help="'auto' (newest complete checkpoint), 'none', or a folder")
+    p.add_argument("--crash-at-step", type=int, default=None, help="os._exit(1) on every rank after this step")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-with", default=None, help="accelerate tracker: tensorboard, wandb, ...")
+    p.add_argument("--expect-world-size", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              log_with=args.log_with, project_dir=args.output_dir)
+    say = (lambda s: tqdm.write(s)) if accelerator.is_main_process else (lambda s: None)
+
+    # ---- world size: accelerate and torch.distributed must agree (REFERENCE 2.3)
+    env_ws = int(os.environ.get("WORLD_SIZE", "1"))
+    dist_ws = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+    if not (accelerator.num_processes == env_ws == dist_ws):
+        raise SystemExit(f"world size mismatch: accelerate={accelerator.num_processes} WORLD_SIZE={env_ws} "
+                         f"torch.distributed={dist_ws}; on CPU launch with --multi_gpu --num_processes N "
+                         f"and Accelerator(cpu=True) (see launch/README.md)")
+    say(f"world_size={accelerator.num_processes} backend={backend} "
+        f"distributed_type={accelerator.distributed_type.value} device={accelerator.device}")
+    if args.expect_world_size is not None and accelerator.num_processes != args.expect_world_size:
+        raise SystemExit(f"expected world size {args.expect_world_size}, got {accelerator.num_processes}")
+
+    set_seed(args.seed)
+    out = Path(args.output_dir); ckpt_root = out / "ckpt"
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    # ---- data (identical on every rank)
+    if args.csv:
+        data = csv_clicks(args.csv, args.num_categories)
+    else:
+        data = synthetic_clicks(args.rows, args.num_users, args.num_items, args.num_categories, args.seed)
+    n = data["label"].numel()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 1))
+    n_val = max(1, n // 10)
+    val = {k: v[perm[:n_val]] for k, v in data.items()}
+    tr = {k: v[perm[n_val:]] for k, v in data.items()}
+    keys = ("user", "item", "cats", "hour", "device", "region", "dense", "label")
+    train_ds = TensorDataset(*(tr[k] for k in keys))
+    sampler = EpochSampler(len(train_ds), args.seed)
+    train_dl = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    n_users = int(data["user"].max()) + 1; n_items = int(data["item"].max()) + 1
+
+    model = DLRM(n_users, n_items, args.num_categories, args.dim)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    steps_per_epoch = len(train_dl)
+    if steps_per_epoch == 0:
+        raise SystemExit("not enough training rows for one global batch")
+    tables = accelerator.unwrap_model(model).tables
+
+    # ---- sparsity
+    sp = sch = None
+    if not args.dense:
+        sp = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4))
+        for name in TABLES:
+            sp.add_data(name, tables[name])
+        sch = distsparse.CubicScheduler(sp, final_value=args.final_sparsity, initial_value=0.0,
+                                        start_step=args.start_step, ramp_steps=args.ramp_steps)
+        distsparse.register_for_checkpointing(accelerator, sp, sch)
+
+    if args.log_with:
+        accelerator.init_trackers("distsparse_dlrm", config={k: v for k, v in vars(args).items()
+                                                              if isinstance(v, (int, float, str, bool))})
+
+    # ---- resume
+    step, dense_metrics, resumed_from = 0, None, None
+    if args.resume != "none":
+        target = [None]
+        if accelerator.is_main_process:
+            if args.resume == "auto":
+                found = list_checkpoints(ckpt_root)
+                target[0] = str(found[-1][1]) if found else None
+            else:
+                target[0] = args.resume
+        broadcast_object_list(target)
+        if target[0] is not None:
+            path = Path(target[0])
+            if not (path / "COMPLETE").is_file():
+                raise SystemExit(f"{path} has no COMPLETE marker: not a finished checkpoint")
+            accelerator.load_state(str(path))
+            with open(path / "train_state.json") as f:
+                st = json.load(f)
+            step, dense_metrics, resumed_from = st["step"], st.get("dense_metrics"), path.name
+            if st.get("world_size") != accelerator.num_processes:
+                say(f"warning: checkpoint written with world size {st.get('world_size')}, "
+                    f"now {accelerator.num_processes}: data order inside the epoch differs")
+            say(f"resumed from {path.name} at step {step}")
+    if resumed_from is None:
+        say("starting from scratch")
+
+    global_batch = args.batch_size * accelerator.num_processes
+    say(f"train rows={len(train_ds)} val rows={n_val} global batch={global_batch} "
+        f"steps/epoch={steps_per_epoch} max_steps={args.max_steps} "
+        f"mode={'dense' if args.dense else f'sparse (cubic 0 -> {args.final_sparsity}, steps {args.start_step}..{args.start_step + args.ramp_steps})'}")
+
+    if sp is not None and step == 0 and args.start_step == 0:
+        dense_metrics = evaluate(accelerator.unwrap_model(model), val, accelerator.device)
+
+    def sparsities():
+        return {n: 1.0 - float(sp.get_mask(n).float().mean()) for n in TABLES} if sp else {}
+
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
+                mininterval=1.0, dynamic_ncols=True)
+    run_t0 = time.perf_counter(); run_steps = 0
+    win_t0, win_steps, win_loss = time.perf_counter(), 0, torch.zeros((), device=accelerator.device)
+    model.train()
+    while step < args.max_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        for user, item, cats, hour, device, region, dense, label in loader:
+            logits = model(user, item, cats, hour, device, region, dense)
+            loss = F.binary_cross_entropy_with_logits(logits, label)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            if sp is not None:
+                sp.step()          # masks from the current weights at the current level
+                sch.step()         # level for the next step
+                sp.squash_mask()   # write masks into the live tables
+            step += 1; run_steps += 1; win_steps += 1
+            win_loss += loss.detach()
+            pbar.update(1)
+
+            if step % args.log_every == 0 or step == args.max_steps:
+                mean_loss = accelerator.reduce(win_loss / win_steps, "mean").item()
+                dt = time.perf_counter() - win_t0
+                sps = win_steps * global_batch / dt
+                spars = sparsities()
+                level = next(iter(sch.get_last_param().values())) if sch else 0.0
+                pbar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{sps:.0f}", level=f"{level:.3f}")
+                say(f"step {step:5d} loss {mean_loss:.4f} samples/s {sps:8.0f} level {level:.3f} sparsity "
+                    + " ".join(f"{k}={v:.3f}" for k, v in spars.items()))
+                accelerator.log({"train/loss": mean_loss, "train/samples_per_s": sps,
+                                 "sparsity/level": level, **{f"sparsity/{k}": v for k, v in spars.items()}},
+                                step=step)
+                win_t0, win_steps = time.perf_counter(), 0
+                win_loss = torch.zeros((), device=accelerator.device)
+
+            if sp is not None and step == args.start_step and dense_metrics is None:
+                dense_metrics = evaluate(accelerator.unwrap_model(model), val, accelerator.device)
+                say(f"step {step:5d} dense reference (before the ramp): val loss {dense_metrics['loss']:.4f} "
+                    f"AUC {dense_metrics['auc']:.4f}")
+                accelerator.log({"val/dense_loss": dense_metrics["loss"], "val/dense_auc": dense_metrics["auc"]}, step=step)
+
+            if step % args.save_every == 0 or step == args.max_steps:
+                p = save_checkpoint(accelerator, ckpt_root, step,
+                                    {"step": step, "epoch": step // steps_per_epoch,
+                                     "batch_in_epoch": step % steps_per_epoch,
+                                     "world_size": accelerator.num_processes,
+                                     "dense_metrics": dense_metrics, "sparse": sp is not None},
+                                    args.keep)
+                say(f"step {step:5d} saved checkpoint {p.name}")
+
+            if args.crash_at_step is not None and step == args.crash_at_step:
+                say(f"step {step:5d} simulated crash (--crash-at-step)")
+                sys.stdout.flush(); sys.stderr.flush()
+                os._exit(1)
+            if step >= args.max_steps:
+                break
+    pbar.close()
+    train_time = time.perf_counter() - run_t0
+
+    # ---- summary
+    net = accelerator.unwrap_model(model)
+    final = evaluate(net, val, accelerator.device)
+    accelerator.log({"val/loss": final["loss"], "val/auc": final["auc"]}, step=step)
+    summary = {"final_step": step, "world_size": accelerator.num_processes, "resumed_from": resumed_from,
+               "mode": "dense" if sp is None else "sparse", "val": final, "dense_reference": dense_metrics,
+               "train_seconds_this_run": train_time, "steps_this_run": run_steps,
+               "samples_per_s": run_steps * global_batch / train_time if run_steps else None,
+               "tables": {}, "mask_sha256": {}, "schedule": None, "schedule_last_epoch": None}
+    for name in TABLES:
+        w = tables[name].weight
+        m = sp.get_mask(name) if sp is not None else torch.ones_like(w, dtype=torch.bool)
+        summary["tables"][name] = {"shape": list(w.shape), **mask_stats(m, w),
+                                   "weight_zeros": int((w == 0).sum())}
+        if sp is not None:
+            summary["mask_sha256"][name] = mask_digest(m)
+    if sch is not None:
+        summary["schedule"] = {k: float(v) for k, v in sch.get_last_param().items()}
+        summary["schedule_last_epoch"] = sch.last_epoch
+
+    lines = ["", f"summary ({summary['mode']}, step {step}, world_size {accelerator.num_processes})",
+             f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'sparse B':>11}{'saved':>8}"]
+    tot_d = tot_s = 0
+    for name, t in summary["tables"].items():
+        tot_d += t["dense_bytes"]; tot_s += t["sparse_bytes"]
+        lines.append(f"{name:<14}{'x'.join(map(str, t['shape'])):>12}{t['zeroed']:>10}/{t['numel']:<7}"
+                     f"{t['sparsity']:>10.3f}{t['dense_bytes']:>11}{t['sparse_bytes']:>11}"
+                     f"{1 - t['sparse_bytes'] / t['dense_bytes']:>8.1%}")
+    lines.append(f"{'all tables':<14}{'':>12}{'':>18}{'':>10}{tot_d:>11}{tot_s:>11}{1 - tot_s / tot_d:>8.1%}")
+    if dense_metrics is not None:
+        lines.append(f"validation  dense @ step {args.start_step:<5}: loss {dense_metrics['loss']:.4f}  AUC {dense_metrics['auc']:.4f}")
+    lines.append(f"validation  {summary['mode']} @ step {step:<5}: loss {final['loss']:.4f}  AUC {final['auc']:.4f}")
+    if run_steps:
+        lines.append(f"this run: {run_steps} steps in {train_time:.1f} s, {summary['samples_per_s']:.0f} samples/s")
+    say("\n".join(lines))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "summary.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(tmp, out / "summary.json")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
