@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -84,7 +85,7 @@ LEVELS = [0.0, 0.2, 0.5, 0.75, 1.0]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: "b" + "x".join(map(str, b)))
 def test_masks_equal_torch_ao_across_shapes_blocks_levels_and_norms(ao_cls, shape, block, norm):
-    gen = torch.Generator().manual_seed(hash((shape, block, norm)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, block, norm)).encode()))
     data = torch.randn(shape, generator=gen)
     for level in LEVELS:
         assert_same(ours(data, level, block, None, norm), oracle(ao_cls, data, level, block, None, norm))
@@ -136,7 +137,8 @@ def test_levels_where_python_round_is_half_to_even_match_torch_ao(ao_cls):
     for cols, level, expected in [(20, 0.5, 2), (28, 0.5, 4), (20, 0.3, 2), (36, 0.5, 4), (44, 0.5, 6)]:
         data = torch.randn(1, cols, generator=torch.Generator().manual_seed(cols))
         mask = ours(data, level, (1, 4), None, "L1")
-        assert int((~mask).sum()) == 4 * expected == 4 * round(level * cols // 4)
+        assert expected == round(level * (cols // 4))  # Python's round, half to even
+        assert int((~mask).sum()) == 4 * expected
         assert_same(mask, oracle(ao_cls, data, level, (1, 4), None, "L1"))
 
 
