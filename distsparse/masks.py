@@ -100,6 +100,31 @@ def lowest_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return chosen.reshape(scores.shape)
 
 
+def _smallest_per_block(elements: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """For each block position, whether that element is among its block's ``count``
+    smallest (ties to the lower position). ``elements[p]`` holds position p of every block.
+
+    Few positions: rank each one by comparing it with the others (n² cheap passes over
+    strided views, no copy of the data). Many: one stable sort of the gathered blocks.
+    """
+    n = len(elements)
+    if n <= 8:
+        chosen = []
+        for i in range(n):
+            rank = torch.zeros(elements[i].shape, dtype=torch.uint8, device=elements[i].device)
+            for j in range(n):
+                if j < i:
+                    rank += elements[j] <= elements[i]
+                elif j > i:
+                    rank += elements[j] < elements[i]
+            chosen.append(rank < count)
+        return chosen
+    values = torch.stack(elements, dim=-1)
+    order = torch.sort(values, dim=-1, stable=True).indices[..., :count]
+    flags = torch.zeros_like(values, dtype=torch.bool).scatter_(-1, order, True)
+    return list(flags.unbind(-1))
+
+
 def _within_block_keep(
     matrix: torch.Tensor,
     pruned: torch.Tensor,
@@ -108,7 +133,7 @@ def _within_block_keep(
     norm: str,
     mask_blocks: torch.Tensor,
 ) -> None:
-    """In each pruned block, clear the ``zeros_per_block`` smallest elements of ``mask_blocks``.
+    """In each pruned block, keep all but its ``zeros_per_block`` smallest elements.
 
     ``mask_blocks`` is the padded mask viewed as (block rows, block cols, bh, bw).
     Works one chunk of block rows at a time; padding counts as +inf so it is chosen last
@@ -117,22 +142,24 @@ def _within_block_keep(
     rows, cols = matrix.shape
     bh, bw = block_shape
     n_br, n_bc = pruned.shape
-    step_rows = _row_chunks(rows, cols, bh).step
-    step_br = step_rows // bh
+    step_br = _row_chunks(rows, cols, bh).step // bh
     for br0 in range(0, n_br, step_br):
         br1 = min(n_br, br0 + step_br)
-        coords = pruned[br0:br1].nonzero()
-        if coords.numel() == 0:
+        chunk_pruned = pruned[br0:br1]
+        if not bool(chunk_pruned.any()):
             continue
         chunk = _magnitude(matrix[br0 * bh : br1 * bh], norm)
-        padded = torch.full(((br1 - br0) * bh, n_bc * bw), float("inf"), dtype=chunk.dtype, device=chunk.device)
-        padded[: chunk.shape[0], : chunk.shape[1]] = chunk
-        blocks = padded.view(br1 - br0, bh, n_bc, bw).permute(0, 2, 1, 3)
-        values = blocks[coords[:, 0], coords[:, 1]].reshape(len(coords), bh * bw)
-        order = torch.sort(values, dim=1, stable=True).indices[:, :zeros_per_block]
-        keep = torch.ones_like(values, dtype=torch.bool)
-        keep.scatter_(1, order, False)
-        mask_blocks[coords[:, 0] + br0, coords[:, 1]] = keep.view(-1, bh, bw)
+        if chunk.shape != ((br1 - br0) * bh, n_bc * bw):
+            padded = torch.full(((br1 - br0) * bh, n_bc * bw), float("inf"), dtype=chunk.dtype, device=chunk.device)
+            padded[: chunk.shape[0], : chunk.shape[1]] = chunk
+            chunk = padded
+        grid = chunk.view(br1 - br0, bh, n_bc, bw)
+        positions = [(a, b) for a in range(bh) for b in range(bw)]
+        zeroed = _smallest_per_block([grid[:, a, :, b] for a, b in positions], zeros_per_block)
+        out = mask_blocks[br0:br1]
+        for (a, b), zero in zip(positions, zeroed):
+            torch.logical_not(zero & chunk_pruned, out=zero)
+            out[:, :, a, b] = zero
 
 
 def _check_finite(data: torch.Tensor) -> None:
@@ -168,7 +195,7 @@ def norm_block_mask(
         _check_finite(data)
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
     scores = block_scores(matrix, block_shape, norm)
-    if not bool(torch.isfinite(scores).all()):
+    if not bool(torch.isfinite(scores.amax())):  # one pass, no temporary; NaN propagates
         _check_finite(data)  # else finite data whose squares overflowed: inf scores rank last
     k = round(sparsity_level * scores.numel())
     pruned = lowest_blocks(scores, k)
