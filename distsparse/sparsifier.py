@@ -337,8 +337,11 @@ class BaseDataSparsifier(abc.ABC):
                 try:
                     new_masks[name] = self._compute_mask(name)
                 except (ValueError, TypeError) as exc:
-                    first_error = first_error or exc
-                    errors.append(f"group {name!r}: {exc}" if repr(name) not in str(exc) else str(exc))
+                    message = str(exc) if repr(name) in str(exc) else f"group {name!r}: {exc}"
+                    errors.append(message)
+                    if first_error is None:
+                        first_error = type(exc)(message)
+                        first_error.__cause__ = exc
         computed = time.perf_counter()
         if comm.world_size == 1:
             if first_error is not None:
