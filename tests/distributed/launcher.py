@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["run_ranks", "RankFailure", "encode", "decode"]
+__all__ = ["run_ranks", "run_ranks_once", "RankFailure", "encode", "decode"]
 
 _HERE = Path(__file__).resolve().parent
 _WORKER = _HERE / "_worker.py"
@@ -402,3 +402,20 @@ def run_ranks(
                 if text.strip():
                     print(f"[rank {r.rank} {label}]\n{text.rstrip()}")
         return results
+
+
+_ONCE_CACHE: dict = {}
+
+
+def run_ranks_once(fn: Union[str, Callable[..., Any]], world_size: int, *args: Any, **kwargs: Any) -> list:
+    """:func:`run_ranks`, memoized for the pytest session by (function, world size, args).
+
+    For several thin tests asserting different behaviours of one (expensive) job. A
+    failing job is not cached: each test that needs it reports the failure.
+    """
+    target = _target_spec(fn)
+    key = json.dumps([target, world_size, encode(list(args)), sorted(kwargs.items())],
+                     sort_keys=True, default=repr)
+    if key not in _ONCE_CACHE:
+        _ONCE_CACHE[key] = run_ranks(fn, world_size, *args, **kwargs)
+    return _ONCE_CACHE[key]

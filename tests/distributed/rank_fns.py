@@ -1,11 +1,21 @@
-"""Per-rank functions for the distributed tests (run inside each rank by launcher.run_ranks)."""
+"""Per-rank functions for the distributed tests (run inside each rank by launcher.run_ranks).
+
+Each function holds the library calls of one scenario and returns what the thin pytest
+tests compare across ranks; expected exceptions are caught (``capture_error``) and
+returned, so a test can check that *every* rank raised. The data builders and
+``single_process_masks`` are also used by the tests themselves, in the pytest process,
+to compute reference masks without torch.distributed.
+"""
 
 from __future__ import annotations
 
+import random
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 # ---------------------------------------------------------------- launcher self-checks
@@ -44,13 +54,6 @@ def crash_on_rank(bad_rank: int) -> str:
     return "ok"
 
 
-def raise_then_others_wait_in_collective(bad_rank: int) -> str:
-    if dist.get_rank() == bad_rank:
-        raise RuntimeError("rank left before the collective")
-    dist.barrier()
-    return "ok"
-
-
 def raise_on_rank_others_sleep(bad_rank: int) -> str:
     if dist.get_rank() == bad_rank:
         raise ValueError(f"deliberate failure on rank {bad_rank}")
@@ -65,11 +68,6 @@ def raise_on_rank_others_sleep(bad_rank: int) -> str:
 # tensors to compute single-process reference masks), so keep them deterministic: every
 # tensor comes from its own seeded generator, never from global RNG state.
 # ======================================================================================
-
-import random
-import zlib
-
-from torch import nn
 
 # (name, kind, shape, config overrides) of the replicated groups: varied shapes (1-D,
 # partial edge blocks), block shapes, levels (0.0 and 1.0 included), zeros_per_block and
@@ -142,6 +140,53 @@ def jsonable(value):
     return repr(value)
 
 
+def split_norm(cfg: dict):
+    """``norm`` is a sparsifier argument (as in torch.ao), not a group config: split it off."""
+    cfg = dict(cfg)
+    return cfg.pop("norm", "L1"), cfg
+
+
+NORMS = ("L1", "L2")
+
+
+def norm_of(name: str) -> str:
+    for n, _, _, cfg in REPLICATED:
+        if n == name:
+            return split_norm(cfg)[0]
+    for n, _, _, cfg, _ in LOCAL + [REPLICATED_TENSOR]:
+        if n == name:
+            return split_norm(cfg)[0]
+    raise KeyError(name)
+
+
+class Sparsifiers:
+    """One DataNormSparsifier per norm; groups routed by their spec's ``norm``."""
+
+    def __init__(self):
+        import distsparse
+
+        self.by_norm = {norm: distsparse.DataNormSparsifier(norm=norm) for norm in NORMS}
+        self.where = {}
+
+    def add_data(self, name, data, **cfg):
+        norm, cfg = split_norm(cfg)
+        self.where[name] = self.by_norm[norm]
+        return self.by_norm[norm].add_data(name, data, **cfg)
+
+    def step(self):
+        for norm in NORMS:  # the same order on every rank
+            self.by_norm[norm].step()
+
+    def get_mask(self, name):
+        return self.where[name].get_mask(name)
+
+    def owner_of(self, name):
+        return self.where[name].owner_of(name)
+
+    def config(self, name):
+        return self.where[name].data_groups[name]
+
+
 def capture_error(fn, *args, **kwargs) -> dict:
     """Run ``fn``; describe the outcome (error type, its MRO, message, seconds taken)."""
     start = time.monotonic()
@@ -169,12 +214,29 @@ def _mask_report(sp, names, datas) -> dict:
     return out
 
 
+def healthy_run(seed: int = SEED) -> dict:
+    """Everything that should just work, in one job (process start-up is the dominant cost).
+
+    ``masks``: replicated_and_local_masks(); ``schedule``: rank_dependent_random_schedule()
+    on other sparsifiers. A section that raises is reported as ``{"error": traceback}``
+    so the other section's tests still say something.
+    """
+    import traceback
+
+    out = {}
+    for section, fn in (("masks", replicated_and_local_masks),
+                        ("schedule", rank_dependent_random_schedule)):
+        try:
+            out[section] = fn(seed)
+        except Exception:  # noqa: BLE001 - reported to the tests of that section
+            out[section] = {"error": f"[rank {dist.get_rank()}] {traceback.format_exc()}"}
+    return out
+
+
 def replicated_and_local_masks(seed: int = SEED) -> dict:
     """Replicated groups (same data everywhere) + local groups (per-rank data); one step."""
-    import distsparse
-
     rank = dist.get_rank()
-    sp = distsparse.DataNormSparsifier()
+    sp = Sparsifiers()
     datas = {}
     for name, kind, shape, cfg in REPLICATED:
         datas[name] = make_data(name, kind, shape, seed)
@@ -195,17 +257,15 @@ def replicated_and_local_masks(seed: int = SEED) -> dict:
         rank=rank,
         step_seconds=seconds,
         owners={n: sp.owner_of(n) for n in replicated_names},
-        configs={n: jsonable(dict(sp.data_groups[n])) for n in datas},
+        configs={n: jsonable(dict(sp.config(n))) for n in datas},
     )
     return out
 
 
 def owners_only(seed: int = SEED) -> dict:
-    """Same groups as replicated_and_local_masks; report owner_of before and after step()."""
-    import distsparse
-
+    """Same groups as replicated_and_local_masks; report owner_of after step()."""
     rank = dist.get_rank()
-    sp = distsparse.DataNormSparsifier()
+    sp = Sparsifiers()
     for name, kind, shape, cfg in REPLICATED:
         sp.add_data(name, make_data(name, kind, shape, seed), **cfg)
     for name, kind, shape, cfg, replicated in LOCAL:
@@ -220,9 +280,7 @@ def owners_only(seed: int = SEED) -> dict:
 
 def few_groups(n_groups: int, seed: int = SEED) -> dict:
     """Only the first ``n_groups`` replicated groups: some ranks own nothing."""
-    import distsparse
-
-    sp = distsparse.DataNormSparsifier()
+    sp = Sparsifiers()
     datas = {}
     for name, kind, shape, cfg in REPLICATED[:n_groups]:
         datas[name] = make_data(name, kind, shape, seed)
@@ -234,39 +292,48 @@ def few_groups(n_groups: int, seed: int = SEED) -> dict:
     return out
 
 
-def local_groups_with_rank_dependent_shapes(seed: int = SEED) -> dict:
-    """A local input batch whose row count differs per rank (a short last batch, say)."""
+def local_shapes_and_differing_replicas(seed: int = SEED) -> dict:
+    """Two independent sparsifiers (each section's error is captured, not raised):
+
+    ``local_shapes``: a local input batch whose row count differs per rank (a short last
+    batch, say) next to a replicated parameter.
+    ``differing_replica``: replicated=True on a plain tensor whose copies differ per rank —
+    the owner's copy decides every rank's mask.
+    """
     import distsparse
 
     rank = dist.get_rank()
-    sp = distsparse.DataNormSparsifier()
-    datas = {}
-    name, kind, shape, cfg = REPLICATED[0]
-    datas[name] = make_data(name, kind, shape, seed)
-    sp.add_data(name, datas[name], **cfg)
-    datas["batch.x"] = make_data("batch.x", "tensor", (4 + rank, 8), local_seed(seed, rank))
-    sp.add_data("batch.x", datas["batch.x"], sparsity_level=0.5)
-    sp.step()
-    return _mask_report(sp, list(datas), datas)
+    out = {}
 
+    def local_shapes():
+        sp = distsparse.DataNormSparsifier()
+        datas = {}
+        name, kind, shape, cfg = REPLICATED[0]
+        datas[name] = make_data(name, kind, shape, seed)
+        sp.add_data(name, datas[name], **cfg)
+        datas["batch.x"] = make_data("batch.x", "tensor", (4 + rank, 8), local_seed(seed, rank))
+        sp.add_data("batch.x", datas["batch.x"], sparsity_level=0.5)
+        sp.step()
+        out["local_shapes"] = _mask_report(sp, list(datas), datas)
 
-def replicated_tensor_with_differing_copies(seed: int = SEED) -> dict:
-    """replicated=True on a plain tensor whose copies differ: the owner's copy decides."""
-    import distsparse
+    def differing_replica():
+        sp = distsparse.DataNormSparsifier()
+        data = make_data("shared.buf", "tensor", (8, 8), local_seed(seed, rank))
+        sp.add_data("shared.buf", data, replicated=True, sparsity_level=0.45)
+        sp.step()
+        out["differing_replica"] = _mask_report(sp, ["shared.buf"], {"shared.buf": data})
+        out["differing_replica"]["owner"] = sp.owner_of("shared.buf")
 
-    rank = dist.get_rank()
-    sp = distsparse.DataNormSparsifier()
-    data = make_data("shared.buf", "tensor", (8, 8), local_seed(seed, rank))
-    sp.add_data("shared.buf", data, replicated=True, sparsity_level=0.45)
-    sp.step()
-    out = _mask_report(sp, ["shared.buf"], {"shared.buf": data})
-    out["owner"] = sp.owner_of("shared.buf")
+    for section, fn in (("local_shapes", local_shapes), ("differing_replica", differing_replica)):
+        outcome = capture_error(fn)
+        if outcome["raised"]:
+            out[section] = {"error": f"[rank {rank}] {outcome['error_type']}: {outcome['message']}"}
     return out
 
 
 # ------------------------------------------------------------------ schedulers
 
-SCHEDULED = [REPLICATED[0], REPLICATED[1], REPLICATED[2], REPLICATED[5]]
+SCHEDULED = [REPLICATED[0], REPLICATED[2], REPLICATED[4], REPLICATED[5]]  # all L1
 SCHEDULED_LOCAL = ("batch.x", "tensor", (6, 8), {"sparsity_level": 0.5})
 
 
@@ -361,13 +428,11 @@ def diverging_ranks(kind: str, odd_rank: int, seed: int = SEED) -> dict:
     10x8 instead of 10x7 there), "config" ("layer2.weight" at sparsity_level 0.35
     instead of 0.3 there).
     """
-    import distsparse
-
     rank = dist.get_rank()
     odd = rank == odd_rank
 
     def run():
-        sp = distsparse.DataNormSparsifier()
+        sp = Sparsifiers()
         for name, kind_, shape, cfg in REPLICATED[:4]:
             cfg = dict(cfg)
             if name == "layer2.weight" and odd and kind == "shape":
@@ -390,10 +455,8 @@ def nan_in_group_owned_by_rank1(only_on_owner: bool, seed: int = SEED) -> dict:
     Ownership is read from a clean sparsifier with the same groups (ownership depends only
     on names and sizes), then a second sparsifier gets the NaN data.
     """
-    import distsparse
-
     rank = dist.get_rank()
-    clean = distsparse.DataNormSparsifier()
+    clean = Sparsifiers()
     for name, kind, shape, cfg in REPLICATED:
         clean.add_data(name, make_data(name, kind, shape, seed), **cfg)
     clean.step()
@@ -401,7 +464,7 @@ def nan_in_group_owned_by_rank1(only_on_owner: bool, seed: int = SEED) -> dict:
     nan_group = owned_by_1[0]
 
     def run():
-        sp = distsparse.DataNormSparsifier()
+        sp = Sparsifiers()
         for name, kind, shape, cfg in REPLICATED:
             data = make_data(name, kind, shape, seed)
             if name == nan_group and (rank == 1 or not only_on_owner):
@@ -413,3 +476,30 @@ def nan_in_group_owned_by_rank1(only_on_owner: bool, seed: int = SEED) -> dict:
     out = capture_error(run)
     out["nan_group"] = nan_group
     return out
+
+
+# ------------------------------------------------------------------ references (pytest side)
+
+def single_process_masks(entries) -> dict:
+    """Masks of a non-distributed sparsifier; ``entries``: (name, data, config) triples.
+
+    Called in the pytest process, where torch.distributed is not initialized.
+    """
+    assert not (dist.is_available() and dist.is_initialized())
+    sp = Sparsifiers()
+    for name, data, cfg in entries:
+        sp.add_data(name, data, **cfg)
+    sp.step()
+    return {name: sp.get_mask(name).detach().clone() for name, _, _ in entries}
+
+
+def happy_path_reference(world_size: int, seed: int = SEED) -> list:
+    """Per rank, the single-process masks that replicated_and_local_masks must produce."""
+    shared = [(n, make_data(n, k, s, seed), c) for n, k, s, c in REPLICATED]
+    n, k, s, c, _ = REPLICATED_TENSOR
+    shared.append((n, make_data(n, k, s, seed), c))
+    refs = []
+    for rank in range(world_size):
+        local = [(n, make_data(n, k, s, local_seed(seed, rank)), c) for n, k, s, c, _ in LOCAL]
+        refs.append(single_process_masks(shared + local))
+    return refs

@@ -11,7 +11,7 @@ import rank_fns
 from launcher import RankFailure, run_ranks
 
 
-@pytest.mark.parametrize("world_size", [1, 4])
+@pytest.mark.parametrize("world_size", [1, 3])
 def test_all_reduce_sums_a_value_over_every_rank_on_one_thread_each(world_size):
     results = run_ranks(rank_fns.all_reduce_sum, world_size, 1.0)
     expected = world_size * (world_size + 1) / 2
@@ -23,7 +23,7 @@ def test_all_reduce_sums_a_value_over_every_rank_on_one_thread_each(world_size):
 
 def test_arguments_and_results_carry_floats_and_tensors_bit_for_bit():
     arg = {"x": 0.1 + 1e-9, "t": torch.tensor([0.1, float("nan"), -0.0], dtype=torch.float64)}
-    results = run_ranks("rank_fns:echo_tensors", 2, arg)
+    results = run_ranks("rank_fns:echo_tensors", 1, arg)
     for r in results:
         assert r["payload"]["x"] == arg["x"]
         assert torch.equal(r["payload"]["t"].view(torch.int64), arg["t"].view(torch.int64))
@@ -44,10 +44,11 @@ def test_an_exception_on_one_rank_fails_with_that_ranks_traceback():
 def test_a_hung_rank_is_killed_at_the_job_timeout_and_named_with_its_stack():
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        run_ranks(rank_fns.hang_on_rank, 2, 0, timeout=6)
-    assert time.monotonic() - start < 15
+        run_ranks(rank_fns.hang_on_rank, 2, 0, timeout=10)
+    assert time.monotonic() - start < 20
     msg = str(info.value)
-    assert "ranks [0] hung" in msg
+    assert "job timed out after 10s" in msg
+    assert "rank 0: HUNG: still running at the 10s job timeout" in msg
     assert "hang_on_rank" in msg  # faulthandler's stack dump of the hung rank
 
 
@@ -59,8 +60,8 @@ def test_a_rank_killed_by_a_signal_fails_the_job():
 def test_ranks_still_running_after_another_rank_failed_are_killed_after_the_grace_period():
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        run_ranks(rank_fns.raise_on_rank_others_sleep, 2, 0, grace=2, timeout=60)
+        run_ranks(rank_fns.raise_on_rank_others_sleep, 2, 0, grace=1, timeout=60)
     assert time.monotonic() - start < 20
     msg = str(info.value)
     assert "deliberate failure on rank 0" in msg
-    assert "rank 1: HUNG: still running 2s after rank 0 failed" in msg
+    assert "rank 1: HUNG: still running 1s after rank 0 failed" in msg
