@@ -4,6 +4,8 @@ Public names are re-exported here; importing has no side effects (no warning fil
 no process-group calls).
 """
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .integrations.accelerate import register_for_checkpointing
 from .norm_sparsifier import DataNormSparsifier
 from .scheduler import (
     BaseDataScheduler,
@@ -24,4 +26,8 @@ __all__ = [
     "LambdaScheduler",
     "LinearScheduler",
     "CubicScheduler",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+    "register_for_checkpointing",
 ]

@@ -1,0 +1,703 @@
+"""Safetensors checkpoints of a sparsifier and its scheduler: the file format, atomic
+writes and all-or-nothing, fully verified loads. The only module that touches safetensors.
+
+Both functions are *collectives* when ``torch.distributed`` is initialized: every rank of
+the sparsifier's group calls them, in the same order as its other collectives.
+
+File format ``distsparse.checkpoint``, version 1
+-----------------------------------------------
+One safetensors file. Nothing in it is pickled; loading never runs code. The user's data
+(tables, parameters, batches) is *not* saved: it belongs to the model's checkpoint.
+
+Tensors (all 1-D ``uint8``, masks bit-packed by :func:`distsparse.masks.pack_bits`: one
+bit per element in row-major order, most significant bit first, last byte zero-padded;
+1 keeps, 0 prunes):
+
+* ``mask/<group name>`` — every *replicated* group, pending ones included (identical on
+  all ranks; written from rank 0).
+* ``local/<rank>/<group name>`` — every *local* group's mask on rank ``<rank>``, gathered
+  from all ranks (absent when that rank holds the group without a mask yet).
+
+Group names are used verbatim after the prefix (they may contain ``.`` and ``/``); the
+authoritative list of groups is the JSON below, never a parse of the keys.
+
+``__metadata__`` (str → str, as safetensors requires):
+
+* ``format`` = ``"distsparse.checkpoint"``, ``format_version`` = ``"1"``;
+* ``state`` — JSON text::
+
+      {"sparsifier": {"class": "DataNormSparsifier", "format_version": 1,
+                      "defaults": {...}, "step_count": 12},
+       "world_size": 2,
+       "groups": {"emb.weight": {"scope": "replicated", "config": {...}, "shape": [1000, 64]},
+                  "batch":      {"scope": "local", "config": {...}, "shapes": [[32, 16], [32, 16]]}},
+       "scheduler": {...BaseDataScheduler.state_dict()...} or null,
+       "checksums": {"mask/emb.weight": "<sha256 hex of the tensor's bytes>", ...}}
+
+  ``shapes`` of a local group lists each saved rank's shape (per-rank data may differ).
+* ``json_sha256`` — sha256 hex of the ``state`` text (UTF-8), guarding it and, through
+  ``checksums``, every tensor.
+
+Writing
+-------
+Rank 0 alone writes: every rank's local masks reach it in one ``all_gather`` of bytes; it
+writes a temporary file ``.<name>.tmp-<pid>-<8 hex>`` in the target's folder, flushes and
+fsyncs it, ``os.replace``\\ s it onto the target and fsyncs the folder. A crash or kill at
+any moment leaves the previous checkpoint whole. Temporary files of earlier saves of the
+same target that were killed (their process is gone, they are older than the current save)
+are removed by the next save. Every rank returns only after the file is complete, and an
+error on the writer is raised on every rank.
+
+Loading
+-------
+Rank 0 reads the file and broadcasts its bytes, so the file need only be visible to rank 0
+(no shared filesystem needed). Every rank then verifies everything before changing
+anything: the safetensors layout (header length, JSON, dtypes, offsets covering the file
+exactly), ``format``/``format_version``, the JSON checksum, every tensor's checksum, each
+packed mask's size against its group's shape, the sparsifier's own validation
+(``strict`` semantics, class, shapes, scopes, configs) and the scheduler state. If any rank
+finds a problem, every rank raises :class:`CheckpointError` naming the file (and the
+group) and no rank changes any state.
+
+Limitations:
+    A checkpoint loads on any world size (replicated masks are whole), but *local* groups'
+    masks are per rank: on another world size they start fresh, with a warning. The
+    sparsifier's constructor arguments that are not part of its ``state_dict()`` (e.g.
+    ``DataNormSparsifier(norm=...)``) are not saved: build the sparsifier the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .distributed import RankDisagreementError, RemoteError
+from .masks import pack_bits, packed_size, unpack_bits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .scheduler import BaseDataScheduler
+    from .sparsifier import BaseDataSparsifier
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "FORMAT",
+    "FORMAT_VERSION",
+]
+
+#: ``__metadata__["format"]`` of every distsparse checkpoint.
+FORMAT = "distsparse.checkpoint"
+#: ``__metadata__["format_version"]`` written (and the only one read) by this version.
+FORMAT_VERSION = "1"
+
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, damaged, of another format or does not fit the
+    sparsifier/scheduler it is loaded into. Nothing was changed."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist (also a :class:`FileNotFoundError`)."""
+
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu").contiguous().numpy().tobytes()
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """:func:`distsparse.masks.pack_bits` (same bytes), through numpy's packbits on CPU."""
+    if mask.device.type != "cpu":
+        return pack_bits(mask).cpu()
+    flat = mask.detach().reshape(-1)
+    if flat.dtype != torch.bool:
+        flat = flat.to(torch.bool)
+    return torch.from_numpy(np.packbits(flat.numpy()))
+
+
+def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """:func:`distsparse.masks.unpack_bits` on CPU, through numpy's unpackbits."""
+    numel = math.prod(shape)
+    if packed.numel() != packed_size(numel):  # checked before; unpack_bits raises the same way
+        return unpack_bits(packed, shape)
+    bits = np.unpackbits(packed.numpy(), count=numel)
+    return torch.from_numpy(bits).view(torch.bool).reshape(shape)
+
+
+def _mask_key(name: str) -> str:
+    return f"mask/{name}"
+
+
+def _local_key(rank: int, name: str) -> str:
+    return f"local/{rank}/{name}"
+
+
+def _check_scheduler(sparsifier: BaseDataSparsifier, scheduler: BaseDataScheduler | None) -> None:
+    from .scheduler import BaseDataScheduler
+    from .sparsifier import BaseDataSparsifier
+
+    if not isinstance(sparsifier, BaseDataSparsifier):
+        raise TypeError(f"sparsifier must be a distsparse BaseDataSparsifier, got {type(sparsifier).__name__}")
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, BaseDataScheduler):
+        raise TypeError(f"scheduler must be a distsparse BaseDataScheduler or None, got {type(scheduler).__name__}")
+    if scheduler.data_sparsifier is not sparsifier:
+        raise ValueError("scheduler schedules another sparsifier than the one passed "
+                         "(pass the scheduler built on this sparsifier)")
+
+
+# ----------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------
+
+
+def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """This rank's contribution: JSON facts (shared + local shapes) and packed local masks.
+
+    Returns the payload sent to the writer and (on the writer) the packed replicated masks."""
+    sd = sparsifier.state_dict()
+    shared_groups: dict[str, Any] = {}
+    local: dict[str, Any] = {}
+    chunks: list[bytes] = []
+    replicated_masks: dict[str, torch.Tensor] = {}
+    for name in sorted(sd["groups"]):
+        entry = sd["groups"][name]
+        mask = sd["masks"].get(name)
+        if entry["replicated"]:
+            shared_groups[name] = {"scope": "replicated", "config": entry["config"],
+                                   "shape": [int(s) for s in entry["shape"]]}
+            if mask is None:  # the sparsifier never holds a replicated group without a mask
+                raise ValueError(f"group {name!r}: replicated group has no mask to save")
+            if writer:
+                replicated_masks[name] = _pack(mask)
+        else:
+            shared_groups[name] = {"scope": "local", "config": entry["config"]}
+            packed = None if mask is None else _tensor_bytes(_pack(mask))
+            local[name] = {"shape": [int(s) for s in entry["shape"]],
+                           "nbytes": None if packed is None else len(packed)}
+            if packed is not None:
+                chunks.append(packed)
+    facts = {
+        "shared": {
+            "sparsifier": {"class": sd["sparsifier"], "format_version": sd["format_version"],
+                           "defaults": sd["defaults"], "step_count": int(sd["step_count"])},
+            "groups": shared_groups,
+        },
+        "local": local,
+    }
+    text = json.dumps(facts, sort_keys=True).encode()
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks), replicated_masks
+
+
+def _split_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    n = int.from_bytes(payload[:8], "little")
+    facts = json.loads(payload[8 : 8 + n])
+    masks: dict[str, bytes] = {}
+    offset = 8 + n
+    for name in sorted(facts["local"]):
+        nbytes = facts["local"][name]["nbytes"]
+        if nbytes is not None:
+            masks[name] = payload[offset : offset + nbytes]
+            offset += nbytes
+    return facts, masks
+
+
+def _disagreement(shared: list[dict[str, Any]]) -> str | None:
+    """Describe how ranks' shared facts differ, or None when they agree."""
+    if all(s == shared[0] for s in shared):
+        return None
+    problems = []
+    for key in ("class", "format_version", "defaults", "step_count"):
+        values = [s["sparsifier"][key] for s in shared]
+        if any(v != values[0] for v in values):
+            problems.append(f"sparsifier {key} differs: " + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)))
+    names = sorted({n for s in shared for n in s["groups"]})
+    for name in names:
+        per_rank = [s["groups"].get(name) for s in shared]
+        if all(p == per_rank[0] for p in per_rank):
+            continue
+        missing = [r for r, p in enumerate(per_rank) if p is None]
+        if missing:
+            problems.append(f"group {name!r} is missing on rank(s) {missing}")
+            continue
+        for key in sorted({k for p in per_rank for k in p}):
+            values = [p.get(key) for p in per_rank]
+            if any(v != values[0] for v in values):
+                problems.append(f"group {name!r} differs in {key}: "
+                                + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)))
+    return "\n  ".join(problems) or "the ranks' sparsifier states differ"
+
+
+def _build_file(payloads: list[bytes], replicated_masks: dict[str, torch.Tensor],
+                scheduler_state: dict[str, Any] | None) -> bytes:
+    """The whole checkpoint file as bytes (runs on the writer)."""
+    from safetensors.torch import save as st_save
+
+    gathered = [_split_payload(p) for p in payloads]
+    world_size = len(gathered)
+    shared = gathered[0][0]["shared"]
+    groups: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in shared["groups"].items():
+        if entry["scope"] == "replicated":
+            groups[name] = dict(entry)
+            tensors[_mask_key(name)] = replicated_masks[name].contiguous()
+        else:
+            groups[name] = {**entry, "shapes": [facts["local"][name]["shape"] for facts, _ in gathered]}
+            for rank, (_, masks) in enumerate(gathered):
+                if name in masks:
+                    tensors[_local_key(rank, name)] = torch.frombuffer(bytearray(masks[name]), dtype=torch.uint8) \
+                        if masks[name] else torch.empty(0, dtype=torch.uint8)
+    checksums = {key: _sha256(_tensor_bytes(t)) for key, t in sorted(tensors.items())}
+    state = {
+        "sparsifier": shared["sparsifier"],
+        "world_size": world_size,
+        "groups": {n: groups[n] for n in sorted(groups)},
+        "scheduler": scheduler_state,
+        "checksums": checksums,
+    }
+    text = json.dumps(state, sort_keys=True, allow_nan=False)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": text,
+                "json_sha256": _sha256(text.encode("utf-8"))}
+    return st_save(tensors, metadata=metadata)
+
+
+def _temp_pattern(target: Path) -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]{{8}}$")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own earlier, aborted save
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temps(target: Path, started: float) -> None:
+    """Delete temp files of earlier saves of ``target`` whose process is gone."""
+    pattern = _temp_pattern(target)
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match:
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime > started or _process_alive(int(match.group(1))):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            pass  # another save removed it first, or it is not ours to remove
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not supported on every platform / filesystem
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot save checkpoint {str(target)!r}: folder {str(folder)!r} does not exist")
+    started = time.time()
+    _remove_stale_temps(target, started)
+    temp = folder / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            view = memoryview(data)
+            while view:
+                written = f.write(view)
+                view = view[written:]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_folder(folder)
+
+
+def save_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier,
+                    scheduler: BaseDataScheduler | None = None) -> None:
+    """Write the sparsifier's masks and configs (and the scheduler's state) to one
+    safetensors file at ``path``, atomically. *Collective*: every rank calls it.
+
+    Rank 0 writes; the others send it their local groups' masks and return once the file
+    is complete. An error on any rank (or the writer's I/O error) is raised on every rank;
+    the previous file at ``path`` then stays as it was. The format is described in this
+    module's docstring. Ranks that disagree on groups, configs or step counts raise
+    :class:`~distsparse.distributed.RankDisagreementError` naming the group.
+    """
+    _check_scheduler(sparsifier, scheduler)
+    comm = sparsifier._comm
+    target = Path(os.fspath(path))
+    payload = b""
+    replicated: dict[str, torch.Tensor] = {}
+    scheduler_state = None
+    error: Exception | None = None
+    try:
+        payload, replicated = _rank_payload(sparsifier, writer=comm.rank == 0)
+        if scheduler is not None:
+            scheduler_state = json.loads(json.dumps(scheduler.state_dict(), allow_nan=False))
+    except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+        error = exc
+    comm.raise_if_any_failed([f"{type(error).__name__}: {error}"] if error else [],
+                             f"save_checkpoint({str(target)!r})", local_error=error)
+    payloads = comm.all_gather_bytes(payload)
+    problems = _disagreement([_split_payload(p)[0]["shared"] for p in payloads])
+    if problems:
+        raise RankDisagreementError(
+            f"save_checkpoint({str(target)!r}): ranks disagree (rank {comm.rank} of {comm.world_size}):\n  "
+            f"{problems}\nEvery rank must hold the same groups with the same configs.")
+
+    def write() -> None:
+        _atomic_write(target, _build_file(payloads, replicated, scheduler_state))
+
+    # The broadcast of the writer's status is also the barrier: nobody leaves before the
+    # file is complete, and a writer error is raised everywhere.
+    comm.run_on_coordinator(write, encode=lambda _: b"", decode=lambda _: None)
+
+
+# ----------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Checkpoint:
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def _read(target: Path) -> bytes:
+    """b"\\x00" + file bytes, or b"\\x01"/b"\\x02" + message (not found / other I/O error)."""
+    try:
+        return b"\x00" + target.read_bytes()
+    except FileNotFoundError:
+        return b"\x01" + f"checkpoint file {str(target)!r} does not exist".encode()
+    except OSError as exc:
+        return b"\x02" + f"cannot read checkpoint file {str(target)!r}: {exc}".encode()
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+
+
+def _header_size(blob: bytes) -> int:
+    return int.from_bytes(blob[:8], "little")
+
+
+def _check_layout(blob: bytes, where: str) -> dict[str, Any]:
+    """Parse the safetensors framing; return the header (with ``__metadata__``)."""
+    size = len(blob)
+    if size == 0:
+        raise CheckpointError(f"{where}: the file is empty")
+    if size < 8:
+        raise CheckpointError(f"{where}: the file is {size} bytes, too short for a safetensors header (truncated?)")
+    n = int.from_bytes(blob[:8], "little")
+    if n > _MAX_HEADER or n > size - 8:
+        raise CheckpointError(f"{where}: the header length field says {n} bytes but the file has {size - 8} after it "
+                              "(truncated, damaged, or not a safetensors file)")
+    try:
+        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: the safetensors header is not valid JSON ({exc}); "
+                              "the file is damaged or not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: the safetensors header is not a JSON object (damaged file)")
+    return header
+
+
+def _check_tensor_specs(header: dict[str, Any], data_size: int, where: str) -> None:
+    """Every tensor is a 1-D uint8 span; the spans tile the data exactly."""
+    spans = []
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        if (not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}
+                or not _is_shape(spec["shape"]) or not _is_shape(spec["data_offsets"])
+                or len(spec["data_offsets"]) != 2):
+            raise CheckpointError(f"{where}: tensor {key!r} has a malformed header entry (damaged file)")
+        if spec["dtype"] != "U8" or len(spec["shape"]) != 1:
+            raise CheckpointError(f"{where}: tensor {key!r} is {spec['dtype']} of shape {spec['shape']}; "
+                                  "distsparse checkpoints hold only 1-D uint8 packed masks")
+        start, end = spec["data_offsets"]
+        if end - start != spec["shape"][0]:
+            raise CheckpointError(f"{where}: tensor {key!r}: data offsets {spec['data_offsets']} do not match "
+                                  f"its shape {spec['shape']} (damaged file)")
+        spans.append((start, end, key))
+    position = 0
+    for start, end, key in sorted(spans):
+        if start != position:
+            raise CheckpointError(f"{where}: tensor {key!r} starts at byte {start} of the data, expected {position} "
+                                  "(damaged file)")
+        position = end
+    if position != data_size:
+        what = "truncated" if position > data_size else "has trailing bytes"
+        raise CheckpointError(f"{where}: the header describes {position} data bytes but the file holds {data_size} "
+                              f"(the file is {what})")
+
+
+def _parse(blob: bytes, where: str) -> _Checkpoint:
+    """Verify everything that does not depend on the sparsifier; return state and tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    header = _check_layout(blob, where)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a distsparse checkpoint (its safetensors metadata lacks "
+                              f"format={FORMAT!r}); write checkpoints with distsparse.save_checkpoint")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: checkpoint format_version {version!r} is not supported; this "
+                              f"distsparse reads version {FORMAT_VERSION!r} (upgrade distsparse?)")
+    text, digest = meta.get("state"), meta.get("json_sha256")
+    if not isinstance(text, str) or not isinstance(digest, str):
+        raise CheckpointError(f"{where}: metadata lacks 'state' or 'json_sha256' (damaged file)")
+    if _sha256(text.encode("utf-8")) != digest:
+        raise CheckpointError(f"{where}: the checkpoint's JSON state does not match its checksum (damaged file)")
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: the JSON state is not valid JSON ({exc})") from None
+    _check_tensor_specs(header, len(blob) - 8 - _header_size(blob), where)
+    try:
+        tensors = st_load(blob)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{where}: safetensors cannot read the file ({exc})") from None
+    _check_state_schema(state, where)
+    checksums = state["checksums"]
+    if set(tensors) != set(checksums):
+        extra = sorted(set(tensors) - set(checksums))
+        lacking = sorted(set(checksums) - set(tensors))
+        raise CheckpointError(f"{where}: tensors do not match the checksum list (unexpected: {extra}, "
+                              f"missing: {lacking}; damaged file)")
+    for key in sorted(tensors):
+        if _sha256(_tensor_bytes(tensors[key])) != checksums[key]:
+            raise CheckpointError(f"{where}: tensor {key!r} does not match its sha256 checksum (damaged file)")
+    _check_tensor_keys(state, tensors, where)
+    return _Checkpoint(state=state, tensors=tensors)
+
+
+def _check_state_schema(state: Any, where: str) -> None:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: malformed checkpoint state: {what}")
+
+    if not isinstance(state, dict):
+        raise bad("not a JSON object")
+    missing = sorted({"sparsifier", "world_size", "groups", "scheduler", "checksums"} - set(state))
+    if missing:
+        raise bad(f"missing keys {missing}")
+    sp = state["sparsifier"]
+    if (not isinstance(sp, dict) or not {"class", "format_version", "defaults", "step_count"} <= set(sp)
+            or not isinstance(sp["class"], str) or not isinstance(sp["defaults"], dict)
+            or not isinstance(sp["step_count"], int)):
+        raise bad("'sparsifier' must hold class, format_version, defaults and step_count")
+    ws = state["world_size"]
+    if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
+        raise bad(f"world_size must be a positive int, got {ws!r}")
+    if not isinstance(state["groups"], dict):
+        raise bad("'groups' must be an object")
+    for name, entry in state["groups"].items():
+        if not isinstance(entry, dict) or entry.get("scope") not in ("replicated", "local") \
+                or not isinstance(entry.get("config"), dict):
+            raise bad(f"group {name!r} needs a scope ('replicated' or 'local') and a config")
+        if entry["scope"] == "replicated" and not _is_shape(entry.get("shape")):
+            raise bad(f"group {name!r} needs a shape")
+        if entry["scope"] == "local":
+            shapes = entry.get("shapes")
+            if not isinstance(shapes, list) or len(shapes) != ws or not all(_is_shape(s) for s in shapes):
+                raise bad(f"group {name!r} needs one shape per saved rank ({ws})")
+    if state["scheduler"] is not None and not isinstance(state["scheduler"], dict):
+        raise bad("'scheduler' must be an object or null")
+    checksums = state["checksums"]
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) and _HEX64.match(v) for v in checksums.values()):
+        raise bad("'checksums' must map tensor keys to sha256 hex digests")
+
+
+def _check_tensor_keys(state: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every replicated group has its mask; every tensor belongs to a group; sizes fit."""
+    expected: dict[str, tuple[str, list[int]]] = {}
+    for name, entry in state["groups"].items():
+        if entry["scope"] == "replicated":
+            key = _mask_key(name)
+            if key not in tensors:
+                raise CheckpointError(f"{where}: group {name!r}: the mask tensor {key!r} is missing")
+            expected[key] = (name, entry["shape"])
+        else:
+            for rank, shape in enumerate(entry["shapes"]):
+                expected[_local_key(rank, name)] = (name, shape)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{where}: tensors {unknown} belong to no group of the checkpoint (damaged file)")
+    for key in sorted(tensors):
+        name, shape = expected[key]
+        numel = math.prod(shape)
+        t = tensors[key]
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != packed_size(numel):
+            raise CheckpointError(f"{where}: group {name!r}: packed mask {key!r} has {t.numel()} {t.dtype} bytes, "
+                                  f"shape {list(shape)} needs {packed_size(numel)} uint8 bytes")
+        pad = (-numel) % 8
+        if pad and t.numel() and int(t[-1]) & ((1 << pad) - 1):
+            raise CheckpointError(f"{where}: group {name!r}: packed mask {key!r} has nonzero padding bits")
+
+
+def _sparsifier_state(ckpt: _Checkpoint, sparsifier: BaseDataSparsifier) -> dict[str, Any]:
+    """The ``state_dict()`` this rank loads: replicated masks, and local masks of this
+    rank when the world size matches (else they start fresh; the sparsifier warns)."""
+    state = ckpt.state
+    saved_ws = state["world_size"]
+    rank, world_size = sparsifier.rank, sparsifier.world_size
+    same_world = saved_ws == world_size
+    current: dict[str, Any] | None = None
+    groups: dict[str, Any] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for name in sorted(state["groups"]):
+        entry = state["groups"][name]
+        if entry["scope"] == "replicated":
+            shape = tuple(entry["shape"])
+            groups[name] = {"config": entry["config"], "shape": list(shape), "replicated": True}
+            masks[name] = _unpack(ckpt.tensors[_mask_key(name)], shape)
+            continue
+        if same_world:
+            shape = tuple(entry["shapes"][rank])
+            key = _local_key(rank, name)
+            if key in ckpt.tensors:
+                masks[name] = _unpack(ckpt.tensors[key], shape)
+        else:
+            # Fresh start: the mask does not depend on the saved shape, and per-rank data
+            # (batches) may well have another shape on another world size.
+            if current is None:  # shapes of the groups held now (pending ones too)
+                current = sparsifier.state_dict()["groups"]
+            held = current.get(name)
+            shape = tuple(held["shape"]) if held is not None and not held["replicated"] else tuple(entry["shapes"][0])
+        groups[name] = {"config": entry["config"], "shape": list(shape), "replicated": False}
+    sp = state["sparsifier"]
+    return {
+        "format_version": sp["format_version"],
+        "sparsifier": sp["class"],
+        "defaults": sp["defaults"],
+        "groups": groups,
+        "masks": masks,
+        "world_size": saved_ws,
+        "rank": rank,
+        "step_count": sp["step_count"],
+    }
+
+
+def _prepare(blob: bytes, where: str, sparsifier: BaseDataSparsifier,
+             scheduler: BaseDataScheduler | None, strict: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Verify the file and validate both states against this rank's objects. Changes nothing."""
+    ckpt = _parse(blob, where)
+    try:
+        sd = _sparsifier_state(ckpt, sparsifier)
+        sparsifier._validate_state(sd, strict)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    scheduler_state = ckpt.state["scheduler"]
+    if scheduler is None:
+        return sd, None
+    if scheduler_state is None:
+        raise CheckpointError(f"{where}: the checkpoint holds no scheduler state "
+                              f"(it was saved without one); load it with scheduler=None")
+    # A copy whose containers are copies too: even a subclass that updates its dicts in
+    # place while loading cannot touch the real scheduler before every rank agreed.
+    probe = copy.copy(scheduler)
+    for attr, value in vars(scheduler).items():
+        if isinstance(value, (dict, list, set)):
+            setattr(probe, attr, copy.copy(value))
+    try:
+        probe.load_state_dict(copy.deepcopy(scheduler_state))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: scheduler state does not fit {type(scheduler).__name__}: {exc}") from None
+    return sd, scheduler_state
+
+
+def load_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier,
+                    scheduler: BaseDataScheduler | None = None, strict: bool = True) -> None:
+    """Restore masks, configs and step count (and the scheduler's state) from ``path``.
+    *Collective*: every rank calls it.
+
+    Everything is verified first (see this module's docstring); on any problem, on any
+    rank, every rank raises :class:`CheckpointError` (a ``ValueError``;
+    :class:`CheckpointNotFoundError` for a missing file) naming the file, and neither the
+    sparsifier nor the scheduler changes on any rank. ``strict`` is the sparsifier's:
+    ``True`` refuses a checkpoint that lacks a group the sparsifier has. Groups in the file
+    that were not added yet wait for ``add_data`` (see ``BaseDataSparsifier.load_state_dict``).
+    With ``scheduler=None`` a saved scheduler state is ignored.
+    """
+    _check_scheduler(sparsifier, scheduler)
+    comm = sparsifier._comm
+    target = Path(os.fspath(path))
+    where = f"checkpoint {str(target)!r}"
+    received = comm.run_on_coordinator(lambda: _read(target), encode=lambda b: b, decode=lambda b: b)
+    if received[:1] == b"\x01":
+        raise CheckpointNotFoundError(received[1:].decode(errors="replace"))
+    if received[:1] == b"\x02":
+        raise CheckpointError(received[1:].decode(errors="replace"))
+    blob = received[1:]
+    del received
+    error: Exception | None = None
+    plan = None
+    try:
+        plan = _prepare(blob, where, sparsifier, scheduler, strict)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+        error = exc
+    try:
+        comm.raise_if_any_failed([str(error)] if error else [], f"load_checkpoint({str(target)!r})",
+                                 local_error=error)
+    except RemoteError as exc:
+        raise CheckpointError(f"{where}: another rank refused it, nothing was loaded:\n{exc}") from None
+    assert plan is not None
+    sd, scheduler_state = plan
+    # Commit: both states were validated on every rank.
+    snapshot = scheduler.state_dict() if scheduler is not None else None
+    if scheduler is not None:
+        scheduler.load_state_dict(scheduler_state)  # type: ignore[arg-type]
+    try:
+        sparsifier.load_state_dict(sd, strict)
+    except BaseException:
+        if scheduler is not None:
+            scheduler.load_state_dict(snapshot)  # type: ignore[arg-type]
+        raise
