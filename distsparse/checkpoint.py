@@ -27,7 +27,7 @@ authoritative list of groups is the JSON below, never a parse of the keys.
 * ``state`` — JSON text::
 
       {"sparsifier": {"class": "DataNormSparsifier", "format_version": 1,
-                      "defaults": {...}, "step_count": 12},
+                      "args": {"norm": "L1"}, "defaults": {...}, "step_count": 12},
        "world_size": 2,
        "groups": {"emb.weight": {"scope": "replicated", "config": {...}, "shape": [1000, 64]},
                   "batch":      {"scope": "local", "config": {...}, "shapes": [[32, 16], [32, 16]]}},
@@ -61,9 +61,9 @@ group) and no rank changes any state.
 
 Limitations:
     A checkpoint loads on any world size (replicated masks are whole), but *local* groups'
-    masks are per rank: on another world size they start fresh, with a warning. The
-    sparsifier's constructor arguments that are not part of its ``state_dict()`` (e.g.
-    ``DataNormSparsifier(norm=...)``) are not saved: build the sparsifier the same way.
+    masks are per rank: on another world size they start fresh, with a warning.
+    Constructor arguments that change masks (``DataNormSparsifier(norm=...)``) are saved
+    as ``args`` and must match on load.
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from .distributed import RankDisagreementError, RemoteError
@@ -132,22 +131,11 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """:func:`distsparse.masks.pack_bits` (same bytes), through numpy's packbits on CPU."""
-    if mask.device.type != "cpu":
-        return pack_bits(mask).cpu()
-    flat = mask.detach().reshape(-1)
-    if flat.dtype != torch.bool:
-        flat = flat.to(torch.bool)
-    return torch.from_numpy(np.packbits(flat.numpy()))
+    return pack_bits(mask).cpu()
 
 
 def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """:func:`distsparse.masks.unpack_bits` on CPU, through numpy's unpackbits."""
-    numel = math.prod(shape)
-    if packed.numel() != packed_size(numel):  # checked before; unpack_bits raises the same way
-        return unpack_bits(packed, shape)
-    bits = np.unpackbits(packed.numpy(), count=numel)
-    return torch.from_numpy(bits).view(torch.bool).reshape(shape)
+    return unpack_bits(packed, shape)
 
 
 def _mask_key(name: str) -> str:
@@ -207,7 +195,8 @@ def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool) -> tuple[bytes, 
     facts = {
         "shared": {
             "sparsifier": {"class": sd["sparsifier"], "format_version": sd["format_version"],
-                           "defaults": sd["defaults"], "step_count": int(sd["step_count"])},
+                           "args": sd["sparsifier_args"], "defaults": sd["defaults"],
+                           "step_count": int(sd["step_count"])},
             "groups": shared_groups,
         },
         "local": local,
@@ -234,7 +223,7 @@ def _disagreement(shared: list[dict[str, Any]]) -> str | None:
     if all(s == shared[0] for s in shared):
         return None
     problems = []
-    for key in ("class", "format_version", "defaults", "step_count"):
+    for key in ("class", "format_version", "args", "defaults", "step_count"):
         values = [s["sparsifier"][key] for s in shared]
         if any(v != values[0] for v in values):
             problems.append(f"sparsifier {key} differs: " + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)))
@@ -530,10 +519,11 @@ def _check_state_schema(state: Any, where: str) -> None:
     if missing:
         raise bad(f"missing keys {missing}")
     sp = state["sparsifier"]
-    if (not isinstance(sp, dict) or not {"class", "format_version", "defaults", "step_count"} <= set(sp)
+    if (not isinstance(sp, dict) or not {"class", "format_version", "args", "defaults", "step_count"} <= set(sp)
             or not isinstance(sp["class"], str) or not isinstance(sp["defaults"], dict)
+            or not isinstance(sp["args"], dict)
             or not isinstance(sp["step_count"], int)):
-        raise bad("'sparsifier' must hold class, format_version, defaults and step_count")
+        raise bad("'sparsifier' must hold class, format_version, args, defaults and step_count")
     ws = state["world_size"]
     if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
         raise bad(f"world_size must be a positive int, got {ws!r}")
@@ -617,6 +607,7 @@ def _sparsifier_state(ckpt: _Checkpoint, sparsifier: BaseDataSparsifier) -> dict
     return {
         "format_version": sp["format_version"],
         "sparsifier": sp["class"],
+        "sparsifier_args": sp["args"],
         "defaults": sp["defaults"],
         "groups": groups,
         "masks": masks,

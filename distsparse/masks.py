@@ -12,6 +12,8 @@ equal magnitude the one with the lower row-major position is zeroed first.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -222,11 +224,15 @@ def packed_size(numel: int) -> int:
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """1 bit per element, most significant bit first (the layout of ``numpy.packbits``).
-
-    Works on any device; returns a 1-D ``uint8`` tensor of ``packed_size(mask.numel())``.
+    """1 bit per element, row-major, most significant bit first, last byte zero-padded
+    (the layout of ``numpy.packbits``). A 1-D ``uint8`` tensor of
+    ``packed_size(mask.numel())`` bytes on ``mask``'s device.
     """
-    flat = mask.reshape(-1).to(torch.bool)
+    flat = mask.detach().reshape(-1)
+    if flat.dtype != torch.bool:
+        flat = flat.to(torch.bool)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy()))  # ~10x faster than the torch ops
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -239,11 +245,13 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a ``bool`` tensor of ``shape`` on ``packed``'s device."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
+    numel = math.prod(int(s) for s in shape)
     if packed.numel() != packed_size(numel):
-        raise ValueError(f"packed mask has {packed.numel()} bytes, expected {packed_size(numel)} for shape {tuple(shape)}")
+        raise ValueError(f"packed mask has {packed.numel()} bytes, expected {packed_size(numel)} "
+                         f"for shape {tuple(shape)}")
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.contiguous().numpy(), count=numel)
+        return torch.from_numpy(bits).view(torch.bool).reshape(tuple(shape))
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[:numel].to(torch.bool).reshape(tuple(shape))

@@ -110,6 +110,9 @@ class DataNormSparsifier(BaseDataSparsifier):
             raise ValueError(f"group {name!r}: 0-d (scalar) data has no blocks to sparsify; "
                              "reshape it to at least 1-D")
 
+    def _sparsifier_args(self) -> dict[str, Any]:
+        return {"norm": self.norm}
+
     def update_mask(self, name: str, data: torch.Tensor, sparsity_level: float,
                     sparse_block_shape: tuple[int, int], zeros_per_block: int | None,
                     **kwargs: Any) -> torch.Tensor:

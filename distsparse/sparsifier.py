@@ -130,6 +130,11 @@ class BaseDataSparsifier(abc.ABC):
     def _check_data(self, name: str, data: torch.Tensor) -> None:
         """Refuse data this sparsifier cannot handle. Override to add checks."""
 
+    def _sparsifier_args(self) -> dict[str, Any]:
+        """Constructor arguments outside the config that change masks (e.g. ``norm``):
+        saved in the state and checked on load, so an L2 state never loads into L1."""
+        return {}
+
     # -- groups -----------------------------------------------------------------------
     @staticmethod
     def _extract_tensor(name: str, data: Any) -> tuple[torch.Tensor, bool]:
@@ -185,7 +190,7 @@ class BaseDataSparsifier(abc.ABC):
         elif pending is not None:
             merged = self._canonical_config(name, {**self.defaults, **config, **pending.config})
             scope = pending.replicated if replicated is None else bool(replicated)
-            if tuple(tensor.shape) != pending.shape:
+            if tuple(tensor.shape) != pending.shape and not (pending.mask is None and not pending.replicated):
                 raise ValueError(
                     f"group {name!r}: data has shape {_shape_text(tensor.shape)} but the loaded "
                     f"state holds this group with shape {_shape_text(pending.shape)}"
@@ -397,6 +402,7 @@ class BaseDataSparsifier(abc.ABC):
             {
                 "format_version": 1,
                 "sparsifier": "DataNormSparsifier",
+                "sparsifier_args": {"norm": "L1"},
                 "defaults": {"sparsity_level": 0.5, "sparse_block_shape": [1, 4], ...},
                 "groups": {"emb.weight": {"config": {...}, "shape": [1000, 64],
                                           "replicated": True}, ...},
@@ -421,6 +427,7 @@ class BaseDataSparsifier(abc.ABC):
         return {
             "format_version": STATE_FORMAT_VERSION,
             "sparsifier": type(self).__name__,
+            "sparsifier_args": self._sparsifier_args(),
             "defaults": _to_json_config(self.defaults),
             "groups": {n: groups[n] for n in sorted(groups)},
             "masks": {n: masks[n] for n in sorted(masks)},
@@ -468,6 +475,10 @@ class BaseDataSparsifier(abc.ABC):
                              f"(this distsparse reads {STATE_FORMAT_VERSION})")
         if sd["sparsifier"] != type(self).__name__:
             raise ValueError(f"state_dict was saved by {sd['sparsifier']!r}, not {type(self).__name__!r}")
+        args = sd.get("sparsifier_args", {})
+        if args != self._sparsifier_args():
+            raise ValueError(f"state_dict was saved by {sd['sparsifier']}({args}), this sparsifier is "
+                             f"{type(self).__name__}({self._sparsifier_args()}); build it with the same arguments")
         defaults = self._canonical_config("<defaults>", dict(copy.deepcopy(sd["defaults"])))
         groups, masks = sd["groups"], sd["masks"]
         if not isinstance(groups, Mapping) or not isinstance(masks, Mapping):

@@ -643,3 +643,31 @@ def test_add_data_returns_the_masked_data_in_the_datas_dtype_and_shape(dtype):
     assert out.dtype == dtype and out.shape == data.shape
     assert torch.equal(out, data * sp.get_mask("x").to(dtype))
     assert int((out == 0).sum()) == 24
+
+
+def test_a_state_saved_with_l2_norm_is_refused_by_an_l1_sparsifier_and_nothing_changes():
+    data = torch.randn(8, 8)
+    l2 = DataNormSparsifier(norm="L2")
+    l2.add_data("t", data)
+    l2.step()
+    l1 = DataNormSparsifier(norm="L1")
+    l1.add_data("t", data)
+    before = l1.get_mask("t").clone()
+    with pytest.raises(ValueError, match="norm"):
+        l1.load_state_dict(l2.state_dict())
+    assert torch.equal(l1.get_mask("t"), before)
+
+
+def test_a_local_group_restored_from_another_world_size_accepts_data_of_any_shape():
+    saved = DataNormSparsifier()
+    saved.add_data("batch", torch.randn(4, 8))
+    saved.step()
+    state = saved.state_dict()
+    state["world_size"] = 3  # as if saved on three ranks: this rank's local mask starts fresh
+    resumed = DataNormSparsifier()
+    with pytest.warns(UserWarning, match="start fresh"):
+        resumed.load_state_dict(state)
+    out = resumed.add_data("batch", torch.randn(6, 8))
+    assert out.shape == (6, 8)
+    assert bool(resumed.get_mask("batch").all())
+    assert resumed.data_groups["batch"] == saved.data_groups["batch"]
