@@ -200,11 +200,13 @@ class Comm:
         return decode(received[1:])
 
     def raise_if_any_failed(self, errors: Sequence[str], what: str,
-                            local_error: BaseException | None = None) -> None:
+                            local_error: BaseException | None = None,
+                            failed: Sequence[bool] | None = None) -> None:
         """Collective: if any rank reports errors, every rank raises.
 
         A rank that failed re-raises ``local_error`` (its own exception, e.g. a ValueError
         naming the group); the others raise :class:`RemoteError` listing every rank's errors.
+        ``failed`` (each rank's flag, when a caller already gathered them) saves a round trip.
         """
         local = "\n".join(errors).encode()
         if not self.is_distributed or self.world_size == 1:
@@ -213,10 +215,12 @@ class Comm:
             if errors:
                 raise RemoteError(local.decode())
             return
-        flags = torch.tensor([1 if errors else 0], dtype=torch.int64, device=self.device)
-        gathered = [torch.empty_like(flags) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(gathered, flags, group=self._group, async_op=True), "all_gather (status)")
-        if not any(int(g.item()) for g in gathered):
+        if failed is None:
+            flags = torch.tensor([1 if errors else 0], dtype=torch.int64, device=self.device)
+            gathered = [torch.empty_like(flags) for _ in range(self.world_size)]
+            self._wait(dist.all_gather(gathered, flags, group=self._group, async_op=True), "all_gather (status)")
+            failed = [bool(int(g.item())) for g in gathered]
+        if not any(failed):
             return
         messages = self.all_gather_bytes(local)
         lines = [
@@ -237,9 +241,47 @@ class Comm:
         """
         if not self.is_distributed or self.world_size == 1:
             return
-        blob = json.dumps(description, sort_keys=True).encode()
-        digest = hashlib.sha256(blob).digest()
-        digests = self._all_gather_fixed(digest)
+        blob = _canonical(description)
+        digests = self._all_gather_fixed(hashlib.sha256(blob).digest())
+        self._raise_on_disagreement(digests, blob, what)
+
+    def agree_and_decide(self, description: dict[str, dict[str, Any]], what: str,
+                         fn: Callable[[], T], encode: Callable[[T], bytes],
+                         decode: Callable[[bytes], T], src: int = 0) -> T:
+        """Collective: :meth:`check_agreement` and :meth:`run_on_coordinator` in one
+        fixed-size all-gather (a second collective only for results over 4 KiB).
+
+        Each rank sends its digest; the coordinator also sends a status byte and its
+        encoded result (or error message). The scheduler's step uses this: one round trip.
+        """
+        if not self.is_distributed or self.world_size == 1:
+            return decode(encode(fn()))
+        blob = _canonical(description)
+        body, status, error = b"", 0, None
+        if self.rank == src:
+            try:
+                body = encode(fn())
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                error, status = exc, 1
+                body = f"{type(exc).__name__}: {exc}".encode()
+        inline = body if len(body) <= _INLINE_BYTES else b""
+        header = hashlib.sha256(blob).digest() + bytes([status]) + len(body).to_bytes(8, "little")
+        parts = self._all_gather_fixed((header + inline).ljust(len(header) + _INLINE_BYTES, b"\0"))
+        self._raise_on_disagreement([p[:32] for p in parts], blob, what)
+        theirs = parts[src]
+        status, length = theirs[32], int.from_bytes(theirs[33:41], "little")
+        if length > _INLINE_BYTES:
+            body = self.broadcast_bytes(body if self.rank == src else None, src=src)
+        else:
+            body = theirs[41 : 41 + length]
+        if status:
+            if error is not None:
+                raise error
+            raise RemoteError(f"rank {src} raised: {body.decode(errors='replace')}")
+        return decode(body)
+
+    def _raise_on_disagreement(self, digests: list[bytes], blob: bytes, what: str) -> None:
+        """Collective only on a mismatch (every rank sees the same digests, so all enter)."""
         if all(d == digests[0] for d in digests):
             return
         described = [json.loads(b) for b in self.all_gather_bytes(blob)]
@@ -264,3 +306,11 @@ class Comm:
             + "\nEvery rank must add the same groups with the same shapes and configs "
             "(use replicated=False for per-rank data such as input batches)."
         )
+
+
+# Results up to this size ride along with the digest in agree_and_decide's one all-gather.
+_INLINE_BYTES = 4096
+
+
+def _canonical(description: dict[str, Any]) -> bytes:
+    return json.dumps(description, sort_keys=True).encode()

@@ -116,17 +116,19 @@ class BaseDataScheduler(abc.ABC):
                 stacklevel=2,
             )
         names = sorted(sparsifier.data_groups)
-        comm.check_agreement(
-            {"<scheduler>": {"groups": names, "last_epoch": self.last_epoch,
-                             "schedule_param": self.schedule_param}},
-            f"{type(self).__name__}.step()",
-        )
         new_base = {n: sparsifier.data_groups[n][self.schedule_param] for n in names if n not in self.base_param}
         previous_epoch, previous_base = self.last_epoch, self.base_param
         self.last_epoch += 1
         self.base_param = {**self.base_param, **new_base}
         try:
-            values = comm.run_on_coordinator(self.get_schedule_param, _encode, _decode)
+            # One round trip: ranks check they schedule the same groups at the same epoch,
+            # and rank 0's values (or its exception) reach everyone.
+            values = comm.agree_and_decide(
+                {"<scheduler>": {"groups": names, "last_epoch": previous_epoch,
+                                 "schedule_param": self.schedule_param}},
+                f"{type(self).__name__}.step()",
+                self.get_schedule_param, _encode, _decode,
+            )
             configs = self._validated(values)
         except BaseException:
             self.last_epoch, self.base_param = previous_epoch, previous_base

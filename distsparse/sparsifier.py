@@ -348,14 +348,12 @@ class BaseDataSparsifier(abc.ABC):
                         first_error = type(exc)(message)
                         first_error.__cause__ = exc
         computed = time.perf_counter()
+        bytes_sent = 0
         if comm.world_size == 1:
             if first_error is not None:
                 raise first_error
         else:
-            comm.raise_if_any_failed(errors, f"{type(self).__name__}.step()", local_error=first_error)
-        bytes_sent = 0
-        if comm.world_size > 1:
-            received, bytes_sent = self._exchange_replicated(owners, new_masks)
+            received, bytes_sent = self._exchange_replicated(owners, new_masks, errors, first_error)
             new_masks.update(received)
         for name, mask in new_masks.items():
             self._groups[name].mask = mask
@@ -367,26 +365,33 @@ class BaseDataSparsifier(abc.ABC):
             "groups_computed": float(len(mine)),
         }
 
-    def _exchange_replicated(self, owners: dict[str, int],
-                             new_masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-        """One all-gather of every rank's owned masks, bit-packed and concatenated in name order."""
+    def _exchange_replicated(self, owners: dict[str, int], new_masks: dict[str, torch.Tensor],
+                             errors: list[str], first_error: Exception | None,
+                             ) -> tuple[dict[str, torch.Tensor], int]:
+        """One all-gather of every rank's status byte and owned masks, bit-packed and
+        concatenated in name order. If any rank failed, every rank raises instead."""
         comm = self._comm
         by_rank: list[list[str]] = [[] for _ in range(comm.world_size)]
         for name in sorted(owners):
             by_rank[owners[name]].append(name)
-        lengths = [sum(packed_size(self._groups[n].data.numel()) for n in names) for names in by_rank]
+        lengths = [1 + sum(packed_size(self._groups[n].data.numel()) for n in names) for names in by_rank]
         own = by_rank[comm.rank]
         device = comm.device
-        if own:
-            payload = torch.cat([pack_bits(new_masks[n].to(device)) for n in own])
+        if errors:
+            payload = torch.ones(1, dtype=torch.uint8, device=device)  # status 1; masks unused
         else:
-            payload = torch.empty(0, dtype=torch.uint8, device=device)
+            payload = torch.cat([torch.zeros(1, dtype=torch.uint8, device=device)]
+                                + [pack_bits(new_masks[n].to(device)) for n in own])
         gathered = comm.all_gather_tensor(payload, lengths)
+        failed = [bool(int(part[0])) for part in gathered]
+        if any(failed):
+            comm.raise_if_any_failed(errors, f"{type(self).__name__}.step()", local_error=first_error,
+                                     failed=failed)
         received: dict[str, torch.Tensor] = {}
         for r, names in enumerate(by_rank):
             if r == comm.rank:
                 continue
-            offset = 0
+            offset = 1
             for name in names:
                 group = self._groups[name]
                 size = packed_size(group.data.numel())
