@@ -89,41 +89,74 @@ def run_child(cfg: dict) -> dict:
     def barrier():
         dist.barrier()
 
+    timers = _instrument(sp, distsparse) if cfg.get("breakdown", True) else None
+
     # warm-up
     barrier()
     t0 = time.perf_counter()
     sp.step()
     warm_s = time.perf_counter() - t0
 
-    step_s, growth_kb, stats = [], [], []
+    step_s, cpu_s, growth_kb, stats, step_breakdown = [], [], [], [], []
     for _ in range(cfg["steps"]):
         gc.collect()
         barrier()
+        if timers is not None:
+            timers.clear()
         rss_before = _common.proc_status_kb("VmRSS")
         _common.reset_peak_rss()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         sp.step()
         dt = time.perf_counter() - t0
+        cpu_s.append(time.process_time() - c0)
         growth_kb.append(_common.proc_status_kb("VmHWM") - rss_before)
         step_s.append(dt)
         st = getattr(sp, "last_step_stats", None)
         stats.append(_jsonable(st) if st is not None else None)
+        if timers is not None:
+            step_breakdown.append(dict(timers))
 
     sha = hashlib.sha256()
     for n in names:
         sha.update(n.encode())
         sha.update(sp.get_mask(n).detach().to(torch.bool).contiguous().numpy().tobytes())
 
-    sched_s, sched_levels, sched_err = [], None, None
+    # transport floor: a raw gloo all_gather of the same payload size as the mask exchange
+    raw_ag_s, raw_ag_bytes = [], 0
+    if world > 1 and owners:
+        per_table = cfg["rows"] * cfg["cols"]
+        owned = sum(1 for n in names if owners[n] == rank)
+        raw_ag_bytes = (owned * per_table + 7) // 8
+        sizes = [None] * world
+        dist.all_gather_object(sizes, raw_ag_bytes)
+        n_max = max(sizes)
+        buf = torch.zeros(n_max, dtype=torch.uint8)
+        outs = [torch.empty(n_max, dtype=torch.uint8) for _ in range(world)]
+        for _ in range(4):
+            barrier()
+            t0 = time.perf_counter()
+            dist.all_gather(outs, buf)
+            raw_ag_s.append(time.perf_counter() - t0)
+        raw_ag_s = raw_ag_s[1:]
+
+    sched_s, sched_levels, sched_err, sched_breakdown = [], None, None, []
     if cfg["sched_steps"] > 0:
         try:
             sch = distsparse.LinearScheduler(sp, final_value=0.8, initial_value=0.0,
                                              start_step=0, ramp_steps=100)
+            if timers is not None:
+                _wrap(sch, "get_schedule_param", "scheduler: get_schedule_param", timers)
+                _wrap(sch, "_validated", "scheduler: _validated (config checks)", timers)
             for _ in range(cfg["sched_steps"]):
                 barrier()
+                if timers is not None:
+                    timers.clear()
                 t0 = time.perf_counter()
                 sch.step()
                 sched_s.append(time.perf_counter() - t0)
+                if timers is not None:
+                    sched_breakdown.append(dict(timers))
             sched_levels = {n: float(sp.data_groups[n]["sparsity_level"]) for n in names}
         except Exception as e:  # report, don't hang the other rank: it hits the barrier timeout
             sched_err = f"{type(e).__name__}: {e}"
@@ -131,10 +164,61 @@ def run_child(cfg: dict) -> dict:
     barrier()
     dist.destroy_process_group()
     return dict(rank=rank, world=world, init_s=init_s, data_bytes=data_bytes, owners=owners,
-                warmup_s=warm_s, step_s=step_s, step_growth_kb=growth_kb, stats=stats,
+                warmup_s=warm_s, step_s=step_s, step_cpu_s=cpu_s, raw_allgather_s=raw_ag_s,
+                raw_allgather_bytes=raw_ag_bytes, step_breakdown=step_breakdown,
+                sched_breakdown=sched_breakdown, step_growth_kb=growth_kb, stats=stats,
                 has_stats=hasattr(sp, "last_step_stats"), mask_sha256=sha.hexdigest(),
                 sched_s=sched_s, sched_levels=sched_levels, sched_error=sched_err,
                 threads=torch.get_num_threads())
+
+
+def _wrap(obj, attr, label, timers, stack=[]):  # noqa: B006 - one shared nesting stack
+    """Replace obj.attr by a wrapper adding its *exclusive* wall time to timers[label]."""
+    f = getattr(obj, attr, None)
+    if f is None or not callable(f):
+        return
+
+    cpu_label = label + " [CPU]"
+
+    def wrapper(*a, **k):
+        stack.append([0.0, 0.0])
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return f(*a, **k)
+        finally:
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+            child = stack.pop()
+            timers[label] = timers.get(label, 0.0) + dt - child[0]
+            timers[cpu_label] = timers.get(cpu_label, 0.0) + dc - child[1]
+            if stack:
+                stack[-1][0] += dt
+                stack[-1][1] += dc
+
+    setattr(obj, attr, wrapper)
+
+
+def _instrument(sp, distsparse) -> dict:
+    """Time distsparse's internal phases (private names; whatever exists is wrapped)."""
+    timers: dict = {}
+    comm = getattr(sp, "_comm", None)
+    for attr, label in (("_describe", "describe groups"), ("_ownership", "ownership"),
+                        ("_compute_mask", "compute masks (owned groups)"),
+                        ("_exchange_replicated", "exchange: other")):
+        _wrap(sp, attr, label, timers)
+    if comm is not None:
+        for attr, label in (("check_agreement", "collective: check_agreement"),
+                            ("raise_if_any_failed", "collective: raise_if_any_failed"),
+                            ("all_gather_tensor", "collective: all_gather_tensor"),
+                            ("all_gather_bytes", "collective: all_gather_bytes"),
+                            ("broadcast_bytes", "collective: broadcast_bytes"),
+                            ("run_on_coordinator", "collective: run_on_coordinator (other)")):
+            _wrap(comm, attr, label, timers)
+    mod = getattr(distsparse, "sparsifier", None)
+    if mod is not None:
+        for attr, label in (("pack_bits", "exchange: pack_bits"),
+                            ("unpack_bits", "exchange: unpack_bits")):
+            _wrap(mod, attr, label, timers)
+    return timers
 
 
 def _jsonable(x):
@@ -215,6 +299,44 @@ def human_bytes(b: float | None) -> str:
     return f"{b:.0f} B"
 
 
+def _median_dicts(dicts: list[dict], totals: list[float]) -> dict:
+    if not dicts:
+        return {}
+    keys = sorted({k for d in dicts for k in d})
+    out = {k: statistics.median(d.get(k, 0.0) for d in dicts) for k in keys}
+    rest = [t - sum(v for k, v in d.items() if not k.endswith(" [CPU]"))
+            for d, t in zip(dicts, totals)]
+    out["(not instrumented)"] = statistics.median(rest)
+    out["(total)"] = statistics.median(totals[: len(dicts)])
+    return out
+
+
+def breakdown_table(summaries: dict, key: str) -> str:
+    cols, labels = [], []
+    for w in sorted(summaries):
+        for rk in sorted(summaries[w][key]):
+            if summaries[w][key][rk]:
+                cols.append((w, rk))
+                for lab in summaries[w][key][rk]:
+                    if lab not in labels:
+                        labels.append(lab)
+    if not cols:
+        return ""
+    labels = sorted(lab for lab in labels
+                    if not lab.startswith("(") and not lab.endswith(" [CPU]"))
+    labels += ["(not instrumented)", "(total)"]
+
+    def cell(d, lab):
+        if lab not in d:
+            return ""
+        cpu = d.get(lab + " [CPU]")
+        return ms(d[lab]) + (f" ({ms(cpu)} CPU)" if cpu is not None else "")
+
+    rows = [[lab] + [cell(summaries[w][key][rk], lab) for w, rk in cols] for lab in labels]
+    return _common.md_table(["phase: median per call, exclusive wall (thread CPU)"]
+                            + [f"world {w} rank {rk}" for w, rk in cols], rows)
+
+
 def summarize(results: list[dict]) -> dict:
     world = len(results)
     nsteps = len(results[0]["step_s"])
@@ -222,6 +344,12 @@ def summarize(results: list[dict]) -> dict:
     s = dict(world=world, step_median=statistics.median(per_step_max),
              step_all=per_step_max, warmup=max(r["warmup_s"] for r in results))
     s["growth_kb"] = [max(r["step_growth_kb"]) for r in results]
+    s["cpu_median"] = {r["rank"]: statistics.median(r["step_cpu_s"]) for r in results}
+    s["breakdown"] = {r["rank"]: _median_dicts(r["step_breakdown"], r["step_s"]) for r in results}
+    s["sched_breakdown"] = {r["rank"]: _median_dicts(r["sched_breakdown"], r["sched_s"])
+                            for r in results}
+    s["raw_ag"] = {r["rank"]: (statistics.median(r["raw_allgather_s"]), r["raw_allgather_bytes"])
+                   for r in results if r["raw_allgather_s"]}
     s["data_bytes"] = results[0]["data_bytes"]
     s["sha_same"] = len({r["mask_sha256"] for r in results}) == 1
     s["sha"] = results[0]["mask_sha256"]
@@ -279,6 +407,8 @@ def main() -> int:
     ap.add_argument("--worlds", default="1,2")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per world size")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-breakdown", action="store_true",
+                    help="don't time distsparse's internal phases")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--module", default="distsparse", help=argparse.SUPPRESS)  # harness dev
     args = ap.parse_args()
@@ -290,7 +420,8 @@ def main() -> int:
 
     rows = args.rows or (25_000 if args.quick else 250_000)
     cfg = dict(tables=args.tables, rows=rows, cols=args.cols, steps=args.steps,
-               sched_steps=args.sched_steps, pg_timeout=60, module=args.module)
+               sched_steps=args.sched_steps, pg_timeout=60, module=args.module,
+               breakdown=not args.no_breakdown)
     out = args.out or os.path.join(
         HERE, "results", "distributed_quick.md" if args.quick else "distributed.md")
     info = _common.machine_info()
@@ -326,6 +457,17 @@ def main() -> int:
         verdict = "PASS" if ratio <= TARGET_RATIO else "FAIL"
         table.append(["step() time ratio world 2 / world 1"] + ["" for _ in worlds[:-1]]
                      + [f"{ratio:.2f}", f"<= {TARGET_RATIO} : {verdict}"])
+        best = min(summaries[2]["step_all"]) / min(summaries[1]["step_all"])
+        table.append(["same ratio on the fastest step of each (less load noise)"]
+                     + ["" for _ in worlds[:-1]] + [f"{best:.2f}", ""])
+    table.append(["step() process CPU time per rank (median)"]
+                 + [cell(w, lambda s: " / ".join(f"r{k}: {ms(v)}" for k, v in s["cpu_median"].items()))
+                    for w in worlds] + [""])
+    if 1 in summaries and 2 in summaries:
+        cratio = (max(summaries[2]["cpu_median"].values())
+                  / max(summaries[1]["cpu_median"].values()))
+        table.append(["CPU-time ratio world 2 / world 1 (busiest rank; less sensitive to load)"]
+                     + ["" for _ in worlds[:-1]] + [f"{cratio:.2f}", ""])
     for key, label, fmt in (("bytes_sent", "bytes sent per step, per rank", human_bytes),
                             ("bytes_received", "bytes received per step, per rank", human_bytes),
                             ("comm_seconds", "communication time per step, per rank", ms),
@@ -338,6 +480,10 @@ def main() -> int:
                 return f"(no '{key}' key)"
             return " / ".join(f"r{rk}: {fmt(v)}" for rk, v in zip(sorted(s["stats"]), vals))
         table.append([label + " (median)"] + [cell(w, f) for w in worlds] + [""])
+    table.append(["raw gloo all_gather of the same payload (transport floor, median of 3)"]
+                 + [cell(w, lambda s: " / ".join(f"r{k}: {ms(t)} for {human_bytes(b)}"
+                                                 for k, (t, b) in s["raw_ag"].items())
+                         if s["raw_ag"] else "n/a") for w in worlds] + [""])
     table.append(["groups owned per rank"]
                  + [cell(w, lambda s: ", ".join(f"r{k}: {v}" for k, v in s["owned"].items())
                          if s["owned"] else "no owner_of") for w in worlds] + [""])
@@ -393,9 +539,17 @@ def main() -> int:
           f"block (1,4), sparsity 0.5, L1; gloo on 127.0.0.1; 1 thread per process.\n",
           _common.machine_info_md(info),
           _common.md_table(hdr, table)]
+    bd = breakdown_table(summaries, "breakdown")
+    if bd:
+        md += ["\nWhere step() spends its time (distsparse internals wrapped with timers; "
+               "collectives include waiting for the other rank):\n", bd]
+    bd = breakdown_table(summaries, "sched_breakdown")
+    if bd:
+        md += ["\nWhere LinearScheduler.step() spends its time:\n", bd]
     if notes:
         md.append("\nNotes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    md.append(f"\nTotal benchmark wall time: {total:.0f} s.\n")
+    md.append(f"\nTotal benchmark wall time: {total:.0f} s; load average at the end "
+              f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}.\n")
     text = "\n".join(md)
     print(text, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
