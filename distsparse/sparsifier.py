@@ -102,7 +102,8 @@ class BaseDataSparsifier(abc.ABC):
         self._comm = Comm(process_group)
         #: Number of ``step()`` calls so far (the scheduler reads it for its order warning).
         self.step_count = 0
-        #: Figures of the last ``step()``: seconds computing and communicating, bytes sent.
+        #: Figures of the last ``step()``: seconds computing and communicating (waiting for
+        #: the slowest rank included), bytes sent and received by this rank.
         self.last_step_stats: dict[str, float] = {}
         self._ownership_key: tuple | None = None
         self._owners: dict[str, int] = {}
@@ -348,12 +349,12 @@ class BaseDataSparsifier(abc.ABC):
                         first_error = type(exc)(message)
                         first_error.__cause__ = exc
         computed = time.perf_counter()
-        bytes_sent = 0
+        bytes_sent = bytes_received = 0
         if comm.world_size == 1:
             if first_error is not None:
                 raise first_error
         else:
-            received, bytes_sent = self._exchange_replicated(owners, new_masks, errors, first_error)
+            received, bytes_sent, bytes_received = self._exchange_replicated(owners, new_masks, errors, first_error)
             new_masks.update(received)
         for name, mask in new_masks.items():
             self._groups[name].mask = mask
@@ -362,12 +363,13 @@ class BaseDataSparsifier(abc.ABC):
             "compute_seconds": computed - started,
             "comm_seconds": finished - computed,
             "bytes_sent": float(bytes_sent),
+            "bytes_received": float(bytes_received),
             "groups_computed": float(len(mine)),
         }
 
     def _exchange_replicated(self, owners: dict[str, int], new_masks: dict[str, torch.Tensor],
                              errors: list[str], first_error: Exception | None,
-                             ) -> tuple[dict[str, torch.Tensor], int]:
+                             ) -> tuple[dict[str, torch.Tensor], int, int]:
         """One all-gather of every rank's status byte and owned masks, bit-packed and
         concatenated in name order. If any rank failed, every rank raises instead."""
         comm = self._comm
@@ -398,7 +400,9 @@ class BaseDataSparsifier(abc.ABC):
                 packed = gathered[r][offset : offset + size]
                 received[name] = unpack_bits(packed, tuple(group.data.shape)).to(group.data.device)
                 offset += size
-        return received, lengths[comm.rank] * (comm.world_size - 1)
+        # all-gather: this rank's (padded) buffer goes to every other rank, theirs come here.
+        padded = max(lengths)
+        return received, padded * (comm.world_size - 1), padded * (comm.world_size - 1)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

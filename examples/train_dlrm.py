@@ -14,7 +14,7 @@ distsparse, trained with HuggingFace accelerate (DDP), resumable after a crash.
 What it does
 ------------
 * Data: a deterministic synthetic click log generated in-process from `--seed`
-  (200k rows by default; users and items with Zipf popularity and latent factors, items
+  (400k rows by default; users and items with Zipf popularity and latent factors, items
   with 1-3 categories, hour/device/region context, 4 dense features; labels drawn from a
   logistic model, so the task is learnable), split 90/10 into train/validation.
   `--csv PATH` reads `user,item,label` rows instead (ids may be any tokens; the item's
@@ -330,7 +330,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=512, help="per process")
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rows", type=int, default=200_000, help="synthetic rows (train+validation)")
+    p.add_argument("--rows", type=int, default=400_000, help="synthetic rows (train+validation)")
     p.add_argument("--num-users", type=int, default=6000)
     p.add_argument("--num-items", type=int, default=2000)
     p.add_argument("--num-categories", type=int, default=120)
@@ -340,13 +340,14 @@ def parse_args(argv=None):
     p.add_argument("--final-sparsity", type=float, default=0.8)
     p.add_argument("--start-step", type=int, default=100, help="S0: dense warm-up steps before the ramp")
     p.add_argument("--ramp-steps", type=int, default=300, help="R: cubic ramp length in steps")
-    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=200, help="0: only at the end")
     p.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep")
     p.add_argument("--resume", default="auto", help="'auto' (newest complete checkpoint), 'none', or a folder")
     p.add_argument("--crash-at-step", type=int, default=None, help="os._exit(1) on every rank after this step")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--log-with", default=None, help="accelerate tracker: tensorboard, wandb, ...")
-    p.add_argument("--expect-world-size", type=int, default=None)
+    p.add_argument("--expect-world-size", type=int, default=None, help="exit with an error on another world size")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
     return p.parse_args(argv)
 
 
@@ -408,6 +409,8 @@ def main(argv=None):
         sch = distsparse.CubicScheduler(sp, final_value=args.final_sparsity, initial_value=0.0,
                                         start_step=args.start_step, ramp_steps=args.ramp_steps)
         distsparse.register_for_checkpointing(accelerator, sp, sch)
+        say("mask owners (rank computing each table's mask): "
+            + " ".join(f"{n}->{sp.owner_of(n)}" for n in TABLES))
 
     if args.log_with:
         accelerator.init_trackers("distsparse_dlrm", config={k: v for k, v in vars(args).items()
@@ -450,15 +453,18 @@ def main(argv=None):
     def sparsities():
         return {n: 1.0 - float(sp.get_mask(n).float().mean()) for n in TABLES} if sp else {}
 
-    pbar = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
+    pbar = tqdm(total=args.max_steps, initial=step, disable=args.no_progress or not accelerator.is_local_main_process,
                 mininterval=1.0, dynamic_ncols=True)
     run_t0 = time.perf_counter(); run_steps = 0
     win_t0, win_steps, win_loss = time.perf_counter(), 0, torch.zeros((), device=accelerator.device)
     model.train()
     while step < args.max_steps:
         epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        # accelerate's loaders call sampler.set_epoch(<their own iteration count>) when
+        # iterated; a resumed run's loaders start counting at 0, so set the epoch on the
+        # loader itself (it forwards it to EpochSampler and keeps it).
+        loader.set_epoch(epoch)
         for user, item, cats, hour, device, region, dense, label in loader:
             logits = model(user, item, cats, hour, device, region, dense)
             loss = F.binary_cross_entropy_with_logits(logits, label)
@@ -473,7 +479,7 @@ def main(argv=None):
             win_loss += loss.detach()
             pbar.update(1)
 
-            if step % args.log_every == 0 or step == args.max_steps:
+            if (args.log_every > 0 and step % args.log_every == 0) or step == args.max_steps:
                 mean_loss = accelerator.reduce(win_loss / win_steps, "mean").item()
                 dt = time.perf_counter() - win_t0
                 sps = win_steps * global_batch / dt
@@ -494,7 +500,7 @@ def main(argv=None):
                     f"AUC {dense_metrics['auc']:.4f}")
                 accelerator.log({"val/dense_loss": dense_metrics["loss"], "val/dense_auc": dense_metrics["auc"]}, step=step)
 
-            if step % args.save_every == 0 or step == args.max_steps:
+            if (args.save_every > 0 and step % args.save_every == 0) or step == args.max_steps:
                 p = save_checkpoint(accelerator, ckpt_root, step,
                                     {"step": step, "epoch": step // steps_per_epoch,
                                      "batch_in_epoch": step % steps_per_epoch,
@@ -528,6 +534,10 @@ def main(argv=None):
                                    "weight_zeros": int((w == 0).sum())}
         if sp is not None:
             summary["mask_sha256"][name] = mask_digest(m)
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    summary["model_sha256"] = h.hexdigest()
     if sch is not None:
         summary["schedule"] = {k: float(v) for k, v in sch.get_last_param().items()}
         summary["schedule_last_epoch"] = sch.last_epoch
