@@ -131,3 +131,15 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out) + "\n"
+
+
+def write_report(md: list[str], out: str, total_seconds: float) -> None:
+    """Append the closing line, print the markdown report and write it to ``out``."""
+    md.append(f"\nTotal benchmark wall time: {total_seconds:.0f} s; load average at the end "
+              f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}.\n")
+    text = "\n".join(md)
+    print(text, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"written to {os.path.relpath(out)}", file=sys.stderr)

@@ -548,14 +548,7 @@ def main() -> int:
         md += ["\nWhere LinearScheduler.step() spends its time:\n", bd]
     if notes:
         md.append("\nNotes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    md.append(f"\nTotal benchmark wall time: {total:.0f} s; load average at the end "
-              f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}.\n")
-    text = "\n".join(md)
-    print(text, flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"written to {os.path.relpath(out)}", file=sys.stderr)
+    _common.write_report(md, out, total)
     return 1 if errors else 0
 
 

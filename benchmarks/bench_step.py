@@ -386,14 +386,7 @@ def main() -> int:
                             "mask dtype"], detail_rows)]
     if notes:
         md.append("\nNotes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
-    md.append(f"\nTotal benchmark wall time: {total:.0f} s; load average at the end "
-              f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}.\n")
-    text = "\n".join(md)
-    print(text, flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"written to {os.path.relpath(out)}", file=sys.stderr)
+    _common.write_report(md, out, total)
     return 0 if all("error" not in r for res in results.values() for r in res.values()) else 1
 
 

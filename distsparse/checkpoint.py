@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .distributed import RankDisagreementError, RemoteError
+from .distributed import RankDisagreementError, RemoteError, describe_differences
 from .masks import pack_bits, packed_size, unpack_bits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -222,25 +222,8 @@ def _disagreement(shared: list[dict[str, Any]]) -> str | None:
     """Describe how ranks' shared facts differ, or None when they agree."""
     if all(s == shared[0] for s in shared):
         return None
-    problems = []
-    for key in ("class", "format_version", "args", "defaults", "step_count"):
-        values = [s["sparsifier"][key] for s in shared]
-        if any(v != values[0] for v in values):
-            problems.append(f"sparsifier {key} differs: " + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)))
-    names = sorted({n for s in shared for n in s["groups"]})
-    for name in names:
-        per_rank = [s["groups"].get(name) for s in shared]
-        if all(p == per_rank[0] for p in per_rank):
-            continue
-        missing = [r for r, p in enumerate(per_rank) if p is None]
-        if missing:
-            problems.append(f"group {name!r} is missing on rank(s) {missing}")
-            continue
-        for key in sorted({k for p in per_rank for k in p}):
-            values = [p.get(key) for p in per_rank]
-            if any(v != values[0] for v in values):
-                problems.append(f"group {name!r} differs in {key}: "
-                                + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)))
+    problems = describe_differences([{"sparsifier": s["sparsifier"]} for s in shared], noun="state of")
+    problems += describe_differences([s["groups"] for s in shared])
     return "\n  ".join(problems) or "the ranks' sparsifier states differ"
 
 

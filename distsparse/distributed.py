@@ -285,27 +285,32 @@ class Comm:
         if all(d == digests[0] for d in digests):
             return
         described = [json.loads(b) for b in self.all_gather_bytes(blob)]
-        names = sorted({n for d in described for n in d})
-        problems = []
-        for name in names:
-            per_rank = [d.get(name) for d in described]
-            if all(p == per_rank[0] for p in per_rank):
-                continue
-            missing = [r for r, p in enumerate(per_rank) if p is None]
-            if missing:
-                problems.append(f"group {name!r} is missing on rank(s) {missing}")
-                continue
-            for key in sorted(per_rank[0]):
-                values = [p.get(key) for p in per_rank]
-                if any(v != values[0] for v in values):
-                    shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-                    problems.append(f"group {name!r} differs in {key}: {shown}")
+        problems = describe_differences(described)
         raise RankDisagreementError(
             f"{what}: ranks disagree (rank {self.rank} of {self.world_size}):\n  "
             + "\n  ".join(problems)
             + "\nEvery rank must add the same groups with the same shapes and configs "
             "(use replicated=False for per-rank data such as input batches)."
         )
+
+
+def describe_differences(per_rank: Sequence[dict[str, dict[str, Any]]], noun: str = "group") -> list[str]:
+    """Lines naming what differs between ranks' descriptions ({name: {key: value}})."""
+    problems = []
+    for name in sorted({n for d in per_rank for n in d}):
+        entries = [d.get(name) for d in per_rank]
+        if all(e == entries[0] for e in entries):
+            continue
+        missing = [r for r, e in enumerate(entries) if e is None]
+        if missing:
+            problems.append(f"{noun} {name!r} is missing on rank(s) {missing}")
+            continue
+        for key in sorted({k for e in entries for k in e}):
+            values = [e.get(key) for e in entries]
+            if any(v != values[0] for v in values):
+                shown = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+                problems.append(f"{noun} {name!r} differs in {key}: {shown}")
+    return problems
 
 
 # Results up to this size ride along with the digest in agree_and_decide's one all-gather.
