@@ -5,8 +5,11 @@
     torchrun --nproc_per_node 2 examples/train_dlrm.py                                # same as the first line
     python examples/train_dlrm.py                                                     # 1 process, no launcher
 
-Run from the repository root. Add `--dense` for the dense baseline, `--csv PATH` to
-train on your own `user,item,label` rows, `--help` for the rest.
+Run from the repository root. By default the run trains the sparse model AND a dense
+baseline side by side and reports what sparsity cost; `--no-baseline` skips the baseline
+(faster: the default 2-process CPU run trains in ~27 s instead of ~36 s), `--dense` trains
+only a dense model (no sparsifier),
+`--csv PATH` trains on your own `user,item,label` rows, `--help` lists the rest.
 
 DLRM-style click model whose embedding tables are sparsified during training by
 distsparse, trained with HuggingFace accelerate (DDP), resumable after a crash.
@@ -32,11 +35,19 @@ What it does
   multiplied into the live embedding weights, so the next forward pass uses them).
   Pruned weights may regrow through the optimizer and be pruned again at the next step
   (gradual magnitude pruning); after the ramp the level stays at `--final-sparsity`.
-* Dense reference: the first S0 = `--start-step` steps are dense (level 0). The script
-  evaluates the validation set at step S0 and reports it as "dense @ step S0", then
-  reports the final sparse model. That dense model has seen fewer steps than the final
-  one; for a same-length dense baseline run the script again with `--dense` (no
-  sparsifier at all) and compare the two summaries.
+* Dense baseline (default): a second model, a `copy.deepcopy` of the sparse model taken
+  before training (same initial weights) with its own Adam optimizer (same
+  hyper-parameters) and no sparsifier, is trained in the same loop, on the same batches,
+  for the same number of steps. Both models go through `accelerator.prepare` (each is
+  its own DDP module, kept in sync across ranks) and both, with their optimizers, are in
+  every checkpoint (`accelerator.save_state` writes `model.safetensors` /
+  `model_1.safetensors`, `optimizer.bin` / `optimizer_1.bin`), so a resumed run continues
+  both exactly. At the end both are evaluated on the validation set: "dense baseline @
+  step N" vs "sparse @ step N", and the difference is what sparsity cost. The step log
+  lines show both training losses. `--no-baseline` trains the sparse model alone and
+  instead reports the validation metrics of the sparse model at step S0 =
+  `--start-step` (still dense then, but trained for fewer steps: only a rough reference).
+  A checkpoint written with a baseline can only be resumed with one, and vice versa.
 * Checkpoints: `accelerator.save_state()` every `--save-every` steps into
   `OUTPUT_DIR/ckpt/step_000120/` (model, optimizer, RNG states, plus distsparse's
   safetensors sparsity state through `distsparse.register_for_checkpointing`) and a
@@ -52,8 +63,11 @@ What it does
   loss, throughput and per-table sparsity (also sent to `accelerator.log`, with trackers
   when `--log-with` is given); a final summary (zeroed parameters per table, dense bytes
   vs. bytes of a (1,4)-block sparse encoding = kept blocks * 4 values * 4 bytes + a
-  1-bit-per-block bitmap, validation loss and AUC) and `OUTPUT_DIR/summary.json` with a
-  sha256 digest of every mask and the last scheduled values.
+  1-bit-per-block bitmap, validation loss and AUC of each model and their difference) and
+  `OUTPUT_DIR/summary.json` (`val`: the trained (sparse) model; `val_dense_baseline` and
+  `baseline_cost`: the baseline and sparse minus baseline, null without a baseline;
+  `dense_reference`: the step-S0 evaluation under `--no-baseline`), with a sha256 digest
+  of every mask, of both models' weights and the last scheduled values.
 * `--crash-at-step N` ends every rank with `os._exit(1)` right after step N (after that
   step's checkpoint, if any): used to test crash/resume.
 """
@@ -61,6 +75,7 @@ What it does
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import json
@@ -336,7 +351,9 @@ def parse_args(argv=None):
     p.add_argument("--num-categories", type=int, default=120)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--csv", default=None, help="read user,item,label rows instead of synthetic data")
-    p.add_argument("--dense", action="store_true", help="dense baseline: no sparsifier")
+    p.add_argument("--dense", action="store_true", help="train only a dense model: no sparsifier, no baseline")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not train the same-length dense baseline next to the sparse model (faster)")
     p.add_argument("--final-sparsity", type=float, default=0.8)
     p.add_argument("--start-step", type=int, default=100, help="S0: dense warm-up steps before the ramp")
     p.add_argument("--ramp-steps", type=int, default=300, help="R: cubic ramp length in steps")
@@ -394,7 +411,17 @@ def main(argv=None):
 
     model = DLRM(n_users, n_items, args.num_categories, args.dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    with_baseline = not args.dense and not args.no_baseline
+    base_model = base_opt = None
+    if with_baseline:
+        # same initial weights, own optimizer with the same hyper-parameters, no sparsifier;
+        # prepared after the sparse model, so checkpoints hold it as model_1 / optimizer_1
+        base_model = copy.deepcopy(model)
+        base_opt = torch.optim.Adam(base_model.parameters(), lr=args.lr)
+        model, optimizer, base_model, base_opt, train_dl = accelerator.prepare(
+            model, optimizer, base_model, base_opt, train_dl)
+    else:
+        model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     steps_per_epoch = len(train_dl)
     if steps_per_epoch == 0:
         raise SystemExit("not enough training rows for one global batch")
@@ -431,9 +458,17 @@ def main(argv=None):
             path = Path(target[0])
             if not (path / "COMPLETE").is_file():
                 raise SystemExit(f"{path} has no COMPLETE marker: not a finished checkpoint")
-            accelerator.load_state(str(path))
             with open(path / "train_state.json") as f:
                 st = json.load(f)
+            if "sparse" in st and bool(st["sparse"]) != (sp is not None):
+                raise SystemExit(f"{path} was written by a {'sparse' if st['sparse'] else '--dense'} run; resume it "
+                                 f"{'without' if st['sparse'] else 'with'} --dense, or start over with "
+                                 f"--resume none / another --output-dir")
+            if bool(st.get("baseline", False)) != with_baseline:
+                raise SystemExit(f"{path} was written {'with' if st.get('baseline') else 'without'} a dense "
+                                 f"baseline model; resume it {'without' if st.get('baseline') else 'with'} "
+                                 f"--no-baseline, or start over with --resume none / another --output-dir")
+            accelerator.load_state(str(path))
             step, dense_metrics, resumed_from = st["step"], st.get("dense_metrics"), path.name
             if st.get("world_size") != accelerator.num_processes:
                 say(f"warning: checkpoint written with world size {st.get('world_size')}, "
@@ -445,9 +480,12 @@ def main(argv=None):
     global_batch = args.batch_size * accelerator.num_processes
     say(f"train rows={len(train_ds)} val rows={n_val} global batch={global_batch} "
         f"steps/epoch={steps_per_epoch} max_steps={args.max_steps} "
-        f"mode={'dense' if args.dense else f'sparse (cubic 0 -> {args.final_sparsity}, steps {args.start_step}..{args.start_step + args.ramp_steps})'}")
+        f"mode={'dense' if args.dense else f'sparse (cubic 0 -> {args.final_sparsity}, steps {args.start_step}..{args.start_step + args.ramp_steps})'}"
+        + (" + dense baseline (same init, same batches, no sparsifier)" if with_baseline else ""))
 
-    if sp is not None and step == 0 and args.start_step == 0:
+    # the step-S0 reference is only computed without a baseline (the baseline replaces it)
+    want_reference = sp is not None and not with_baseline
+    if want_reference and step == 0 and args.start_step == 0:
         dense_metrics = evaluate(accelerator.unwrap_model(model), val, accelerator.device)
 
     def sparsities():
@@ -457,7 +495,10 @@ def main(argv=None):
                 mininterval=1.0, dynamic_ncols=True)
     run_t0 = time.perf_counter(); run_steps = 0
     win_t0, win_steps, win_loss = time.perf_counter(), 0, torch.zeros((), device=accelerator.device)
+    win_base = torch.zeros((), device=accelerator.device)
     model.train()
+    if base_model is not None:
+        base_model.train()
     while step < args.max_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
@@ -475,28 +516,41 @@ def main(argv=None):
                 sp.step()          # masks from the current weights at the current level
                 sch.step()         # level for the next step
                 sp.squash_mask()   # write masks into the live tables
+            if base_model is not None:  # same batch, dense, no sparsifier
+                base_loss = F.binary_cross_entropy_with_logits(
+                    base_model(user, item, cats, hour, device, region, dense), label)
+                base_opt.zero_grad(set_to_none=True)
+                accelerator.backward(base_loss)
+                base_opt.step()
+                win_base += base_loss.detach()
             step += 1; run_steps += 1; win_steps += 1
             win_loss += loss.detach()
             pbar.update(1)
 
             if (args.log_every > 0 and step % args.log_every == 0) or step == args.max_steps:
                 mean_loss = accelerator.reduce(win_loss / win_steps, "mean").item()
+                base_txt = ""
+                if base_model is not None:
+                    mean_base = accelerator.reduce(win_base / win_steps, "mean").item()
+                    base_txt = f" (baseline {mean_base:.4f})"
                 dt = time.perf_counter() - win_t0
                 sps = win_steps * global_batch / dt
                 spars = sparsities()
                 level = next(iter(sch.get_last_param().values())) if sch else 0.0
                 pbar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{sps:.0f}", level=f"{level:.3f}")
-                say(f"step {step:5d} loss {mean_loss:.4f} samples/s {sps:8.0f} level {level:.3f} sparsity "
+                say(f"step {step:5d} loss {mean_loss:.4f}{base_txt} samples/s {sps:8.0f} level {level:.3f} sparsity "
                     + " ".join(f"{k}={v:.3f}" for k, v in spars.items()))
                 accelerator.log({"train/loss": mean_loss, "train/samples_per_s": sps,
-                                 "sparsity/level": level, **{f"sparsity/{k}": v for k, v in spars.items()}},
+                                 "sparsity/level": level, **{f"sparsity/{k}": v for k, v in spars.items()},
+                                 **({"train/baseline_loss": mean_base} if base_model is not None else {})},
                                 step=step)
                 win_t0, win_steps = time.perf_counter(), 0
                 win_loss = torch.zeros((), device=accelerator.device)
+                win_base = torch.zeros((), device=accelerator.device)
 
-            if sp is not None and step == args.start_step and dense_metrics is None:
+            if want_reference and step == args.start_step and dense_metrics is None:
                 dense_metrics = evaluate(accelerator.unwrap_model(model), val, accelerator.device)
-                say(f"step {step:5d} dense reference (before the ramp): val loss {dense_metrics['loss']:.4f} "
+                say(f"step {step:5d} dense reference (before the ramp, {step} steps): val loss {dense_metrics['loss']:.4f} "
                     f"AUC {dense_metrics['auc']:.4f}")
                 accelerator.log({"val/dense_loss": dense_metrics["loss"], "val/dense_auc": dense_metrics["auc"]}, step=step)
 
@@ -505,7 +559,8 @@ def main(argv=None):
                                     {"step": step, "epoch": step // steps_per_epoch,
                                      "batch_in_epoch": step % steps_per_epoch,
                                      "world_size": accelerator.num_processes,
-                                     "dense_metrics": dense_metrics, "sparse": sp is not None},
+                                     "dense_metrics": dense_metrics, "sparse": sp is not None,
+                                     "baseline": with_baseline},
                                     args.keep)
                 say(f"step {step:5d} saved checkpoint {p.name}")
 
@@ -522,8 +577,15 @@ def main(argv=None):
     net = accelerator.unwrap_model(model)
     final = evaluate(net, val, accelerator.device)
     accelerator.log({"val/loss": final["loss"], "val/auc": final["auc"]}, step=step)
+    base_final = cost = None
+    if base_model is not None:
+        base_final = evaluate(accelerator.unwrap_model(base_model), val, accelerator.device)
+        cost = {"loss": final["loss"] - base_final["loss"], "auc": final["auc"] - base_final["auc"]}
+        accelerator.log({"val/baseline_loss": base_final["loss"], "val/baseline_auc": base_final["auc"]}, step=step)
     summary = {"final_step": step, "world_size": accelerator.num_processes, "resumed_from": resumed_from,
-               "mode": "dense" if sp is None else "sparse", "val": final, "dense_reference": dense_metrics,
+               "mode": "dense" if sp is None else "sparse", "val": final,
+               "val_dense_baseline": base_final, "baseline_cost": cost,
+               "dense_reference": dense_metrics,
                "train_seconds_this_run": train_time, "steps_this_run": run_steps,
                "samples_per_s": run_steps * global_batch / train_time if run_steps else None,
                "tables": {}, "mask_sha256": {}, "schedule": None, "schedule_last_epoch": None}
@@ -538,11 +600,18 @@ def main(argv=None):
     for k, v in sorted(net.state_dict().items()):
         h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     summary["model_sha256"] = h.hexdigest()
+    summary["baseline_model_sha256"] = None
+    if base_model is not None:
+        h = hashlib.sha256()
+        for k, v in sorted(accelerator.unwrap_model(base_model).state_dict().items()):
+            h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        summary["baseline_model_sha256"] = h.hexdigest()
     if sch is not None:
         summary["schedule"] = {k: float(v) for k, v in sch.get_last_param().items()}
         summary["schedule_last_epoch"] = sch.last_epoch
 
-    lines = ["", f"summary ({summary['mode']}, step {step}, world_size {accelerator.num_processes})",
+    lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base_model is not None else ''}, "
+                 f"step {step}, world_size {accelerator.num_processes})",
              f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'sparse B':>11}{'saved':>8}"]
     tot_d = tot_s = 0
     for name, t in summary["tables"].items():
@@ -551,11 +620,19 @@ def main(argv=None):
                      f"{t['sparsity']:>10.3f}{t['dense_bytes']:>11}{t['sparse_bytes']:>11}"
                      f"{1 - t['sparse_bytes'] / t['dense_bytes']:>8.1%}")
     lines.append(f"{'all tables':<14}{'':>12}{'':>18}{'':>10}{tot_d:>11}{tot_s:>11}{1 - tot_s / tot_d:>8.1%}")
+    if base_final is not None:
+        lines.append(f"validation  dense baseline @ step {step:<5}: loss {base_final['loss']:.4f}  AUC {base_final['auc']:.4f}"
+                     f"   (same init, batches and steps, no sparsifier)")
     if dense_metrics is not None:
-        lines.append(f"validation  dense @ step {args.start_step:<5}: loss {dense_metrics['loss']:.4f}  AUC {dense_metrics['auc']:.4f}")
-    lines.append(f"validation  {summary['mode']} @ step {step:<5}: loss {final['loss']:.4f}  AUC {final['auc']:.4f}")
+        lines.append(f"validation  dense warm-up  @ step {args.start_step:<5}: loss {dense_metrics['loss']:.4f}  AUC {dense_metrics['auc']:.4f}"
+                     f"   (the sparse model before its ramp: fewer steps, rough reference only)")
+    label = "sparse" if sp is not None else "dense"
+    lines.append(f"validation  {label:<14} @ step {step:<5}: loss {final['loss']:.4f}  AUC {final['auc']:.4f}")
+    if cost is not None:
+        lines.append(f"cost of sparsity (sparse - baseline): loss {cost['loss']:+.4f}  AUC {cost['auc']:+.4f}")
     if run_steps:
-        lines.append(f"this run: {run_steps} steps in {train_time:.1f} s, {summary['samples_per_s']:.0f} samples/s")
+        lines.append(f"this run: {run_steps} steps in {train_time:.1f} s, {summary['samples_per_s']:.0f} samples/s"
+                     + (" (each sample trains both models)" if base_model is not None else ""))
     say("\n".join(lines))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

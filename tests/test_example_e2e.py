@@ -1,12 +1,16 @@
 """End-to-end: examples/train_dlrm.py under `accelerate launch` with 2 gloo ranks on CPU.
 
-Three launches with tiny settings:
+Launches with tiny settings (default mode: sparse model + same-length dense baseline trained
+side by side, both prepared by accelerate and both in every checkpoint):
   A  uninterrupted, 30 steps;
   B1 same settings, killed by `--crash-at-step 25` (every rank os._exit(1)s after step 25,
      5 steps after the step-20 checkpoint);
   B2 relaunched into B's folder: must resume from step_000020 at step 20, replay steps
      21..30 (crossing an epoch boundary, skip_first_batches inside epoch 0) and end with
-     the same masks (sha256 per table), schedule values and validation loss as A.
+     the same masks (sha256 per table), schedule values and validation loss as A, and the
+     same dense baseline (weights sha256, validation loss/AUC);
+  B3 relaunched into B's folder with `--no-baseline`: refuses to resume a checkpoint that
+     holds a baseline model, with a message saying so.
 """
 
 import json
@@ -76,6 +80,12 @@ def test_crash_and_resume_matches_uninterrupted_run(tmp_path):
     sa = _summary(a)
     assert sa["final_step"] == 30 and sa["world_size"] == 2 and sa["mode"] == "sparse"
     assert sa["resumed_from"] is None
+    assert "dense baseline @ step 30" in ra.stdout and "sparse         @ step 30" in ra.stdout, ra.stdout
+    assert "cost of sparsity" in ra.stdout
+    assert sa["val_dense_baseline"] is not None and sa["baseline_model_sha256"] is not None
+    assert sa["baseline_model_sha256"] != sa["model_sha256"]  # the baseline is a separate, unpruned model
+    assert sa["baseline_cost"]["loss"] == pytest.approx(sa["val"]["loss"] - sa["val_dense_baseline"]["loss"])
+    assert sa["dense_reference"] is None                     # replaced by the baseline
     assert _complete_ckpts(a) == ["step_000020", "step_000030"]  # --keep 2
 
     rb1 = _launch(b, "--crash-at-step", "25")
@@ -105,6 +115,14 @@ def test_crash_and_resume_matches_uninterrupted_run(tmp_path):
     assert sb["dense_reference"] == sa["dense_reference"]
     assert sb["model_sha256"] == sa["model_sha256"]      # bit-identical weights
     assert sb["val"] == sa["val"]
+    assert sb["baseline_model_sha256"] == sa["baseline_model_sha256"]  # baseline restored exactly too
+    assert sb["val_dense_baseline"] == sa["val_dense_baseline"]
+    assert sb["baseline_cost"] == sa["baseline_cost"]
     assert sb["tables"] == sa["tables"]
     for t in sa["tables"].values():
         assert t["weight_zeros"] >= t["zeroed"] > 0      # masks were written into the weights
+
+    # a checkpoint holding a baseline model is not resumed without one (clear error, no hang)
+    rb3 = _launch(b, "--no-baseline")
+    assert rb3.returncode != 0, f"--no-baseline resumed a baseline checkpoint\n{rb3.stdout}\n{rb3.stderr}"
+    assert "was written with a dense baseline model" in rb3.stdout + rb3.stderr, rb3.stdout + rb3.stderr
