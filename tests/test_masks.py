@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distsparse import DataNormSparsifier
+from distsparse import masks
 from distsparse.masks import pack_bits, packed_size, unpack_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,3 +209,17 @@ def test_negative_values_are_ranked_by_magnitude():
     data = torch.tensor([[-5.0, -5.0, 0.1, 0.1, -0.2, 0.3, 4.0, -4.0]])
     mask = mask_of(data, sparsity_level=0.5, sparse_block_shape=(1, 2))
     assert mask.tolist() == [[True, True, False, False, False, False, True, True]]
+
+
+@pytest.mark.parametrize("block", [(1, 4), (2, 2), (1, 8), (4, 4), (3, 1), (1, 3)])
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_scores_of_exactly_tiled_data_equal_avg_pool2d_bit_for_bit(block, norm, dtype):
+    # The fast strided-add path must reproduce torch.ao's avg_pool2d arithmetic exactly,
+    # also across several scoring chunks (2**20 elements each).
+    gen = torch.Generator().manual_seed(7)
+    rows = 12 * 4096 * block[0] // math.gcd(12, block[0])
+    x = torch.randn(rows, 48 * block[1], generator=gen, dtype=dtype)
+    magnitude = x.abs() if norm == "L1" else x * x
+    expected = torch.nn.functional.avg_pool2d(magnitude[None, None], block, block, ceil_mode=True)[0, 0]
+    assert torch.equal(masks.block_scores(x, block, norm), expected)
