@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .distributed import Comm
-from .masks import pack_bits, packed_size, unpack_bits
+from .masks import pack_bits, packed_size, unpack_bits_into
 
 __all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION"]
 
@@ -227,8 +227,21 @@ class BaseDataSparsifier(abc.ABC):
         return group.data if return_original else _apply(group.data, group.mask)
 
     def get_mask(self, name: str) -> torch.Tensor:
-        """The group's mask: ``bool``, the data's shape and device; True keeps."""
+        """The group's mask: ``bool``, the data's shape and device; True keeps.
+
+        The same tensor object across steps: ``step()`` and ``load_state_dict()`` update it
+        in place (as torch.ao does), so a parametrization or hook holding it stays current.
+        ``.clone()`` it to keep a snapshot.
+        """
         return self._group(name).mask
+
+    @staticmethod
+    def _store_mask(group: _Group, mask: torch.Tensor) -> None:
+        current = group.mask
+        if current.shape == mask.shape and current.device == mask.device and current.is_contiguous():
+            current.copy_(mask)
+        else:
+            group.mask = mask.to(device=group.data.device, dtype=torch.bool, copy=True).contiguous()
 
     def is_replicated(self, name: str) -> bool:
         """Whether group ``name`` holds the same data on every rank (else per-rank data)."""
@@ -350,14 +363,17 @@ class BaseDataSparsifier(abc.ABC):
                         first_error.__cause__ = exc
         computed = time.perf_counter()
         bytes_sent = bytes_received = 0
+        received: dict[str, torch.Tensor] = {}
         if comm.world_size == 1:
             if first_error is not None:
                 raise first_error
         else:
             received, bytes_sent, bytes_received = self._exchange_replicated(owners, new_masks, errors, first_error)
-            new_masks.update(received)
+        # Every rank succeeded: commit, in place (see get_mask).
         for name, mask in new_masks.items():
-            self._groups[name].mask = mask
+            self._store_mask(self._groups[name], mask)
+        for name, packed in received.items():
+            unpack_bits_into(packed, self._groups[name].mask)
         finished = time.perf_counter()
         self.last_step_stats = {
             "compute_seconds": computed - started,
@@ -371,7 +387,8 @@ class BaseDataSparsifier(abc.ABC):
                              errors: list[str], first_error: Exception | None,
                              ) -> tuple[dict[str, torch.Tensor], int, int]:
         """One all-gather of every rank's status byte and owned masks, bit-packed and
-        concatenated in name order. If any rank failed, every rank raises instead."""
+        concatenated in name order. Returns the packed masks of the groups other ranks own.
+        If any rank failed, every rank raises instead."""
         comm = self._comm
         by_rank: list[list[str]] = [[] for _ in range(comm.world_size)]
         for name in sorted(owners):
@@ -397,8 +414,7 @@ class BaseDataSparsifier(abc.ABC):
             for name in names:
                 group = self._groups[name]
                 size = packed_size(group.data.numel())
-                packed = gathered[r][offset : offset + size]
-                received[name] = unpack_bits(packed, tuple(group.data.shape)).to(group.data.device)
+                received[name] = gathered[r][offset : offset + size]
                 offset += size
         # all-gather: this rank's (padded) buffer goes to every other rank, theirs come here.
         padded = max(lengths)
@@ -468,8 +484,8 @@ class BaseDataSparsifier(abc.ABC):
         for name, (config, mask) in updates.items():
             group = self._groups[name]
             self.data_groups[name] = config
-            group.mask = (mask.to(device=group.data.device, dtype=torch.bool, copy=True) if mask is not None
-                          else torch.ones(group.data.shape, dtype=torch.bool, device=group.data.device))
+            self._store_mask(group, mask.to(device=group.data.device, dtype=torch.bool) if mask is not None
+                             else torch.ones(group.data.shape, dtype=torch.bool, device=group.data.device))
         self._pending = pending if strict else {**self._pending, **pending}
         self.step_count = int(state_dict.get("step_count", self.step_count))
 
@@ -518,7 +534,9 @@ class BaseDataSparsifier(abc.ABC):
                 mask = None
             current = self._groups.get(name)
             if current is None:
-                pending[name] = _PendingGroup(config=config, shape=shape, replicated=replicated, mask=mask)
+                # A copy: once added, this mask is updated in place and must not alias the caller's state.
+                pending[name] = _PendingGroup(config=config, shape=shape, replicated=replicated,
+                                              mask=None if mask is None else mask.to(torch.bool, copy=True))
                 continue
             if tuple(current.data.shape) != shape:
                 raise ValueError(f"group {name!r}: state holds shape {_shape_text(shape)}, "

@@ -671,3 +671,34 @@ def test_a_local_group_restored_from_another_world_size_accepts_data_of_any_shap
     assert out.shape == (6, 8)
     assert bool(resumed.get_mask("batch").all())
     assert resumed.data_groups["batch"] == saved.data_groups["batch"]
+
+
+def test_get_mask_is_one_tensor_that_step_and_load_update_in_place():
+    weight = nn.Parameter(torch.randn(16, 8))
+    sp = DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("w", weight)
+    held = sp.get_mask("w")
+    sp.step()
+    assert sp.get_mask("w") is held
+    assert int(held.sum()) == 64  # the held tensor shows the new mask
+    state = sp.state_dict()
+    saved = state["masks"]["w"].clone()
+    sp.load_state_dict(state)
+    assert sp.get_mask("w") is held
+    with torch.no_grad():
+        weight.mul_(-1).add_(torch.randn(16, 8))
+    sp.step()
+    assert torch.equal(state["masks"]["w"], saved)  # the caller's state was not aliased
+
+
+def test_a_pending_group_does_not_alias_the_loaded_state():
+    source = DataNormSparsifier()
+    source.add_data("batch", torch.randn(4, 8))
+    source.step()
+    state = source.state_dict()
+    saved = state["masks"]["batch"].clone()
+    sp = DataNormSparsifier()
+    sp.load_state_dict(state)
+    sp.add_data("batch", torch.randn(4, 8))
+    sp.step()
+    assert torch.equal(state["masks"]["batch"], saved)
