@@ -25,7 +25,6 @@ __all__ = [
     "norm_block_mask",
     "pack_bits",
     "unpack_bits",
-    "unpack_bits_into",
     "packed_size",
 ]
 
@@ -294,12 +293,3 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[:numel].to(torch.bool).reshape(tuple(shape))
-
-
-def unpack_bits_into(packed: torch.Tensor, out: torch.Tensor) -> None:
-    """Unpack :func:`pack_bits` output into the existing ``bool`` tensor ``out`` in place.
-
-    (numpy's SIMD ``unpackbits`` into a fresh array plus one copy beats every gather-based
-    in-place unpacking tried, e.g. a 256-entry table lookup, by 2-10x on CPU.)
-    """
-    out.copy_(unpack_bits(packed.to(out.device), tuple(out.shape)))

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .distributed import Comm
-from .masks import pack_bits, packed_size, unpack_bits_into
+from .masks import pack_bits, packed_size, unpack_bits
 
 __all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION"]
 
@@ -237,11 +237,14 @@ class BaseDataSparsifier(abc.ABC):
 
     @staticmethod
     def _store_mask(group: _Group, mask: torch.Tensor) -> None:
+        """Make ``mask`` the group's mask while keeping the mask tensor object (torch.ao's
+        ``mask.data = new``): ``set_`` swaps the storage, no copy."""
         current = group.mask
-        if current.shape == mask.shape and current.device == mask.device and current.is_contiguous():
-            current.copy_(mask)
+        if current.dtype == mask.dtype and current.device == mask.device:
+            with torch.no_grad():
+                current.set_(mask)
         else:
-            group.mask = mask.to(device=group.data.device, dtype=torch.bool, copy=True).contiguous()
+            group.mask = mask.to(device=group.data.device, dtype=torch.bool, copy=True)
 
     def is_replicated(self, name: str) -> bool:
         """Whether group ``name`` holds the same data on every rank (else per-rank data)."""
@@ -373,7 +376,8 @@ class BaseDataSparsifier(abc.ABC):
         for name, mask in new_masks.items():
             self._store_mask(self._groups[name], mask)
         for name, packed in received.items():
-            unpack_bits_into(packed, self._groups[name].mask)
+            group = self._groups[name]
+            self._store_mask(group, unpack_bits(packed, tuple(group.data.shape)).to(group.data.device))
         finished = time.perf_counter()
         self.last_step_stats = {
             "compute_seconds": computed - started,
@@ -484,7 +488,7 @@ class BaseDataSparsifier(abc.ABC):
         for name, (config, mask) in updates.items():
             group = self._groups[name]
             self.data_groups[name] = config
-            self._store_mask(group, mask.to(device=group.data.device, dtype=torch.bool) if mask is not None
+            self._store_mask(group, mask.to(device=group.data.device, dtype=torch.bool, copy=True) if mask is not None
                              else torch.ones(group.data.shape, dtype=torch.bool, device=group.data.device))
         self._pending = pending if strict else {**self._pending, **pending}
         self.step_count = int(state_dict.get("step_count", self.step_count))

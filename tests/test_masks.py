@@ -225,11 +225,3 @@ def test_block_scores_of_exactly_tiled_data_equal_avg_pool2d_bit_for_bit(block, 
     assert torch.equal(masks.block_scores(x, block, norm), expected)
 
 
-@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 64, 1000, 4096 * 3 + 5])
-def test_unpack_bits_into_an_existing_mask_equals_unpack_bits(numel):
-    gen = torch.Generator().manual_seed(numel)
-    mask = torch.rand(numel, generator=gen) > 0.5
-    out = torch.zeros(numel, dtype=torch.bool)
-    masks.unpack_bits_into(pack_bits(mask), out)
-    assert torch.equal(out, mask)
-    assert torch.equal(out, unpack_bits(pack_bits(mask), (numel,)))
