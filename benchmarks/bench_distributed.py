@@ -396,6 +396,52 @@ def summarize(results: list[dict]) -> dict:
     return s
 
 
+def floor_child(n_tables: int, args) -> dict:
+    """No communication at all: time step() of a plain single-process sparsifier on
+    ``n_tables`` tables. Run alone (all tables) and as two concurrent processes (half
+    each), it measures how well this machine runs two processes in parallel."""
+    import torch
+    import distsparse
+    torch.set_num_threads(1)
+    rows = args.rows or (25_000 if args.quick else 250_000)
+    gen = torch.Generator().manual_seed(0)
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))
+    for i in range(n_tables):
+        sp.add_data(f"t{i}", torch.randn(rows, args.cols, generator=gen))
+    sp.step()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        sp.step()
+        times.append(time.perf_counter() - t)
+    return {"median": sorted(times)[len(times) // 2]}
+
+
+def parallel_floor(args) -> tuple[float, float] | None:
+    """(one process, all tables; two concurrent processes, half each): step medians."""
+    def start(n):
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--floor-child", str(n),
+                                 "--cols", str(args.cols), "--steps", str(args.steps)]
+                                + (["--rows", str(args.rows)] if args.rows else [])
+                                + (["--quick"] if args.quick else []),
+                                stdout=subprocess.PIPE, text=True, env=_common.child_env())
+
+    def result(p):
+        out, _ = p.communicate(timeout=args.timeout)
+        line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        return json.loads(line[-1][7:])["median"] if line else None
+
+    try:
+        solo = result(start(args.tables))
+        pair = [start(args.tables // 2), start(args.tables - args.tables // 2)]
+        halves = [result(p) for p in pair]
+    except subprocess.TimeoutExpired:
+        return None
+    if solo is None or None in halves:
+        return None
+    return solo, max(halves)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10x smaller tables")
@@ -410,9 +456,13 @@ def main() -> int:
     ap.add_argument("--no-breakdown", action="store_true",
                     help="don't time distsparse's internal phases")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--floor-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--module", default="distsparse", help=argparse.SUPPRESS)  # harness dev
     args = ap.parse_args()
 
+    if args.floor_child is not None:
+        print("RESULT " + json.dumps(floor_child(args.floor_child, args)), flush=True)
+        return 0
     if args.child is not None:
         res = run_child(json.loads(args.child))
         print("RESULT " + json.dumps(res), flush=True)
@@ -460,6 +510,13 @@ def main() -> int:
         best = min(summaries[2]["step_all"]) / min(summaries[1]["step_all"])
         table.append(["same ratio on the fastest step of each (less load noise)"]
                      + ["" for _ in worlds[:-1]] + [f"{best:.2f}", ""])
+    floor = parallel_floor(args) if 1 in summaries and 2 in summaries else None
+    if floor is not None:
+        solo, pair = floor
+        table.append(["hardware floor: no communication, 1 process all tables vs 2 concurrent "
+                      "processes half each (ratio)"] + ["" for _ in worlds[:-1]]
+                     + [f"{ms(solo)} vs {ms(pair)} ({pair / solo:.2f})",
+                        "the best ratio this machine allows"])
     table.append(["step() process CPU time per rank (median)"]
                  + [cell(w, lambda s: " / ".join(f"r{k}: {ms(v)}" for k, v in s["cpu_median"].items()))
                     for w in worlds] + [""])
