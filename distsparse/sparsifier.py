@@ -250,14 +250,15 @@ class BaseDataSparsifier(abc.ABC):
         """Whether group ``name`` holds the same data on every rank (else per-rank data)."""
         return self._group(name).replicated
 
-    def squash_mask(self, names: Iterable[str] | None = None, leave_parametrized: bool = True,
-                    *args: Any, **kwargs: Any) -> None:
+    def squash_mask(self, names: Iterable[str] | None = None, leave_parametrized: bool = True) -> None:
         """Write the masks into the user's tensors in place (pruned elements become 0).
 
         Unlike torch.ao, the groups stay registered (masks and configs kept), so ``step()``
         and checkpoints keep working afterwards. ``leave_parametrized=False`` leaves the data
         unchanged (torch.ao's meaning: drop the masking without applying it).
         """
+        if isinstance(names, str):
+            names = [names]
         selected = list(self._groups) if names is None else list(names)
         for name in selected:
             self._group(name)  # validate all names before touching anything
@@ -343,7 +344,6 @@ class BaseDataSparsifier(abc.ABC):
         they hold the same groups (RuntimeError naming the group otherwise). If any group
         fails (NaN/Inf data, a bad config) every rank raises and no mask changes anywhere.
         """
-        self.step_count += 1
         comm = self._comm
         started = time.perf_counter()
         comm.check_agreement(self._describe(), f"{type(self).__name__}.step()")
@@ -378,6 +378,7 @@ class BaseDataSparsifier(abc.ABC):
         for name, packed in received.items():
             group = self._groups[name]
             self._store_mask(group, unpack_bits(packed, tuple(group.data.shape)).to(group.data.device))
+        self.step_count += 1
         finished = time.perf_counter()
         self.last_step_stats = {
             "compute_seconds": computed - started,

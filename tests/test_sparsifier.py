@@ -702,3 +702,16 @@ def test_a_pending_group_does_not_alias_the_loaded_state():
     sp.add_data("batch", torch.randn(4, 8))
     sp.step()
     assert torch.equal(state["masks"]["batch"], saved)
+
+
+def test_squash_mask_takes_a_single_name_and_refuses_unknown_keywords():
+    a, b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4, 8))
+    sp = DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("a", a)
+    sp.add_data("b", b)
+    sp.step()
+    b_before = b.detach().clone()
+    sp.squash_mask(names="a")
+    assert int((a == 0).sum()) == 16 and torch.equal(b.detach(), b_before)
+    with pytest.raises(TypeError):
+        sp.squash_mask(name=["a"])  # a typo must not squash every group
