@@ -143,3 +143,21 @@ def write_report(md: list[str], out: str, total_seconds: float) -> None:
     with open(out, "w") as f:
         f.write(text)
     print(f"written to {os.path.relpath(out)}", file=sys.stderr)
+
+
+def timed_step(sp) -> tuple[float, float, int]:
+    """One ``sp.step()``: (wall seconds, process CPU seconds, peak RSS growth in kB).
+
+    The kernel's peak RSS (VmHWM) is reset right before the call, so the growth is the most
+    extra memory resident at any moment during it, temporaries included.
+    """
+    import time
+
+    rss_before = proc_status_kb("VmRSS")
+    reset_peak_rss()
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    sp.step()
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    return wall, cpu, proc_status_kb("VmHWM") - rss_before

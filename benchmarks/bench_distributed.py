@@ -103,14 +103,9 @@ def run_child(cfg: dict) -> dict:
         barrier()
         if timers is not None:
             timers.clear()
-        rss_before = _common.proc_status_kb("VmRSS")
-        _common.reset_peak_rss()
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        sp.step()
-        dt = time.perf_counter() - t0
-        cpu_s.append(time.process_time() - c0)
-        growth_kb.append(_common.proc_status_kb("VmHWM") - rss_before)
+        dt, dc, grown = _common.timed_step(sp)
+        cpu_s.append(dc)
+        growth_kb.append(grown)
         step_s.append(dt)
         st = getattr(sp, "last_step_stats", None)
         stats.append(_jsonable(st) if st is not None else None)

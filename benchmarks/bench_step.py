@@ -115,17 +115,10 @@ def run_child(spec: dict) -> dict:
     times, cpu_times, growth_kb = [], [], []
     for _ in range(spec["repeats"]):
         gc.collect()
-        rss_before = _common.proc_status_kb("VmRSS")
-        _common.reset_peak_rss()
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        sp.step()
-        dt = time.perf_counter() - t0
-        dc = time.process_time() - c0
-        hwm = _common.proc_status_kb("VmHWM")
+        dt, dc, grown = _common.timed_step(sp)
         times.append(dt)
         cpu_times.append(dc)
-        growth_kb.append(hwm - rss_before)
+        growth_kb.append(grown)
 
     sha = hashlib.sha256()
     packed, zeros, total, dtypes, shape_ok = [], 0, 0, set(), True
