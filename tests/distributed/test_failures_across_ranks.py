@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import group_and_timeout_fns
 import rank_fns
 from launcher import run_ranks
 
@@ -51,3 +52,13 @@ def test_nan_only_in_the_owners_copy_still_fails_on_every_rank_naming_the_group(
     results = run_ranks(rank_fns.nan_in_group_owned_by_rank1, 3, True, timeout=JOB_TIMEOUT)
     nan_group = results[0]["nan_group"]
     _assert_every_rank_raised(results, ["ValueError", "RuntimeError"], nan_group)
+
+
+def test_a_rank_that_skips_step_makes_the_others_raise_after_the_collective_timeout():
+    results = run_ranks(group_and_timeout_fns.rank1_skips_a_step, 2, timeout=60,
+                        env={"DISTSPARSE_COLLECTIVE_TIMEOUT": "2"})
+    waited = results[0]
+    assert waited["error"] is not None, "rank 0 returned from step() without rank 1"
+    assert "waited more than 2 s" in waited["error"] and "skipped a collective" in waited["error"]
+    assert 1.5 < waited["seconds"] < 7
+    assert results[1] == {"skipped": True}

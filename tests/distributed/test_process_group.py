@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import subgroup_fns
+import group_and_timeout_fns
 from launcher import run_ranks
 
 
 def test_sparsifiers_on_two_subgroups_share_masks_schedules_and_checkpoints_within_their_group(tmp_path):
-    results = run_ranks(subgroup_fns.masks_and_schedule_in_two_subgroups, 4, str(tmp_path), timeout=90)
+    results = run_ranks(group_and_timeout_fns.masks_and_schedule_in_two_subgroups, 4, str(tmp_path), timeout=90)
     assert [r["group_rank"] for r in results] == [0, 1, 0, 1]
     for first, second in ((0, 1), (2, 3)):
         a, b = results[first], results[second]
@@ -21,3 +21,4 @@ def test_sparsifiers_on_two_subgroups_share_masks_schedules_and_checkpoints_with
     assert set(results[0]["levels"].values()) == {0.25}
     assert set(results[2]["levels"].values()) == {0.25 + 0.1 * 2}
     assert results[0]["mask_sha256"] != results[2]["mask_sha256"]  # different data per group
+

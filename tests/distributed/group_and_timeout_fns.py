@@ -1,4 +1,4 @@
-"""Rank functions for sparsifiers bound to a sub-group via ``process_group=``."""
+"""Rank functions: sparsifiers bound to a sub-group (process_group=), and the collective timeout."""
 
 from __future__ import annotations
 
@@ -55,3 +55,21 @@ def _single_process(tables: dict, sp) -> str:
         mask = norm_block_mask(tables[name].detach(), level, (1, 4), 4, "L1")
         digest.update(pack_bits(mask).numpy().tobytes())
     return digest.hexdigest()
+
+
+def rank1_skips_a_step() -> dict:
+    """Rank 1 never calls step(): rank 0 must give up after DISTSPARSE_COLLECTIVE_TIMEOUT
+    with an error naming the collective, instead of hanging for the process group's timeout."""
+    import time
+
+    sp = distsparse.DataNormSparsifier()
+    sp.add_data("w", nn.Parameter(torch.ones(8, 8)))
+    if dist.get_rank() == 1:
+        time.sleep(8)
+        return {"skipped": True}
+    started = time.monotonic()
+    try:
+        sp.step()
+    except RuntimeError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - started}
+    return {"error": None}
