@@ -165,13 +165,6 @@ class Comm:
                    "broadcast (bytes)")
         return buf[:n].cpu().numpy().tobytes()
 
-    def barrier(self) -> None:
-        """Collective: returns once every rank arrived."""
-        if self.is_distributed and self.world_size > 1:
-            # An all-gather instead of dist.barrier(): it works the same on gloo and NCCL
-            # without NCCL's device guessing.
-            self.all_gather_bytes(b"")
-
     # -- patterns ---------------------------------------------------------------------
     def run_on_coordinator(self, fn: Callable[[], T], encode: Callable[[T], bytes],
                            decode: Callable[[bytes], T], src: int = 0) -> T:

@@ -246,10 +246,6 @@ class BaseDataSparsifier(abc.ABC):
         else:
             group.mask = mask.to(device=group.data.device, dtype=torch.bool, copy=True)
 
-    def is_replicated(self, name: str) -> bool:
-        """Whether group ``name`` holds the same data on every rank (else per-rank data)."""
-        return self._group(name).replicated
-
     def squash_mask(self, names: Iterable[str] | None = None, leave_parametrized: bool = True) -> None:
         """Write the masks into the user's tensors in place (pruned elements become 0).
 
