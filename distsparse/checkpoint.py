@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .distributed import RankDisagreementError, RemoteError, describe_differences
+from .distributed import RankDisagreementError, RemoteError, describe_differences, mark_raised_everywhere
 from .masks import pack_bits, packed_size, unpack_bits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -343,6 +343,13 @@ def save_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
     _check_scheduler(sparsifier, scheduler)
     comm = sparsifier._comm
     target = Path(os.fspath(path))
+    with comm.operation("save_checkpoint"):
+        _save_in_operation(comm, target, sparsifier, scheduler)
+        comm.finish("save_checkpoint")
+
+
+def _save_in_operation(comm: Any, target: Path, sparsifier: BaseDataSparsifier,
+                       scheduler: BaseDataScheduler | None) -> None:
     payload = b""
     replicated: dict[str, torch.Tensor] = {}
     scheduler_state = None
@@ -645,11 +652,30 @@ def load_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
     comm = sparsifier._comm
     target = Path(os.fspath(path))
     where = f"checkpoint {str(target)!r}"
+    with comm.operation("load_checkpoint"):
+        plan = _load_in_operation(comm, target, where, sparsifier, scheduler, strict)
+        comm.finish("load_checkpoint")
+    sd, scheduler_state = plan
+    # Commit: both states were validated on every rank.
+    snapshot = scheduler.state_dict() if scheduler is not None else None
+    if scheduler is not None:
+        scheduler.load_state_dict(scheduler_state)  # type: ignore[arg-type]
+    try:
+        sparsifier.load_state_dict(sd, strict)
+    except BaseException:
+        if scheduler is not None:
+            scheduler.load_state_dict(snapshot)  # type: ignore[arg-type]
+        raise
+
+
+def _load_in_operation(comm: Any, target: Path, where: str, sparsifier: BaseDataSparsifier,
+                       scheduler: BaseDataScheduler | None, strict: bool):
+    """Read on rank 0, share the bytes, verify and validate on every rank (no change)."""
     received = comm.run_on_coordinator(lambda: _read(target), encode=lambda b: b, decode=lambda b: b)
     if received[:1] == b"\x01":
-        raise CheckpointNotFoundError(received[1:].decode(errors="replace"))
+        raise mark_raised_everywhere(CheckpointNotFoundError(received[1:].decode(errors="replace")))
     if received[:1] == b"\x02":
-        raise CheckpointError(received[1:].decode(errors="replace"))
+        raise mark_raised_everywhere(CheckpointError(received[1:].decode(errors="replace")))
     blob = received[1:]
     del received
     error: Exception | None = None
@@ -662,16 +688,7 @@ def load_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
         comm.raise_if_any_failed([str(error)] if error else [], f"load_checkpoint({str(target)!r})",
                                  local_error=error)
     except RemoteError as exc:
-        raise CheckpointError(f"{where}: another rank refused it, nothing was loaded:\n{exc}") from None
+        raise mark_raised_everywhere(
+            CheckpointError(f"{where}: another rank refused it, nothing was loaded:\n{exc}")) from None
     assert plan is not None
-    sd, scheduler_state = plan
-    # Commit: both states were validated on every rank.
-    snapshot = scheduler.state_dict() if scheduler is not None else None
-    if scheduler is not None:
-        scheduler.load_state_dict(scheduler_state)  # type: ignore[arg-type]
-    try:
-        sparsifier.load_state_dict(sd, strict)
-    except BaseException:
-        if scheduler is not None:
-            scheduler.load_state_dict(snapshot)  # type: ignore[arg-type]
-        raise
+    return plan

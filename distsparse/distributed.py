@@ -7,6 +7,16 @@ rank of the group, in the same order; none of them iterates a ``set``.
 
 Payloads are raw bytes (JSON or bit-packed masks) carried in ``uint8`` tensors: nothing
 is pickled, so a rank can never execute code another rank sent.
+
+Every distsparse operation (a sparsifier step, a scheduler step, a checkpoint save or
+load) is framed by :meth:`Comm.begin` and :meth:`Comm.finish`, two all-gathers of one
+fixed size that carry the operation's name and a per-``Comm`` call counter. Ranks that are
+out of step (one calls ``step()`` while another calls ``save_checkpoint``) therefore meet
+in a collective of the same size and raise :class:`RankDisagreementError` naming both
+operations, instead of aborting inside gloo on mismatched buffer sizes. ``finish`` is the
+commit point: state changes only after every rank reached it, so a rank that gave up
+waiting (the backstop timeout) cannot leave the others committed alone — they wait in
+``finish`` and give up too.
 """
 
 from __future__ import annotations
@@ -14,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from datetime import timedelta
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -23,7 +34,7 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
-__all__ = ["Comm", "RankDisagreementError", "RemoteError"]
+__all__ = ["Comm", "RankDisagreementError", "RemoteError", "CollectiveTimeoutError"]
 
 
 def _all_gather_into(out: torch.Tensor, tensor: torch.Tensor, group: Any | None) -> Any:
@@ -51,6 +62,12 @@ class RemoteError(RuntimeError):
     """An exception raised on another rank (or on the coordinator), re-raised here."""
 
 
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within the backstop timeout. The ``Comm`` (and so the
+    sparsifier, its scheduler and checkpoints) refuses every later call: the ranks can no
+    longer be trusted to be at the same point."""
+
+
 class Comm:
     """Rank facts and the few collectives distsparse needs.
 
@@ -66,16 +83,102 @@ class Comm:
     def __init__(self, process_group: Any | None = None, timeout: float | None = None) -> None:
         self._group = process_group
         self.timeout = _default_timeout() if timeout is None else float(timeout)
+        #: Number of operations begun on this Comm (every rank counts the same).
+        self.calls = 0
+        #: Why this Comm refuses every call (a timed-out collective, a rank that left an
+        #: operation alone), or None while it is usable.
+        self.broken: str | None = None
+        self._operation: str | None = None
 
     def _wait(self, work: Any, what: str) -> None:
         try:
             work.wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as exc:
-            raise RuntimeError(
-                f"distsparse: rank {self.rank} waited more than {self.timeout:g} s in {what}; "
-                "another rank did not join (it crashed, or it skipped a collective call such as "
-                f"step(), save_checkpoint() or scheduler.step()). Original error: {exc}"
-            ) from exc
+            op = f" of {self._operation}" if self._operation else ""
+            message = (
+                f"distsparse: rank {self.rank} waited more than {self.timeout:g} s in {what}{op}; "
+                "another rank did not join (it crashed, it is still computing — raise "
+                "DISTSPARSE_COLLECTIVE_TIMEOUT for huge tables or a slow get_schedule_param() — "
+                "or it skipped a collective call such as step(), save_checkpoint() or "
+                f"scheduler.step()). Original error: {exc}"
+            )
+            self.broken = message
+            raise CollectiveTimeoutError(message) from exc
+
+    def _check_usable(self) -> None:
+        if self.broken is not None:
+            raise CollectiveTimeoutError(
+                "distsparse: this sparsifier's process group can no longer be used by distsparse "
+                f"(ranks are no longer in step): {self.broken}"
+            )
+
+    # -- operation framing ------------------------------------------------------------
+    def begin(self, op: str, description: dict[str, Any] | None = None, inline: bytes = b"") -> list[bytes]:
+        """Collective: the first call of every distsparse operation.
+
+        One all-gather of a fixed-size frame: the operation's name, this Comm's call
+        counter, a digest of ``description`` ({name: JSON-able facts} every rank must
+        share) and up to 4 KiB of ``inline`` bytes. Raises
+        :class:`RankDisagreementError` on every rank when the ranks are in different
+        operations (naming each rank's operation) or hold different descriptions (naming
+        the groups). Returns every rank's ``inline`` bytes, indexed by rank.
+        """
+        self._check_usable()
+        if len(inline) > _INLINE_BYTES:
+            raise ValueError(f"inline payload of {len(inline)} bytes exceeds {_INLINE_BYTES}")
+        self.calls += 1
+        if not self.is_distributed or self.world_size == 1:
+            self._operation = op
+            return [inline]
+        blob = _canonical(description or {})
+        frame = _frame(op, self.calls, hashlib.sha256(blob).digest(), inline)
+        parts = self._all_gather_fixed(frame, f"the start of {op}")
+        headers = [_unframe(p) for p in parts]
+        if any(h[:2] != headers[0][:2] for h in headers):
+            shown = "; ".join(f"rank {r}: {h[0]} (distsparse call #{h[1]})" for r, h in enumerate(headers))
+            raise RankDisagreementError(
+                f"distsparse: ranks are in different collective calls (rank {self.rank} of "
+                f"{self.world_size}): {shown}. Every rank must call step(), scheduler.step(), "
+                "save_checkpoint() and load_checkpoint() in the same order."
+            )
+        self._operation = op
+        self._raise_on_disagreement([h[2] for h in headers], blob, op)
+        return [h[3] for h in headers]
+
+    def finish(self, op: str) -> None:
+        """Collective: the commit point of an operation. Every rank returns only once every
+        rank reached it; a caller changes its state only after this returns."""
+        if self.is_distributed and self.world_size > 1:
+            parts = self._all_gather_fixed(_frame("<finish> " + op, self.calls, b"\0" * 32, b""),
+                                           f"the end of {op}")
+            headers = [_unframe(p) for p in parts]
+            if any(h[:2] != headers[0][:2] for h in headers):
+                shown = "; ".join(f"rank {r}: {h[0]} (distsparse call #{h[1]})" for r, h in enumerate(headers))
+                raise RankDisagreementError(f"distsparse: ranks are in different collective calls: {shown}")
+        self._operation = None
+
+    @contextmanager
+    def operation(self, op: str, description: dict[str, Any] | None = None,
+                  inline: bytes = b"") -> Iterator[list[bytes]]:
+        """``begin`` … body … (the body calls ``finish`` before committing).
+
+        If the body raises an exception that is not raised on every rank alike (those
+        are :class:`RankDisagreementError`, :class:`RemoteError`, and exceptions flagged
+        by :func:`mark_raised_everywhere`, e.g. the local errors that
+        :meth:`raise_if_any_failed` re-raises), this rank may have left the others
+        inside a collective: the Comm is marked broken and refuses later calls.
+        """
+        parts = self.begin(op, description, inline)
+        try:
+            yield parts
+        except BaseException as exc:
+            everywhere = getattr(exc, "_distsparse_everywhere", False) or isinstance(
+                exc, (RankDisagreementError, RemoteError, CollectiveTimeoutError))
+            if not everywhere and self.broken is None and self.is_distributed and self.world_size > 1:
+                self.broken = (f"rank {self.rank} left {op} with {type(exc).__name__}: {exc} while "
+                               "other ranks may still be inside it")
+            self._operation = None
+            raise
 
     # -- rank facts -------------------------------------------------------------------
     @property
@@ -125,7 +228,8 @@ class Comm:
         self._wait(dist.all_gather(out, buf, group=self._group, async_op=True), "all_gather (bytes)")
         return [o[:n].cpu().numpy().tobytes() for o, n in zip(out, lengths)]
 
-    def all_gather_tensor(self, tensor: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    def all_gather_tensor(self, tensor: torch.Tensor, lengths: Sequence[int],
+                          what: str = "all_gather (masks)") -> list[torch.Tensor]:
         """Collective: every rank's 1-D ``uint8`` tensor, indexed by rank, in one all-gather.
 
         ``lengths[r]`` is rank r's tensor length, which every rank must already know (for
@@ -138,13 +242,13 @@ class Comm:
         buf = torch.zeros(longest, dtype=torch.uint8, device=device)
         buf[: tensor.numel()] = tensor.to(device)
         out = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
-        self._wait(_all_gather_into(out, buf, self._group), "all_gather (masks)")
+        self._wait(_all_gather_into(out, buf, self._group), what)
         return [out[r * longest : r * longest + n] for r, n in enumerate(lengths)]
 
-    def _all_gather_fixed(self, payload: bytes) -> list[bytes]:
+    def _all_gather_fixed(self, payload: bytes, what: str) -> list[bytes]:
         """Collective: like :meth:`all_gather_bytes` for payloads of one agreed size."""
         tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        parts = self.all_gather_tensor(tensor, [len(payload)] * self.world_size)
+        parts = self.all_gather_tensor(tensor, [len(payload)] * self.world_size, f"all_gather ({what})")
         return [p.cpu().numpy().tobytes() for p in parts]
 
     def broadcast_bytes(self, payload: bytes | None, src: int = 0) -> bytes:
@@ -188,7 +292,7 @@ class Comm:
         received = self.broadcast_bytes(payload, src=src)
         if received[:1] == b"\x01":
             if error is not None:
-                raise error
+                raise mark_raised_everywhere(error)
             raise RemoteError(f"rank {src} raised: {received[1:].decode(errors='replace')}")
         return decode(received[1:])
 
@@ -222,34 +326,22 @@ class Comm:
             for line in m.decode(errors="replace").splitlines()
         ]
         if local_error is not None:
-            raise local_error
+            raise mark_raised_everywhere(local_error)
         raise RemoteError(f"{what} failed:\n" + "\n".join(lines))
 
-    def check_agreement(self, description: dict[str, dict[str, Any]], what: str) -> None:
-        """Collective: raise :class:`RankDisagreementError` on every rank unless all ranks
-        hold the same ``description`` ({group name: JSON-able facts}).
+    def decided_operation(self, op: str, description: dict[str, dict[str, Any]],
+                          fn: Callable[[], T], encode: Callable[[T], bytes],
+                          decode: Callable[[bytes], T], src: int = 0):
+        """Collective: :meth:`operation` whose first all-gather also carries ``fn()``'s
+        result, computed on rank ``src`` alone — one round trip for "decide on rank 0 and
+        share" (the scheduler's step). Results over 4 KiB take a second broadcast.
 
-        A 32-byte digest is compared first (one small all-gather per call); only on a
-        mismatch are the full descriptions exchanged to name the offending groups.
+        Use as ``with comm.decided_operation(...) as value:``. If ``fn`` raises on the
+        coordinator, every rank raises (the coordinator its own exception, the others a
+        :class:`RemoteError`). The coordinator uses the *decoded* value too, so all ranks
+        hold the same bits.
         """
-        if not self.is_distributed or self.world_size == 1:
-            return
-        blob = _canonical(description)
-        digests = self._all_gather_fixed(hashlib.sha256(blob).digest())
-        self._raise_on_disagreement(digests, blob, what)
-
-    def agree_and_decide(self, description: dict[str, dict[str, Any]], what: str,
-                         fn: Callable[[], T], encode: Callable[[T], bytes],
-                         decode: Callable[[bytes], T], src: int = 0) -> T:
-        """Collective: :meth:`check_agreement` and :meth:`run_on_coordinator` in one
-        fixed-size all-gather (a second collective only for results over 4 KiB).
-
-        Each rank sends its digest; the coordinator also sends a status byte and its
-        encoded result (or error message). The scheduler's step uses this: one round trip.
-        """
-        if not self.is_distributed or self.world_size == 1:
-            return decode(encode(fn()))
-        blob = _canonical(description)
+        self._check_usable()
         body, status, error = b"", 0, None
         if self.rank == src:
             try:
@@ -257,21 +349,24 @@ class Comm:
             except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
                 error, status = exc, 1
                 body = f"{type(exc).__name__}: {exc}".encode()
-        inline = body if len(body) <= _INLINE_BYTES else b""
-        header = hashlib.sha256(blob).digest() + bytes([status]) + len(body).to_bytes(8, "little")
-        parts = self._all_gather_fixed((header + inline).ljust(len(header) + _INLINE_BYTES, b"\0"))
-        self._raise_on_disagreement([p[:32] for p in parts], blob, what)
-        theirs = parts[src]
-        status, length = theirs[32], int.from_bytes(theirs[33:41], "little")
-        if length > _INLINE_BYTES:
-            body = self.broadcast_bytes(body if self.rank == src else None, src=src)
-        else:
-            body = theirs[41 : 41 + length]
-        if status:
-            if error is not None:
-                raise error
-            raise RemoteError(f"rank {src} raised: {body.decode(errors='replace')}")
-        return decode(body)
+        inline = bytes([status]) + len(body).to_bytes(8, "little")
+        inline += body if len(body) <= _INLINE_BYTES - len(inline) else b""
+        return self._decided(op, description, inline, body, error, decode, src)
+
+    @contextmanager
+    def _decided(self, op, description, inline, body, error, decode, src):
+        with self.operation(op, description, inline) as parts:
+            theirs = parts[src]
+            status, length = theirs[0], int.from_bytes(theirs[1:9], "little")
+            if length > _INLINE_BYTES - 9:
+                body = self.broadcast_bytes(body if self.rank == src else None, src=src)
+            else:
+                body = theirs[9 : 9 + length]
+            if status:
+                if error is not None:
+                    raise mark_raised_everywhere(error)
+                raise RemoteError(f"rank {src} raised: {body.decode(errors='replace')}")
+            yield decode(body)
 
     def _raise_on_disagreement(self, digests: list[bytes], blob: bytes, what: str) -> None:
         """Collective only on a mismatch (every rank sees the same digests, so all enter)."""
@@ -285,6 +380,16 @@ class Comm:
             + "\nEvery rank must add the same groups with the same shapes and configs "
             "(use replicated=False for per-rank data such as input batches)."
         )
+
+
+def mark_raised_everywhere(exc: BaseException) -> BaseException:
+    """Flag ``exc`` as raised on every rank alike (so the operation it leaves does not
+    break the Comm) and return it."""
+    try:
+        exc._distsparse_everywhere = True  # type: ignore[attr-defined]
+    except AttributeError:  # exceptions with __slots__: treated as one-sided
+        pass
+    return exc
 
 
 def describe_differences(per_rank: Sequence[dict[str, dict[str, Any]]], noun: str = "group") -> list[str]:
@@ -306,8 +411,29 @@ def describe_differences(per_rank: Sequence[dict[str, dict[str, Any]]], noun: st
     return problems
 
 
-# Results up to this size ride along with the digest in agree_and_decide's one all-gather.
+# Bytes of payload that ride along in an operation's first all-gather (the scheduler's values).
 _INLINE_BYTES = 4096
+_OP_BYTES = 64
+_MAGIC = b"DSOP"
+
+
+def _frame(op: str, calls: int, digest: bytes, inline: bytes) -> bytes:
+    """Fixed-size frame: magic, operation name, call counter, digest, inline payload."""
+    name = op.encode()[:_OP_BYTES].ljust(_OP_BYTES, b"\0")
+    head = _MAGIC + name + calls.to_bytes(8, "little") + digest + len(inline).to_bytes(4, "little")
+    return head + inline.ljust(_INLINE_BYTES, b"\0")
+
+
+def _unframe(frame: bytes) -> tuple[str, int, bytes, bytes]:
+    if frame[:4] != _MAGIC:
+        return ("<not a distsparse operation>", -1, b"", b"")
+    at = 4
+    name = frame[at : at + _OP_BYTES].rstrip(b"\0").decode(errors="replace")
+    at += _OP_BYTES
+    calls = int.from_bytes(frame[at : at + 8], "little")
+    digest = frame[at + 8 : at + 40]
+    length = int.from_bytes(frame[at + 40 : at + 44], "little")
+    return name, calls, digest, frame[at + 44 : at + 44 + length]
 
 
 def _canonical(description: dict[str, Any]) -> bytes:

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .distributed import mark_raised_everywhere
 from .sparsifier import BaseDataSparsifier
 
 __all__ = [
@@ -120,16 +121,20 @@ class BaseDataScheduler(abc.ABC):
         previous_epoch, previous_base = self.last_epoch, self.base_param
         self.last_epoch += 1
         self.base_param = {**self.base_param, **new_base}
+        op = f"{type(self).__name__}.step()"
         try:
-            # One round trip: ranks check they schedule the same groups at the same epoch,
-            # and rank 0's values (or its exception) reach everyone.
-            values = comm.agree_and_decide(
-                {"<scheduler>": {"groups": names, "last_epoch": previous_epoch,
-                                 "schedule_param": self.schedule_param}},
-                f"{type(self).__name__}.step()",
+            # One round trip: ranks check they are in the same call, scheduling the same
+            # groups at the same epoch, and rank 0's values (or its exception) reach everyone.
+            with comm.decided_operation(
+                op, {"<scheduler>": {"groups": names, "last_epoch": previous_epoch,
+                                     "schedule_param": self.schedule_param}},
                 self.get_schedule_param, _encode, _decode,
-            )
-            configs = self._validated(values)
+            ) as values:
+                try:
+                    configs = self._validated(values)
+                except (TypeError, ValueError) as exc:  # same values everywhere: same error
+                    raise mark_raised_everywhere(exc)
+                comm.finish(op)  # commit point: every rank has the values
         except BaseException:
             self.last_epoch, self.base_param = previous_epoch, previous_base
             raise

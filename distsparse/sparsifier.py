@@ -69,6 +69,27 @@ def _apply(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, data, 0.0)
 
 
+def _group_error(name: str, exc: BaseException) -> BaseException:
+    """``exc`` in words that name the group, as the same kind of error.
+
+    ``ValueError``/``TypeError`` (and their subclasses) become a plain ``ValueError``/
+    ``TypeError``, anything else a ``RuntimeError``, each chained to the original
+    (``__cause__``): rebuilding ``type(exc)(message)`` fails for exception types whose
+    constructors take other arguments.
+    """
+    text = str(exc)
+    if repr(name) in text:
+        message = text
+    elif type(exc) in (ValueError, TypeError):
+        message = f"group {name!r}: {text}"
+    else:
+        message = f"group {name!r}: {type(exc).__name__}: {text}"
+    kind = ValueError if isinstance(exc, ValueError) else TypeError if isinstance(exc, TypeError) else RuntimeError
+    wrapped = kind(message)
+    wrapped.__cause__ = exc
+    return wrapped
+
+
 def _to_json_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Config as JSON-able values (tuples become lists); raises TypeError otherwise."""
     out = json.loads(json.dumps(dict(config)))
@@ -140,7 +161,7 @@ class BaseDataSparsifier(abc.ABC):
     @staticmethod
     def _extract_tensor(name: str, data: Any) -> tuple[torch.Tensor, bool]:
         if isinstance(data, _EMBEDDING_TYPES):
-            return data.weight, True
+            return BaseDataSparsifier._extract_tensor(name, data.weight)[0], True
         if isinstance(data, nn.Module):
             raise TypeError(
                 f"group {name!r}: unsupported data type {type(data).__name__}; pass a tensor, "
@@ -148,6 +169,13 @@ class BaseDataSparsifier(abc.ABC):
                 "weight parameters)"
             )
         if isinstance(data, torch.Tensor):
+            if type(data) not in (torch.Tensor, nn.Parameter):
+                # DTensor (FSDP2), nn.Parameter(DTensor), UninitializedParameter, other subclasses.
+                raise TypeError(
+                    f"group {name!r}: tensor subclass {type(data).__module__}.{type(data).__name__} is not "
+                    "supported; pass a plain torch.Tensor or nn.Parameter holding the whole data "
+                    "(sharded tables such as FSDP2 DTensor parameters are not supported yet)"
+                )
             return data, isinstance(data, nn.Parameter)
         raise TypeError(
             f"group {name!r}: unsupported data type {type(data).__name__}; expected torch.Tensor, "
@@ -170,6 +198,13 @@ class BaseDataSparsifier(abc.ABC):
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"group name must be a non-empty string, got {name!r}")
+        # A validation pass may add a batch under torch.inference_mode(): its mask must stay
+        # a normal tensor, or every later step() fails updating it in place.
+        with torch.inference_mode(False):
+            return self._add_data(name, data, reuse_mask, replicated, config)
+
+    def _add_data(self, name: str, data: Any, reuse_mask: bool, replicated: bool | None,
+                  config: dict[str, Any]) -> torch.Tensor:
         tensor, default_replicated = self._extract_tensor(name, data)
         self._check_data(name, tensor)
         old = self._groups.get(name)
@@ -185,11 +220,12 @@ class BaseDataSparsifier(abc.ABC):
                         "reuse_mask=False to start this data with a fresh mask (e.g. a smaller "
                         "last batch), or use drop_last=True in the DataLoader"
                     )
-                mask = old.mask if old.mask.device == tensor.device else old.mask.to(tensor.device)
+                mask = old.mask if old.mask.device == tensor.device and not old.mask.is_inference() \
+                    else old.mask.to(tensor.device).clone()
             else:
                 mask = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
         elif pending is not None:
-            merged = self._canonical_config(name, {**self.defaults, **config, **pending.config})
+            merged = self._canonical_config(name, {**self.defaults, **pending.config, **config})
             scope = pending.replicated if replicated is None else bool(replicated)
             if tuple(tensor.shape) != pending.shape and not (pending.mask is None and not pending.replicated):
                 raise ValueError(
@@ -207,11 +243,12 @@ class BaseDataSparsifier(abc.ABC):
             merged = self._canonical_config(name, {**self.defaults, **config})
             scope = default_replicated if replicated is None else bool(replicated)
             mask = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
-        # Everything validated: commit.
+        masked = _apply(tensor, mask)
+        # Everything validated and built: commit.
         self._groups[name] = _Group(data=tensor, mask=mask, replicated=scope)
         self.data_groups[name] = merged
         self._pending.pop(name, None)
-        return _apply(tensor, mask)
+        return masked
 
     def _group(self, name: str) -> _Group:
         try:
@@ -240,7 +277,8 @@ class BaseDataSparsifier(abc.ABC):
         """Make ``mask`` the group's mask while keeping the mask tensor object (torch.ao's
         ``mask.data = new``): ``set_`` swaps the storage, no copy."""
         current = group.mask
-        if current.dtype == mask.dtype and current.device == mask.device:
+        if current.dtype == mask.dtype and current.device == mask.device and not current.is_inference() \
+                and not mask.is_inference():
             with torch.no_grad():
                 current.set_(mask)
         else:
@@ -337,43 +375,46 @@ class BaseDataSparsifier(abc.ABC):
 
         Replicated groups are computed by their owner and shared bit-packed in one
         all-gather; local groups by every rank from its own data. Ranks first check that
-        they hold the same groups (RuntimeError naming the group otherwise). If any group
-        fails (NaN/Inf data, a bad config) every rank raises and no mask changes anywhere.
+        they are in the same call and hold the same groups (:class:`RankDisagreementError`
+        naming the group otherwise). If any group fails — any exception in
+        ``update_mask``, NaN/Inf data, a bad config — every rank raises and no mask
+        changes anywhere: masks are committed only after every rank reached the end.
         """
         comm = self._comm
+        op = f"{type(self).__name__}.step()"
         started = time.perf_counter()
-        comm.check_agreement(self._describe(), f"{type(self).__name__}.step()")
-        owners = self._ownership() if comm.world_size > 1 else {}
-        rank = comm.rank
-        names = sorted(self._groups)
-        mine = [n for n in names if not self._groups[n].replicated or owners.get(n, 0) == rank]
-        new_masks: dict[str, torch.Tensor] = {}
-        errors: list[str] = []
-        first_error: Exception | None = None
-        with torch.no_grad():
+        # Masks are plain tensors even when step() runs under torch.inference_mode().
+        with torch.inference_mode(False), torch.no_grad(), comm.operation(op, self._describe()):
+            owners = self._ownership() if comm.world_size > 1 else {}
+            rank = comm.rank
+            names = sorted(self._groups)
+            mine = [n for n in names if not self._groups[n].replicated or owners.get(n, 0) == rank]
+            new_masks: dict[str, torch.Tensor] = {}
+            errors: list[str] = []
+            first_error: BaseException | None = None
             for name in mine:
                 try:
                     new_masks[name] = self._compute_mask(name)
-                except (ValueError, TypeError) as exc:
-                    message = str(exc) if repr(name) in str(exc) else f"group {name!r}: {exc}"
-                    errors.append(message)
-                    if first_error is None:
-                        first_error = type(exc)(message)
-                        first_error.__cause__ = exc
-        computed = time.perf_counter()
-        bytes_sent = bytes_received = 0
-        received: dict[str, torch.Tensor] = {}
-        if comm.world_size == 1:
-            if first_error is not None:
-                raise first_error
-        else:
-            received, bytes_sent, bytes_received = self._exchange_replicated(owners, new_masks, errors, first_error)
-        # Every rank succeeded: commit, in place (see get_mask).
-        for name, mask in new_masks.items():
-            self._store_mask(self._groups[name], mask)
-        for name, packed in received.items():
-            group = self._groups[name]
-            self._store_mask(group, unpack_bits(packed, tuple(group.data.shape)).to(group.data.device))
+                except Exception as exc:  # noqa: BLE001 - every error goes through the status exchange
+                    wrapped = _group_error(name, exc)
+                    errors.append(str(wrapped))
+                    first_error = first_error or wrapped
+            computed = time.perf_counter()
+            bytes_sent = bytes_received = 0
+            received: dict[str, torch.Tensor] = {}
+            if comm.world_size == 1:
+                if first_error is not None:
+                    raise first_error
+            else:
+                received, bytes_sent, bytes_received = self._exchange_replicated(owners, new_masks, errors,
+                                                                                 first_error)
+            for name, packed in received.items():
+                group = self._groups[name]
+                new_masks[name] = unpack_bits(packed, tuple(group.data.shape)).to(group.data.device)
+            comm.finish(op)
+            # Every rank succeeded: commit, in place (see get_mask).
+            for name, mask in new_masks.items():
+                self._store_mask(self._groups[name], mask)
         self.step_count += 1
         finished = time.perf_counter()
         self.last_step_stats = {
