@@ -5,6 +5,7 @@ no process-group calls).
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distributed import CollectiveTimeoutError, RankDisagreementError, RemoteError
 from .integrations.accelerate import register_for_checkpointing
 from .norm_sparsifier import DataNormSparsifier
 from .scheduler import (
@@ -29,5 +30,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",
+    "RankDisagreementError",
+    "RemoteError",
+    "CollectiveTimeoutError",
     "register_for_checkpointing",
 ]

@@ -116,23 +116,27 @@ def lowest_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return chosen.reshape(scores.shape)
 
 
-def _smallest_per_block(elements: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+def _smallest_per_block(elements: list[torch.Tensor], count: int, nan_last: bool = False) -> list[torch.Tensor]:
     """For each block position, whether that element is among its block's ``count``
     smallest (ties to the lower position). ``elements[p]`` holds position p of every block.
 
     Few positions: rank each one by comparing it with the others (n² cheap passes over
     strided views, no copy of the data). Many: one stable sort of the gathered blocks.
+    ``nan_last``: NaN (padding) ranks above everything, +inf included, as in torch's sort.
     """
     n = len(elements)
     if n <= 8:
+        nans = [torch.isnan(e) for e in elements] if nan_last else None
         chosen = []
         for i in range(n):
             rank = torch.zeros(elements[i].shape, dtype=torch.uint8, device=elements[i].device)
             for j in range(n):
-                if j < i:
-                    rank += elements[j] <= elements[i]
-                elif j > i:
-                    rank += elements[j] < elements[i]
+                if j == i:
+                    continue
+                below = elements[j] <= elements[i] if j < i else elements[j] < elements[i]
+                if nans is not None:  # a real element ranks below padding; padding by position
+                    below |= nans[i] & (~nans[j] if j > i else torch.ones_like(nans[j]))
+                rank += below
             chosen.append(rank < count)
         return chosen
     values = torch.stack(elements, dim=-1)
@@ -152,8 +156,9 @@ def _within_block_keep(
     """In each pruned block, keep all but its ``zeros_per_block`` smallest elements.
 
     ``mask_blocks`` is the padded mask viewed as (block rows, block cols, bh, bw).
-    Works one chunk of block rows at a time; padding counts as +inf so it is chosen last
-    (as torch.ao's NaN padding is).
+    Works one chunk of block rows at a time; padding is chosen last (as torch.ao's NaN
+    padding is): +inf normally, NaN ranked above +inf when real magnitudes are +inf too
+    (float16 squares overflow), since +inf padding would tie with them and win on position.
     """
     rows, cols = matrix.shape
     bh, bw = block_shape
@@ -165,13 +170,16 @@ def _within_block_keep(
         if not bool(chunk_pruned.any()):
             continue
         chunk = _magnitude(matrix[br0 * bh : br1 * bh], norm)
+        nan_last = False
         if chunk.shape != ((br1 - br0) * bh, n_bc * bw):
-            padded = torch.full(((br1 - br0) * bh, n_bc * bw), float("inf"), dtype=chunk.dtype, device=chunk.device)
+            nan_last = bool(torch.isinf(chunk).any())
+            fill = float("nan") if nan_last else float("inf")
+            padded = torch.full(((br1 - br0) * bh, n_bc * bw), fill, dtype=chunk.dtype, device=chunk.device)
             padded[: chunk.shape[0], : chunk.shape[1]] = chunk
             chunk = padded
         grid = chunk.view(br1 - br0, bh, n_bc, bw)
         positions = [(a, b) for a in range(bh) for b in range(bw)]
-        zeroed = _smallest_per_block([grid[:, a, :, b] for a, b in positions], zeros_per_block)
+        zeroed = _smallest_per_block([grid[:, a, :, b] for a, b in positions], zeros_per_block, nan_last)
         out = mask_blocks[br0:br1]
         for (a, b), zero in zip(positions, zeroed):
             torch.logical_not(zero & chunk_pruned, out=zero)
@@ -293,3 +301,38 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[:numel].to(torch.bool).reshape(tuple(shape))
+
+
+# -- shards ------------------------------------------------------------------------------
+
+
+def mask_from_pruned(
+    matrix: torch.Tensor,
+    pruned: torch.Tensor,
+    block_shape: tuple[int, int],
+    zeros_per_block: int,
+    norm: str,
+) -> torch.Tensor:
+    """The mask of a 2-D ``matrix`` (bool, its shape; True keeps) given which of its blocks
+    are pruned (bool, ``(ceil(rows / bh), ceil(cols / bw))``): the second half of
+    :func:`norm_block_mask`, for a shard whose blocks were selected elsewhere (see
+    ``distsparse.selection``). Inside a pruned block its ``zeros_per_block`` smallest
+    elements are zeroed, exactly as :func:`norm_block_mask` does.
+    """
+    rows, cols = matrix.shape
+    bh, bw = block_shape
+    n_br, n_bc = -(-rows // bh), -(-cols // bw)
+    if tuple(pruned.shape) != (n_br, n_bc):
+        raise ValueError(f"pruned flags have shape {tuple(pruned.shape)}, expected {(n_br, n_bc)} "
+                         f"for a {rows}x{cols} matrix with blocks {tuple(block_shape)}")
+    mask = torch.empty(n_br * bh, n_bc * bw, dtype=torch.bool, device=matrix.device)
+    if mask.numel() == 0:
+        return mask[:rows, :cols].contiguous()
+    mask_blocks = mask.view(n_br, bh, n_bc, bw).permute(0, 2, 1, 3)
+    pruned = pruned.to(device=matrix.device, dtype=torch.bool)
+    _fill_blocks(mask, torch.logical_not(pruned), block_shape)
+    if zeros_per_block < bh * bw and bool(pruned.any()):
+        _within_block_keep(matrix, pruned, block_shape, zeros_per_block, norm, mask_blocks)
+    if rows != n_br * bh or cols != n_bc * bw:
+        mask = mask[:rows, :cols].contiguous()
+    return mask

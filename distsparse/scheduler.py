@@ -211,6 +211,19 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_schedulable(scheduler: str, sparsifier: BaseDataSparsifier, schedule_param: str,
+                       argument: str, value: float) -> None:
+    """Refuse at construction a value the sparsifier would refuse hundreds of steps later
+    (``LinearScheduler(sp, final_value=1.5)``): it is validated as a config value now."""
+    if not isinstance(sparsifier, BaseDataSparsifier) or schedule_param not in sparsifier.defaults:
+        return  # BaseDataScheduler.__init__ names the problem
+    try:
+        sparsifier._canonical_config(f"<{scheduler} {argument}>",
+                                     {**sparsifier.defaults, schedule_param: value})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{scheduler}: {argument}={value!r} is not a valid {schedule_param} ({exc})") from None
+
+
 def _steps(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -235,6 +248,7 @@ class GammaScheduler(BaseDataScheduler):
         if self.gamma <= 0:
             raise ValueError(f"gamma must be positive, got {gamma!r}")
         self.threshold = _number("threshold", threshold)
+        _check_schedulable(type(self).__name__, data_sparsifier, schedule_param, "threshold", self.threshold)
         super().__init__(data_sparsifier, schedule_param, last_epoch, verbose)
 
     def get_schedule_param(self) -> dict[str, float]:
@@ -282,6 +296,8 @@ class _RampScheduler(BaseDataScheduler):
         self.initial_value = _number("initial_value", initial_value)
         self.start_step = _steps("start_step", start_step, 0)
         self.ramp_steps = _steps("ramp_steps", ramp_steps, 1)
+        for argument, value in (("initial_value", self.initial_value), ("final_value", self.final_value)):
+            _check_schedulable(type(self).__name__, data_sparsifier, schedule_param, argument, value)
         super().__init__(data_sparsifier, schedule_param, last_epoch, verbose)
 
     def _progress(self) -> float:
