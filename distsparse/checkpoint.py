@@ -70,18 +70,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import secrets
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+try:  # POSIX: temporary files are locked while written (see _remove_stale_temps)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no locks, stale temporary files are kept
+    fcntl = None  # type: ignore[assignment]
 
 from .distributed import RankDisagreementError, RemoteError, describe_differences, mark_raised_everywhere
 from .masks import pack_bits, packed_size, unpack_bits
@@ -104,7 +110,10 @@ FORMAT = "distsparse.checkpoint"
 #: ``__metadata__["format_version"]`` written (and the only one read) by this version.
 FORMAT_VERSION = "1"
 
-_MAX_HEADER = 100_000_000  # safetensors' own limit
+# safetensors' MAX_HEADER_SIZE: it refuses bigger headers when writing ("header too large")
+# and when reading.
+_MAX_HEADER = 100_000_000
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -228,8 +237,9 @@ def _disagreement(shared: list[dict[str, Any]]) -> str | None:
 
 
 def _build_file(payloads: list[bytes], replicated_masks: dict[str, torch.Tensor],
-                scheduler_state: dict[str, Any] | None) -> bytes:
-    """The whole checkpoint file as bytes (runs on the writer)."""
+                scheduler_state: dict[str, Any] | None, writer: dict[str, Any] | None = None) -> bytes:
+    """The whole checkpoint file as bytes (runs on the writer). ``writer`` (who writes, see
+    :func:`_writer_identity`) is recorded in the state for the collision check."""
     from safetensors.torch import save as st_save
 
     gathered = [_split_payload(p) for p in payloads]
@@ -255,45 +265,224 @@ def _build_file(payloads: list[bytes], replicated_masks: dict[str, torch.Tensor]
         "scheduler": scheduler_state,
         "checksums": checksums,
     }
+    if writer is not None:
+        state["writer"] = writer
     text = json.dumps(state, sort_keys=True, allow_nan=False)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": text,
                 "json_sha256": _sha256(text.encode("utf-8"))}
+    _check_header_limit(tensors, metadata, what=f"checkpoint of {len(groups):,} groups",
+                        advice="split the groups over several sparsifiers, each saved to its own file")
     return st_save(tensors, metadata=metadata)
 
 
-def _temp_pattern(target: Path) -> re.Pattern[str]:
-    return re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]{{8}}$")
+# -- the safetensors header limit -------------------------------------------------------
 
 
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own earlier, aborted save
+def _header_estimate(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Bytes of the JSON header safetensors will write (its compact JSON; offsets counted
+    with their real digits), without building it."""
+    size = len(json.dumps({"__metadata__": metadata}, separators=(",", ":"), ensure_ascii=False).encode())
+    offset = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        entry = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        size += len(json.dumps({key: entry}, separators=(",", ":"), ensure_ascii=False).encode())
+        offset += nbytes
+    return size
+
+
+def _check_header_limit(tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str,
+                        advice: str = "write fewer groups per file") -> None:
+    """Refuse, in distsparse's words, a file whose header safetensors would refuse
+    ("header too large": it caps headers at ``_MAX_HEADER`` bytes when writing and reading)."""
+    size = _header_estimate(tensors, metadata)
+    if size > _MAX_HEADER:
+        raise ValueError(
+            f"the {what} needs a safetensors header of about {size:,} bytes (names, configs and "
+            f"checksums of {len(tensors):,} tensors), over safetensors' limit of {_MAX_HEADER:,} bytes; "
+            f"{advice}")
+
+
+# -- who writes: the collision check ----------------------------------------------------
+
+
+def _job_token() -> str | None:
+    """A random token shared by every process of this job (created once, in the default
+    process group's store), or None when there is no store to ask."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        return store.compare_set("distsparse/job_token", "", secrets.token_hex(16)).decode()
+    except Exception:  # noqa: BLE001 - no default group / store: the job cannot be named
+        return None
+
+
+def _writer_identity(comm: Any) -> dict[str, Any]:
+    """The writing process group's global ranks, the job's world size and job token."""
+    if not comm.is_distributed:
+        return {"group_ranks": [0], "world_size": 1, "job": None}
+    import torch.distributed as dist
+
+    return {"group_ranks": [comm._global_rank(r) for r in range(comm.world_size)],
+            "world_size": dist.get_world_size(), "job": _job_token()}
+
+
+def _existing_writer(real: Path) -> dict[str, Any] | None:
+    """The ``writer`` recorded in the checkpoint at ``real`` (header only), or None when
+    there is no readable distsparse checkpoint with one (absent, damaged, older)."""
+    try:
+        with open(real, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > _MAX_HEADER:
+                return None
+            header = json.loads(f.read(n))
+        writer = json.loads(header["__metadata__"]["state"]).get("writer")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return writer if isinstance(writer, dict) else None
+
+
+def _check_not_another_group(real: Path, target: Path, writer: dict[str, Any]) -> None:
+    """Refuse to replace a checkpoint that another process group of this job wrote."""
+    existing = _existing_writer(real)
+    if existing is None or writer.get("job") is None or existing.get("job") != writer["job"]:
+        return  # no file, an older file, or another job (a resume, another world size)
+    if existing.get("group_ranks") != writer["group_ranks"]:
+        raise CheckpointError(
+            f"cannot save checkpoint {str(target)!r}: the file there was written in this job by the "
+            f"process group of global ranks {existing.get('group_ranks')}, and this save comes from "
+            f"global ranks {writer['group_ranks']}; sparsifiers on different process groups must save "
+            "to different files (register_for_checkpointing's default filename names the ranks)")
+
+
+def _write_checkpoint(comm: Any, target: Path, payloads: list[bytes], replicated: dict[str, torch.Tensor],
+                      scheduler_state: dict[str, Any] | None) -> None:
+    """Build and atomically write the checkpoint on the writer, refusing a collision."""
+    writer = _writer_identity(comm)
+    _atomic_write(target, _build_file(payloads, replicated, scheduler_state, writer=writer),
+                  check=lambda real: _check_not_another_group(real, target, writer))
+
+
+# -- atomic writes, temporary files and their locks --------------------------------------
+
+# Longest temp-file suffix: ".tmp-" + pid (up to 10 digits) + "-" + 8 hex digits.
+_TEMP_SUFFIX = 24
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _temp_prefix(name: str, name_max: int) -> str:
+    """``.<name>``, or for names near NAME_MAX a shortened ``.<start of name>~<hash>``, so
+    the temporary file's name always fits where the target's does."""
+    prefix = f".{name}"
+    if len(os.fsencode(prefix)) + _TEMP_SUFFIX <= name_max:
+        return prefix
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    keep = name
+    while keep and len(os.fsencode(f".{keep}~{digest}")) + _TEMP_SUFFIX > name_max:
+        keep = keep[:-1]
+    return f".{keep}~{digest}"
+
+
+def _temp_pattern(target: Path) -> re.Pattern[str]:
+    """Names of ``target``'s temporary files (any process, any host)."""
+    prefix = _temp_prefix(target.name, _name_max(target.parent))
+    return re.compile(rf"^{re.escape(prefix)}\.tmp-(\d+)-[0-9a-f]{{8}}$")
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """flock ``fd`` exclusively: True when locked, False when the file system has no locks.
+    Raises BlockingIOError when ``blocking`` is False and another open file holds it."""
+    if fcntl is None:
         return False
-    except (PermissionError, OSError):
-        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS:
+            return False
+        raise
     return True
 
 
-def _remove_stale_temps(target: Path, started: float) -> None:
-    """Delete temp files of earlier saves of ``target`` whose process is gone."""
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporary files of earlier, aborted saves of ``target``.
+
+    A live save holds an exclusive ``flock`` on its temporary file from creation until
+    its rename, and a killed process's locks vanish with it. So a temporary file is stale
+    exactly when this process can lock it: that judges other threads, processes, pid
+    namespaces and hosts (locks through NFS) alike. A file system without locks keeps
+    every temporary file (never a live save deleted).
+    """
     pattern = _temp_pattern(target)
     try:
         entries = list(os.scandir(target.parent))
     except OSError:
         return
     for entry in entries:
-        match = pattern.match(entry.name)
-        if not match:
+        if not pattern.match(entry.name):
             continue
-        try:
-            if entry.stat(follow_symlinks=False).st_mtime > started or _process_alive(int(match.group(1))):
-                continue
-            os.unlink(entry.path)
+        try:  # O_RDWR: NFS emulates flock with write locks; O_NOFOLLOW: a link is not a temp
+            fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | _O_CLOEXEC)
         except OSError:
-            pass  # another save removed it first, or it is not ours to remove
+            continue  # removed meanwhile, or not ours to touch
+        try:
+            if not _lock(fd, blocking=False):
+                continue
+            if os.path.samestat(os.stat(entry.path, follow_symlinks=False), os.fstat(fd)):
+                os.unlink(entry.path)
+        except OSError:
+            pass  # locked by a live save (BlockingIOError), or removed by another save
+        finally:
+            os.close(fd)
+
+
+def _create_temp(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new temporary file beside the target, exclusively locked (when the file system
+    has locks) and still at its name: a cleanup that won the race to the new file's lock
+    has unlinked it, and then another name is taken."""
+    for _ in range(100):
+        temp = folder / f"{prefix}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+        try:
+            if not _lock(fd, blocking=True):
+                return fd, temp
+            if os.path.samestat(os.stat(temp, follow_symlinks=False), os.fstat(fd)):
+                return fd, temp
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        os.close(fd)
+    raise RuntimeError(f"cannot create a temporary file in {str(folder)!r}: each one vanished at once")
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Serialise check-and-rename in ``folder`` (a flock on the folder, where supported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
+    except OSError:
+        fd = -1
+    try:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                _lock(fd, blocking=True)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -305,27 +494,41 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    folder = target.parent
+def _atomic_write(target: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
+    """Write ``data`` to ``target`` atomically: a locked temporary file beside the *real*
+    file (a symlink at ``target`` is resolved and stays a link), fsync, rename, fsync the
+    folder. ``check(real_path)`` runs under a folder lock just before the rename and may
+    refuse it by raising. A crash at any moment leaves the previous file whole."""
+    real = Path(os.path.realpath(target))
+    folder = real.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"cannot save checkpoint {str(target)!r}: folder {str(folder)!r} does not exist")
-    started = time.time()
-    _remove_stale_temps(target, started)
-    temp = folder / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        raise FileNotFoundError(f"cannot save {str(target)!r}: folder {str(folder)!r} does not exist")
+    name_max = _name_max(folder)
+    length = len(os.fsencode(real.name))
+    if length > name_max:
+        raise OSError(errno.ENAMETOOLONG,
+                      f"cannot save {str(target)!r}: the file name {real.name!r} is {length} bytes, longer than "
+                      f"this file system's limit of {name_max} bytes; choose a shorter name")
+    _remove_stale_temps(real)
+    fd, temp = _create_temp(folder, _temp_prefix(real.name, name_max))
     try:
-        with os.fdopen(fd, "wb") as f:
-            view = memoryview(data)
-            while view:
-                written = f.write(view)
-                view = view[written:]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, target)
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(fd, view[: 1 << 30])
+            view = view[written:]
+        os.fsync(fd)
+        if check is None:
+            os.replace(temp, real)
+        else:
+            with _folder_lock(folder):
+                check(real)
+                os.replace(temp, real)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+    finally:
+        os.close(fd)  # releases the temp file's lock only now, after the rename
     _fsync_folder(folder)
 
 
@@ -370,7 +573,7 @@ def _save_in_operation(comm: Any, target: Path, sparsifier: BaseDataSparsifier,
             f"{problems}\nEvery rank must hold the same groups with the same configs.")
 
     def write() -> None:
-        _atomic_write(target, _build_file(payloads, replicated, scheduler_state))
+        _write_checkpoint(comm, target, payloads, replicated, scheduler_state)
 
     # The broadcast of the writer's status is also the barrier: nobody leaves before the
     # file is complete, and a writer error is raised everywhere.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -205,22 +206,30 @@ def test_saving_replaces_the_previous_file_and_leaves_no_temporary_files(saved):
 
 
 def test_stale_temporary_files_of_killed_saves_are_removed_by_the_next_save(saved):
+    """A temp file is stale when nobody holds its lock (its writer died, whatever its pid
+    or host); a locked one is a live save and stays, even when it carries our own pid."""
     path, sp, sch = saved
     folder = path.parent
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead.wait(timeout=60)
     stale = folder / f".{path.name}.tmp-{dead.pid}-0123abcd"
     stale.write_bytes(b"half a checkpoint")
-    alive = folder / f".{path.name}.tmp-{os.getppid()}-89abcdef"  # a live process may be saving
-    alive.write_bytes(b"in progress")
+    own_stale = folder / f".{path.name}.tmp-{os.getpid()}-01234567"  # an aborted save of ours
+    own_stale.write_bytes(b"half")
+    live = folder / f".{path.name}.tmp-{os.getpid()}-89abcdef"  # another thread's live save
+    live.write_bytes(b"in progress")
     other_target = folder / f".other.safetensors.tmp-{dead.pid}-0123abcd"
     other_target.write_bytes(b"not ours")
-    old = time.time() - 60
-    for p in (stale, alive, other_target):
-        os.utime(p, (old, old))
-    save_checkpoint(path, sp, sch)
-    assert not stale.exists()
-    assert alive.exists() and other_target.exists()
+    fd = os.open(live, os.O_WRONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        save_checkpoint(path, sp, sch)
+        assert not stale.exists() and not own_stale.exists()
+        assert live.exists() and other_target.exists()
+    finally:
+        os.close(fd)
+    save_checkpoint(path, sp, sch)  # unlocked now: its writer is gone
+    assert not live.exists() and other_target.exists()
 
 
 def test_a_failed_write_raises_and_leaves_the_previous_checkpoint_whole(saved, monkeypatch):
