@@ -1,0 +1,264 @@
+"""Who computes what in one ``step()``: whole groups and row ranges, balanced by size.
+
+Pure and deterministic: :func:`plan` depends only on the world size and the groups'
+names, 2-D view shapes, block shapes and flags, so every rank computes the same plan
+without talking to the others. The sparsifier recomputes it when its groups change.
+
+**The rule.** ``F = total / N`` is the fair share (elements of all replicated groups over
+the world size). Whole groups are placed largest first on the least-loaded rank (LPT
+greedy, as before this module existed). If that leaves some rank above
+``max(F, U)`` — ``U`` the largest group that may not be split — the largest *splittable*
+groups are split, as few as needed (found by bisection on their count): their elements
+are poured, in name order, into the ranks' room below the common water level, rank by
+rank, each cut rounded to the nearest block row. So:
+
+* a small group (below ``min_split_elements``, fewer than two block rows, or a subclass
+  without the sharded protocol) always stays whole — it never costs selection rounds;
+* groups are split only when balance needs it: 8 equal tables on 2 ranks stay whole;
+* every rank's load is at most ``max(F, U) + b``, ``b`` the largest block row of a split
+  group (the rounding of its two cuts): ``F + b`` whenever no unsplittable group exceeds
+  ``F`` and the splittable ones can even out the rest. Only when the unsplittable groups
+  alone cannot be placed under ``max(F, U)`` (LPT's limit) is it up to ``F + U + b``.
+
+``min_split_elements`` (default 2**20, about 5 ms of scoring on one core) keeps groups
+whose whole computation costs less than the selection rounds' latency from being split.
+
+A split group's shards are contiguous row ranges, in rank order along the rows, each
+starting and ending at a multiple of the block height (the last may end at the last row),
+so no block straddles two ranks. A split group whose pour lands on a single rank is whole.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+__all__ = ["GroupSpec", "GroupPlan", "Plan", "plan", "DEFAULT_MIN_SPLIT_ELEMENTS"]
+
+DEFAULT_MIN_SPLIT_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What the planner needs to know of one group (identical on every rank).
+
+    ``rows, cols``: its 2-D view (``masks.as_matrix``); ``block_shape``: ``(bh, bw)``;
+    ``replicated``: the same data on every rank (a local group is computed by every rank
+    from its own data and is not planned); ``splittable``: its sparsifier implements the
+    sharded protocol (a plain ``update_mask`` subclass sees whole tensors only).
+    """
+
+    name: str
+    rows: int
+    cols: int
+    block_shape: tuple[int, int]
+    replicated: bool = True
+    splittable: bool = True
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def block_row_elements(self) -> int:
+        """Elements of one block row: the granularity of a split."""
+        return self.block_shape[0] * self.cols
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One group's assignment: ``kind`` is ``"whole"`` (``owner`` computes it),
+    ``"split"`` (``ranges`` maps each rank holding rows to its ``(row_start, row_stop)``,
+    ascending with the rank and contiguous; ``owner`` is ``None``) or ``"local"`` (every rank, its own data)."""
+
+    name: str
+    kind: str
+    owner: int | None = None
+    ranges: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def lead(self) -> int | None:
+        """What ``owner_of`` reports: the owner of a whole group; for a split group the
+        rank holding row 0 (the first range); ``None`` for a local group."""
+        if self.kind == "whole":
+            return self.owner
+        if self.kind == "split":
+            return min(self.ranges, key=lambda r: self.ranges[r][0])
+        return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The work of one step on every rank. ``loads[r]``: elements rank ``r`` scores;
+    ``fair_share``: total / world size."""
+
+    world_size: int
+    groups: Mapping[str, GroupPlan]
+    loads: tuple[int, ...]
+    fair_share: float
+    min_split_elements: int
+
+    def assignment(self, name: str) -> dict[int, tuple[int, int]]:
+        """``{rank: (row_start, row_stop)}`` of group ``name``: one entry covering every
+        row for a whole group, one per holding rank for a split one, ``{}`` for a local one."""
+        group = self._get(name)
+        return dict(group.ranges)
+
+    def owner_of(self, name: str) -> int | None:
+        """See :attr:`GroupPlan.lead`."""
+        return self._get(name).lead
+
+    @property
+    def split_names(self) -> list[str]:
+        """Split groups in name order: the groups the step's selection rounds serve."""
+        return [n for n in sorted(self.groups) if self.groups[n].kind == "split"]
+
+    def work_of(self, rank: int) -> list[tuple[str, int, int]]:
+        """``(name, row_start, row_stop)`` of everything ``rank`` computes, in name order
+        (local groups excluded)."""
+        out = []
+        for name in sorted(self.groups):
+            rows = self.groups[name].ranges.get(rank)
+            if rows is not None:
+                out.append((name, rows[0], rows[1]))
+        return out
+
+    def _get(self, name: str) -> GroupPlan:
+        try:
+            return self.groups[name]
+        except KeyError:
+            raise ValueError(f"group {name!r} is not in the plan; planned groups: {sorted(self.groups)}") from None
+
+
+def _lpt(specs: list[GroupSpec], world_size: int) -> tuple[dict[str, int], list[int]]:
+    """Largest first onto the least-loaded rank (name, then lowest rank break ties).
+    Returns the owners and the real element loads (an empty group weighs 1 in the greedy
+    only, so empty groups spread over the ranks)."""
+    heap = [(0, r) for r in range(world_size)]
+    owners: dict[str, int] = {}
+    loads = [0] * world_size
+    for spec in sorted(specs, key=lambda s: (-s.numel, s.name)):
+        load, rank = heapq.heappop(heap)
+        owners[spec.name] = rank
+        loads[rank] += spec.numel
+        heapq.heappush(heap, (load + max(spec.numel, 1), rank))
+    return owners, loads
+
+
+def _water_level(loads: list[int], volume: int) -> Fraction:
+    """Level L with sum(max(0, L - load)) == volume (exact)."""
+    ordered = sorted(loads)
+    for i in range(1, len(ordered) + 1):
+        level = Fraction(volume + sum(ordered[:i]), i)
+        if i == len(ordered) or level <= ordered[i]:
+            return level
+    raise AssertionError("unreachable")
+
+
+def _pour(split: list[GroupSpec], loads: list[int]) -> dict[str, dict[int, tuple[int, int]]]:
+    """Pour the split groups (name order, concatenated) into each rank's room below the
+    water level, rank by rank; cuts rounded to the nearest block row of the cut group."""
+    volume = sum(s.numel for s in split)
+    level = _water_level(loads, volume)
+    offsets, start = [], 0
+    for spec in split:
+        offsets.append(start)
+        start += spec.numel
+    # Cut c_r: where rank r's portion ends, in the concatenated element sequence.
+    cuts, acc = [], Fraction(0)
+    for load in loads:
+        acc += max(Fraction(0), level - load)
+        cuts.append(acc)
+    cuts[-1] = Fraction(volume)
+
+    def snap(position: Fraction) -> tuple[int, int]:
+        """(group index, row) of a cut, rounded to the nearest block row (half up)."""
+        for g in range(len(split) - 1, -1, -1):
+            if position >= offsets[g]:
+                break
+        spec = split[g]
+        block_rows_in = (position - offsets[g]) / spec.block_row_elements
+        row = min(spec.rows, int(block_rows_in + Fraction(1, 2)) * spec.block_shape[0])
+        return g, row
+
+    ranges: dict[str, dict[int, tuple[int, int]]] = {s.name: {} for s in split}
+    prev = (0, 0)
+    for rank, cut in enumerate(cuts):
+        end = snap(cut) if rank < len(cuts) - 1 else (len(split) - 1, split[-1].rows)
+        if end < prev:
+            end = prev
+        for g in range(prev[0], end[0] + 1):
+            row_start = prev[1] if g == prev[0] else 0
+            row_stop = end[1] if g == end[0] else split[g].rows
+            if row_stop > row_start:
+                ranges[split[g].name][rank] = (row_start, row_stop)
+        prev = end
+    return ranges
+
+
+def plan(world_size: int, groups: Iterable[GroupSpec], *,
+         min_split_elements: int = DEFAULT_MIN_SPLIT_ELEMENTS) -> Plan:
+    """The deterministic plan of one step (see the module docstring for the rule)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    specs = sorted(groups, key=lambda s: s.name)
+    for a, b in zip(specs, specs[1:]):
+        if a.name == b.name:
+            raise ValueError(f"group {a.name!r} is listed twice")
+    for s in specs:
+        if s.rows < 0 or s.cols < 0 or len(s.block_shape) != 2 or min(s.block_shape) < 1:
+            raise ValueError(f"group {s.name!r}: bad shape {(s.rows, s.cols)} or block shape {s.block_shape}")
+    local = [s for s in specs if not s.replicated]
+    planned = [s for s in specs if s.replicated]
+    total = sum(s.numel for s in planned)
+    fair = total / world_size
+
+    def eligible(s: GroupSpec) -> bool:
+        return (world_size > 1 and s.splittable and s.numel >= min_split_elements
+                and s.rows > s.block_shape[0])
+
+    candidates = sorted((s for s in planned if eligible(s)), key=lambda s: (-s.numel, s.name))
+    fixed = [s for s in planned if not eligible(s)]
+    floor = max([fair] + [s.numel for s in fixed])  # no plan beats the largest unsplittable group
+
+    def attempt(m: int):
+        split = sorted(candidates[:m], key=lambda s: s.name)
+        owners, loads = _lpt(fixed + candidates[m:], world_size)
+        return split, owners, loads
+
+    def balanced(m: int) -> bool:
+        return max(attempt(m)[2]) <= floor
+
+    # Fewest splits whose whole-group loads stay under the floor (bisection; LPT is not
+    # strictly monotone in m, so the answer is a count that works, not always the least).
+    must = sum(1 for s in candidates if s.numel > fair)
+    lo, hi = must, len(candidates)
+    if balanced(lo):
+        hi = lo
+    elif balanced(hi):
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if balanced(mid):
+                hi = mid
+            else:
+                lo = mid
+    split, owners, loads = attempt(hi)
+    by_name = {s.name: s for s in planned}
+    result: dict[str, GroupPlan] = {
+        name: GroupPlan(name, "whole", rank, {rank: (0, by_name[name].rows)}) for name, rank in owners.items()
+    }
+    if split:
+        for name, ranges in _pour(split, loads).items():
+            for rank, (a, b) in ranges.items():
+                loads[rank] += (b - a) * by_name[name].cols
+            if len(ranges) == 1:  # the pour landed on one rank: no selection rounds needed
+                (rank,) = ranges
+                result[name] = GroupPlan(name, "whole", rank, dict(ranges))
+            else:
+                result[name] = GroupPlan(name, "split", None, dict(sorted(ranges.items())))
+    for s in local:
+        result[s.name] = GroupPlan(s.name, "local")
+    return Plan(world_size=world_size, groups={n: result[n] for n in sorted(result)},
+                loads=tuple(loads), fair_share=fair, min_split_elements=min_split_elements)
