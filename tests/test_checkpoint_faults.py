@@ -3,11 +3,13 @@ a save killed with SIGKILL at any moment leaves the previous checkpoint whole.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
+import selectors
 import signal
 import subprocess
 import sys
@@ -260,9 +262,21 @@ def _table() -> torch.Tensor:
 
 # A fork server: imports torch once, then forks a writer on demand that saves versions
 # start, start+1, ... forever (until the test SIGKILLs it), and reaps it when asked.
+#
+# The protocol is built so that no line can be lost and no wait can last forever (issue 9):
+# * commands are read with os.read on fd 0 (no buffered reader whose state a fork copies),
+#   and every reply is one os.write of one whole line (atomic on a pipe), never print();
+# * the writer child gets /dev/null as stdin (it can never take a command meant for the
+#   zygote) and reports *every* way it ends: "saved <version>" lines, then "error <pid> ..."
+#   with the traceback on stderr if anything raises — before, an exception in the child was
+#   swallowed by os._exit(1), no "saved" line ever came and the test blocked in readline
+#   while the zygote blocked reading its next command;
+# * the zygote dumps its stack (and the child's) to stderr on SIGUSR1, and the test reads
+#   every line with a deadline, sending SIGUSR1 and quoting stderr when one passes.
 _ZYGOTE = textwrap.dedent(
     """
-    import os, sys
+    import faulthandler, os, signal, sys, traceback
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[2])
@@ -270,45 +284,115 @@ _ZYGOTE = textwrap.dedent(
     from distsparse import DataNormSparsifier, save_checkpoint
     path = sys.argv[1]
     table = torch.nn.Parameter(_table())
-    for line in sys.stdin:
-        cmd, arg = line.split()
-        if cmd == "go":
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    sp = DataNormSparsifier(sparse_block_shape=(1, 4))
-                    sp.add_data("table.weight", table)
-                    version = int(arg)
-                    while True:
-                        sp.data_groups["table.weight"]["sparsity_level"] = _level(version)
-                        sp.step()
-                        sp.step_count = version
-                        save_checkpoint(path, sp)
-                        print("saved", version, flush=True)
-                        version += 1
-                finally:
-                    os._exit(1)
-            print("pid", pid, flush=True)
-        elif cmd == "reap":
-            _, status = os.waitpid(int(arg), 0)
-            print("status", status, flush=True)
+
+    def say(*words):
+        os.write(1, (" ".join(str(w) for w in words) + "\\n").encode())
+
+    def writer(version):
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            sp = DataNormSparsifier(sparse_block_shape=(1, 4))
+            sp.add_data("table.weight", table)
+            while True:
+                sp.data_groups["table.weight"]["sparsity_level"] = _level(version)
+                sp.step()
+                sp.step_count = version
+                save_checkpoint(path, sp)
+                say("saved", version)
+                version += 1
+        except BaseException as exc:
+            traceback.print_exc()
+            sys.stderr.flush()
+            say("error", os.getpid(), repr(exc).replace("\\n", " "))
+        finally:
+            os._exit(1)
+
+    pending = b""
+    while True:
+        chunk = os.read(0, 4096)
+        if not chunk:
+            break
+        pending += chunk
+        while b"\\n" in pending:
+            line, pending = pending.split(b"\\n", 1)
+            cmd, arg = line.decode().split()
+            if cmd == "go":
+                pid = os.fork()
+                if pid == 0:
+                    writer(int(arg))
+                say("pid", pid)
+            elif cmd == "reap":
+                _, status = os.waitpid(int(arg), 0)
+                say("status", status)
     """
 )
 
+_LINE_DEADLINE = 60.0  # seconds for any one reply; a save takes ~50 ms, even loaded < 5 s
 
-def _expect(proc: subprocess.Popen, tag: str) -> str:
-    """The value of the next stdout line ``<tag> <value>`` (skipping stale progress lines)."""
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"the writer process ended while waiting for {tag!r}")
-        key, _, value = line.strip().partition(" ")
-        if key == tag:
-            return value
+
+class _Zygote:
+    """The fork server, read line by line with a deadline on every read."""
+
+    def __init__(self, path: Path, stderr_path: Path) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        self.stderr_path = stderr_path
+        with open(stderr_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(path), str(Path(__file__).parent)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
+                                         start_new_session=True)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+        self.buffer = b""
+        self.child: int | None = None
+
+    def send(self, line: str) -> None:
+        os.write(self.proc.stdin.fileno(), f"{line}\n".encode())
+
+    def _fail(self, why: str) -> None:
+        for pid in (self.proc.pid, self.child):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)  # faulthandler: stacks to the stderr file
+        time.sleep(1.0)
+        stderr = self.stderr_path.read_text(errors="replace")[-6000:]
+        raise AssertionError(f"{why}\n--- zygote/writer stderr ---\n{stderr}")
+
+    def expect(self, tag: str, timeout: float = _LINE_DEADLINE) -> str:
+        """The value of the next line ``<tag> <value>`` (skipping stale progress lines);
+        fails with both processes' stacks when none comes within ``timeout`` seconds or
+        the writer reports an error."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\n", 1)
+                key, _, value = raw.decode().strip().partition(" ")
+                if key == "error":
+                    self._fail(f"the writer process raised while the test waited for {tag!r}: {value}")
+                if key == tag:
+                    return value
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.selector.select(timeout=left):
+                self._fail(f"no {tag!r} line within {timeout:g} s (writer pid {self.child})")
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                self._fail(f"the zygote process ended (exit code {self.proc.poll()}) while waiting for {tag!r}")
+            self.buffer += chunk
+
+    def close(self) -> None:
+        self.selector.close()
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def test_a_save_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_path):
-    path = tmp_path / "ckpt.safetensors"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = folder / "ckpt.safetensors"
     table = torch.nn.Parameter(_table())
     expected: dict[int, torch.Tensor] = {}
 
@@ -317,10 +401,7 @@ def test_a_save_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_pa
             expected[version] = norm_block_mask(table.detach(), _level(version), (1, 4), 4, "L1")
         return expected[version]
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(path), str(Path(__file__).parent)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    zygote = _Zygote(path, tmp_path / "zygote.stderr")
     rng = random.Random(20261125)
     kills, interrupted, versions_seen = 0, 0, []
     deadline = time.monotonic() + 40
@@ -329,25 +410,25 @@ def test_a_save_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_pa
     per_save = 0.05  # seconds; refined from the writer's progress lines
     try:
         while kills < 36 and time.monotonic() < deadline:
-            zygote.stdin.write(f"go {next_version}\n")
-            zygote.stdin.flush()
-            pid = int(_expect(zygote, "pid"))
+            zygote.send(f"go {next_version}")
+            pid = zygote.child = int(zygote.expect("pid"))
             # Let 0-2 saves complete, then kill at a random moment of the next one(s):
             # the delay is drawn from the measured time per save, so kills land inside
             # save_checkpoint (packing, writing, fsync, rename) as well as between saves.
             started = time.monotonic()
             for _ in range(rng.randint(0, 2)):
-                _expect(zygote, "saved")
+                zygote.expect("saved")
                 per_save = 0.7 * per_save + 0.3 * (time.monotonic() - started)
                 started = time.monotonic()
             time.sleep(rng.uniform(0.0, 1.5 * per_save))
             os.kill(pid, signal.SIGKILL)
-            zygote.stdin.write(f"reap {pid}\n")
-            zygote.stdin.flush()
-            status = int(_expect(zygote, "status"))
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            zygote.send(f"reap {pid}")
+            status = int(zygote.expect("status"))
+            zygote.child = None
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+                f"the writer ended by itself (wait status {status}) instead of being killed"
             kills += 1
-            temps = [p for p in os.listdir(tmp_path) if p != path.name]
+            temps = [p for p in os.listdir(folder) if p != path.name]
             assert len(temps) <= 1, f"temporary files pile up: {temps}"
             interrupted += len(temps)
             if not path.exists():  # killed before its first save completed
@@ -364,8 +445,7 @@ def test_a_save_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_pa
             last_version = version
             next_version = version + 1
     finally:
-        zygote.kill()
-        zygote.wait()
+        zygote.close()
     assert kills >= 30
     assert interrupted >= 1, "no kill landed inside a save: the test would prove nothing"
     assert len(set(versions_seen)) >= 10, versions_seen  # saves really happened between kills
@@ -373,8 +453,29 @@ def test_a_save_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_pa
     sp = DataNormSparsifier(sparse_block_shape=(1, 4))
     sp.add_data("table.weight", table)
     save_checkpoint(path, sp)
-    assert os.listdir(tmp_path) == [path.name]
+    assert os.listdir(folder) == [path.name]
     print(f"{kills} SIGKILLs survived ({interrupted} mid-save), {len(set(versions_seen))} versions verified")
+
+
+def test_the_kill_test_fails_fast_and_clearly_when_the_writer_dies_instead_of_hanging(tmp_path):
+    """The cause of issue 9's hang: a writer that raised was invisible to the test, which
+    then waited for a "saved" line forever. Now the error line (or the deadline) ends it."""
+    bad = tmp_path / "missing-folder" / "ckpt.safetensors"  # every save raises FileNotFoundError
+    zygote = _Zygote(bad, tmp_path / "zygote.stderr")
+    try:
+        zygote.send("go 0")
+        zygote.child = int(zygote.expect("pid"))
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match="writer process raised.*FileNotFoundError") as info:
+            zygote.expect("saved")
+        assert time.monotonic() - started < 30
+        assert "Traceback" in str(info.value)  # the writer's own traceback is quoted
+        zygote.send(f"reap {zygote.child}")
+        assert os.WEXITSTATUS(int(zygote.expect("status"))) == 1
+        with pytest.raises(AssertionError, match="no 'saved' line within 0.5 s"):
+            zygote.expect("saved", timeout=0.5)
+    finally:
+        zygote.close()
 
 
 # ----------------------------------------------------------------------------------------
