@@ -6,10 +6,9 @@
     python examples/train_dlrm.py                                                     # 1 process, no launcher
 
 Run from the repository root. By default the run trains the sparse model AND a dense
-baseline side by side and reports what sparsity cost; `--no-baseline` skips the baseline
-(faster: the default 2-process CPU run trains in ~27 s instead of ~36 s), `--dense` trains
-only a dense model (no sparsifier),
-`--csv PATH` trains on your own `user,item,label` rows, `--help` lists the rest.
+baseline side by side and reports what sparsity cost; `--no-baseline` skips the baseline,
+`--dense` trains only a dense model (no sparsifier), `--csv PATH` trains on your own
+`user,item,label` rows. Every option and its default is listed below.
 
 DLRM-style click model whose embedding tables are sparsified during training by
 distsparse, trained with HuggingFace accelerate (DDP), resumable after a crash.
@@ -20,8 +19,10 @@ What it does
   (400k rows by default; users and items with Zipf popularity and latent factors, items
   with 1-3 categories, hour/device/region context, 4 dense features; labels drawn from a
   logistic model, so the task is learnable), split 90/10 into train/validation.
-  `--csv PATH` reads `user,item,label` rows instead (ids may be any tokens; the item's
-  category bag is derived from a hash of the item id, context/dense features are 0).
+  `--csv PATH` reads `user,item,label` rows instead (ids may be any tokens, labels 0 or 1;
+  the item's category bag is derived from a hash of the item id, context/dense features
+  are 0). The run says how many epochs it makes over the training rows and warns when
+  they are many (the dense baseline then overfits).
 * Model: tables `user`, `item` (nn.Embedding), `item_category` (nn.EmbeddingBag, mean
   over up to 3 categories, padding index 0), `hour`, `device`, `region` (small
   nn.Embedding), a bottom MLP for the dense features, pairwise dot-product interactions
@@ -37,37 +38,48 @@ What it does
   (gradual magnitude pruning); after the ramp the level stays at `--final-sparsity`.
 * Dense baseline (default): a second model, a `copy.deepcopy` of the sparse model taken
   before training (same initial weights) with its own Adam optimizer (same
-  hyper-parameters) and no sparsifier, is trained in the same loop, on the same batches,
-  for the same number of steps. Both models go through `accelerator.prepare` (each is
-  its own DDP module, kept in sync across ranks) and both, with their optimizers, are in
-  every checkpoint (`accelerator.save_state` writes `model.safetensors` /
-  `model_1.safetensors`, `optimizer.bin` / `optimizer_1.bin`), so a resumed run continues
-  both exactly. At the end both are evaluated on the validation set: "dense baseline @
-  step N" vs "sparse @ step N", and the difference is what sparsity cost. The step log
-  lines show both training losses. `--no-baseline` trains the sparse model alone and
-  instead reports the validation metrics of the sparse model at step S0 =
-  `--start-step` (still dense then, but trained for fewer steps: only a rough reference).
-  A checkpoint written with a baseline can only be resumed with one, and vice versa.
+  hyper-parameters) and no sparsifier, trained in the same loop on the same batches for
+  the same number of steps. Both models (and optimizers) are prepared by accelerate and
+  are in every checkpoint (`model.safetensors` / `model_1.safetensors`, `optimizer.bin` /
+  `optimizer_1.bin`), so a resumed run continues both exactly. At the end both are
+  evaluated on the validation set and the difference is what sparsity cost.
+  `--no-baseline` trains the sparse model alone and reports the sparse model at step
+  S0 = `--start-step` (still dense then, fewer steps: only a rough reference). A checkpoint
+  written with a baseline can only be resumed with one, and vice versa.
+* Data order: the training permutation depends only on (seed, epoch) (`EpochSampler`),
+  and a checkpoint records the epoch and how many samples of it were consumed. A resumed
+  run continues that epoch at exactly that sample (the sampler starts there; accelerate's
+  `skip_first_batches` is not used: in accelerate 1.15 its loader does not pass
+  `set_epoch` on to a custom sampler under several processes, which replayed epoch 0's
+  order after the first epoch). Same world size and batch size: the resumed run follows
+  the uninterrupted one step for step, bit for bit. Another world size or `--batch-size`:
+  it says what changed (global batch, steps per epoch) and still sees every sample of
+  the epoch once.
 * Checkpoints: `accelerator.save_state()` every `--save-every` steps into
   `OUTPUT_DIR/ckpt/step_000120/` (model, optimizer, RNG states, plus distsparse's
   safetensors sparsity state through `distsparse.register_for_checkpointing`) and a
   `train_state.json`; after every rank has finished writing (`wait_for_everyone`), the
-  main process writes a `COMPLETE` marker, and only then deletes checkpoints beyond the
-  newest `--keep`. A folder without the marker is never resumed from.
-* Resume: by default from the newest folder with a `COMPLETE` marker (or `--resume PATH`,
-  or `--resume none` to start over): `accelerator.load_state()`, step counter from
-  `train_state.json`, and `accelerator.skip_first_batches()` to continue inside the
-  epoch. The data order depends only on (seed, epoch), so a resumed run follows the
-  uninterrupted run step for step.
+  main process writes a `COMPLETE` marker, and only then deletes the complete checkpoints
+  beyond the newest `--keep` among those at or before the step just written (a newer
+  folder, e.g. one skipped as damaged, is never counted or deleted: it is replaced when
+  the run reaches its step again).
+* Resume (`--resume auto`, the default): the checkpoint folders are tried newest first;
+  a folder without `COMPLETE`, with an unreadable `train_state.json` or whose files fail
+  to load (distsparse verifies every tensor's sha256) is skipped, and one line names each
+  skipped folder and why. The run resumes from the newest one that loads, and stops with
+  an error (deleting nothing) when complete checkpoints exist but none loads.
+  `--resume PATH` loads exactly PATH or stops with one message; `--resume none` starts
+  over. A finished run (summary.json at the newest checkpoint's step >= `--max-steps`)
+  is not redone: it says so and exits 0.
 * Output: a tqdm bar on the local main process; every `--log-every` steps a line with
   loss, throughput and per-table sparsity (also sent to `accelerator.log`, with trackers
-  when `--log-with` is given); a final summary (zeroed parameters per table, dense bytes
-  vs. bytes of a (1,4)-block sparse encoding = kept blocks * 4 values * 4 bytes + a
-  1-bit-per-block bitmap, validation loss and AUC of each model and their difference) and
-  `OUTPUT_DIR/summary.json` (`val`: the trained (sparse) model; `val_dense_baseline` and
-  `baseline_cost`: the baseline and sparse minus baseline, null without a baseline;
-  `dense_reference`: the step-S0 evaluation under `--no-baseline`), with a sha256 digest
-  of every mask, of both models' weights and the last scheduled values.
+  when `--log-with` is given); at the end the sparsified tables are exported with
+  `distsparse.save_sparse_data` to `OUTPUT_DIR/sparse_tables.safetensors` (kept (1,4)
+  blocks' values + 1 bit per block), and a summary: zeroed parameters per table, dense
+  bytes vs the blocks' payload, the real export file size vs the same tables saved dense
+  in safetensors, validation loss and AUC of each model and their difference;
+  `OUTPUT_DIR/summary.json` holds it all with a sha256 digest of every mask, of every
+  table's final weights, of both models' weights and the last scheduled values.
 * `--crash-at-step N` ends every rank with `os._exit(1)` right after step N (after that
   step's checkpoint, if any): used to test crash/resume.
 """
@@ -82,6 +94,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -95,6 +108,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
+from safetensors.torch import save as safetensors_bytes
 
 try:
     from tqdm.auto import tqdm
@@ -113,6 +127,12 @@ TABLES = ("user", "item", "item_category", "hour", "device", "region")
 N_DENSE = 4
 MAX_CATS = 3
 CKPT_RE = re.compile(r"^step_(\d{6,})$")
+EXPORT_NAME = "sparse_tables.safetensors"
+MANY_EPOCHS = 5  # warn from this many passes over the training rows
+
+
+class JobError(Exception):
+    """A refusal with a message for the user: printed once, no traceback, exit code 2."""
 
 
 # --------------------------------------------------------------------------- data
@@ -157,7 +177,9 @@ def synthetic_clicks(rows: int, n_users: int, n_items: int, n_cats: int, seed: i
 
 
 def csv_clicks(path: str, n_cats: int):
-    """`user,item,label` rows (a header line is skipped). Ids are arbitrary tokens."""
+    """`user,item,label` rows (a header line is skipped). Ids are arbitrary tokens; a label
+    must be 0 or 1 (a click log: anything else is refused with its line number, never
+    clamped)."""
     users, items, labels = [], [], []
     with open(path, newline="") as f:
         for i, row in enumerate(csv.reader(f)):
@@ -171,6 +193,8 @@ def csv_clicks(path: str, n_cats: int):
                 if i == 0:
                     continue  # header
                 raise ValueError(f"{path}:{i + 1}: label {row[2]!r} is not a number") from None
+            if lab not in (0.0, 1.0):
+                raise ValueError(f"{path}:{i + 1}: label {row[2].strip()!r} is not 0 or 1 (a click label)")
             users.append(row[0].strip()); items.append(row[1].strip()); labels.append(lab)
     if not labels:
         raise ValueError(f"{path}: no rows")
@@ -184,24 +208,36 @@ def csv_clicks(path: str, n_cats: int):
     h[:, 2] = 0
     z = torch.zeros(rows, dtype=torch.long)
     return dict(user=user, item=item, cats=h, hour=z, device=z.clone(), region=z.clone(),
-                dense=torch.zeros(rows, N_DENSE), label=torch.tensor(labels).clamp(0, 1))
+                dense=torch.zeros(rows, N_DENSE), label=torch.tensor(labels))
 
 
 class EpochSampler(Sampler):
-    """Permutation that depends only on (seed, epoch): a resumed run sees the same order."""
+    """Permutation that depends only on (seed, epoch), optionally entered mid-epoch.
+
+    `start_at(epoch, position)` makes the pass over `epoch` begin at that position of its
+    permutation (a resumed run continues exactly where the checkpoint stopped, whatever
+    the global batch now is); every other epoch is whole.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
+        self._resume = (-1, 0)  # (epoch, first position) of a resumed epoch
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
+    def start_at(self, epoch: int, position: int):
+        self.epoch, self._resume = epoch, (epoch, position)
+
+    def _first(self) -> int:
+        return self._resume[1] if self._resume[0] == self.epoch else 0
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g)[self._first():].tolist())
 
     def __len__(self):
-        return self.n
+        return self.n - self._first()
 
 
 # --------------------------------------------------------------------------- model
@@ -273,7 +309,8 @@ def evaluate(model, data, device, batch=8192):
 
 
 def mask_stats(mask: torch.Tensor, weight: torch.Tensor, block=4):
-    """Zeroed params, dense bytes and bytes of a (1, block) block-sparse encoding."""
+    """Zeroed params, dense bytes and the payload of a (1, block) block-sparse encoding:
+    kept blocks' values plus a 1-bit-per-block bitmap (the export file adds its header)."""
     m = mask.detach().bool().cpu().reshape(-1, mask.shape[-1])
     rows, cols = m.shape
     nb = -(-cols // block)
@@ -287,7 +324,7 @@ def mask_stats(mask: torch.Tensor, weight: torch.Tensor, block=4):
         "zeroed": int((~mask.bool()).sum()),
         "sparsity": 1.0 - float(mask.float().mean()),
         "dense_bytes": weight.numel() * es,
-        "sparse_bytes": kept_blocks * block * es + -(-(rows * nb) // 8),
+        "blocks_bytes": kept_blocks * block * es + -(-(rows * nb) // 8),
         "kept_blocks": kept_blocks,
         "blocks": rows * nb,
     }
@@ -299,6 +336,7 @@ def mask_digest(mask: torch.Tensor) -> str:
 
 # --------------------------------------------------------------------------- checkpoints
 def list_checkpoints(root: Path, complete_only=True):
+    """[(step, folder)] of `step_NNNNNN` folders, oldest first."""
     if not root.is_dir():
         return []
     out = []
@@ -309,13 +347,21 @@ def list_checkpoints(root: Path, complete_only=True):
     return sorted(out)
 
 
-def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int):
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, distrusted: set):
+    """Write `root/step_NNNNNN` on every rank, mark it COMPLETE, then apply retention.
+
+    Retention counts only complete folders at or before `step` that are not `distrusted`
+    (skipped as damaged when this run resumed): a folder newer than the run's position, or
+    a damaged one, never pushes a good checkpoint out. Incomplete folders older than
+    `step` are leftovers of interrupted saves and are removed.
+    """
     path = root / f"step_{step:06d}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if path.exists():              # leftover of a crashed save: never trust it
+        if path.exists():              # leftover of a crashed save or a damaged folder: replaced
             shutil.rmtree(path)
         path.mkdir(parents=True)
+    distrusted.discard(path.name)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path))  # every rank: model/optimizer (main), RNG (each), sparsity hook
     if accelerator.is_main_process:
@@ -326,9 +372,8 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int):
     if accelerator.is_main_process:
         with open(path / "COMPLETE", "w") as f:
             f.write(f"{step}\n"); f.flush(); os.fsync(f.fileno())
-        # only now drop old checkpoints (and incomplete ones older than this)
-        complete = list_checkpoints(root)
-        for s, p in complete[:-keep] if keep > 0 else []:
+        trusted = [(s, p) for s, p in list_checkpoints(root) if s <= step and p.name not in distrusted]
+        for _, p in trusted[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
         for s, p in list_checkpoints(root, complete_only=False):
             if s < step and not (p / "COMPLETE").is_file():
@@ -337,41 +382,271 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int):
     return path
 
 
-# --------------------------------------------------------------------------- main
+def inspect_checkpoint(path: Path, sparse: bool, baseline: bool):
+    """Rank 0's look at a folder before loading: ("ok", train_state), ("skip", why) for a
+    folder that cannot be resumed from, or ("fatal", why) when it was written by a run
+    configured differently (older folders were too: no point falling back)."""
+    if not path.is_dir():
+        return "skip", "not a folder"
+    if not (path / "COMPLETE").is_file():
+        return "skip", "no COMPLETE marker: its save did not finish"
+    try:
+        st = json.loads((path / "train_state.json").read_text())
+        int(st["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return "skip", f"train_state.json unreadable ({type(exc).__name__}: {exc})"
+    if "sparse" in st and bool(st["sparse"]) != sparse:
+        return "fatal", (f"{path} was written by a {'sparse' if st['sparse'] else '--dense'} run; resume it "
+                         f"{'without' if st['sparse'] else 'with'} --dense, or start over with "
+                         f"--resume none / another --output-dir")
+    if bool(st.get("baseline", False)) != baseline:
+        return "fatal", (f"{path} was written {'with' if st.get('baseline') else 'without'} a dense "
+                         f"baseline model; resume it {'without' if st.get('baseline') else 'with'} "
+                         f"--no-baseline, or start over with --resume none / another --output-dir")
+    return "ok", st
+
+
+def _one_line(exc: BaseException, folder: Path) -> str:
+    """An exception as one short line, paths inside `folder` shown relative to it."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.replace(str(folder) + os.sep, "")
+
+
+def all_ranks(obj):
+    """Every rank's `obj`, in rank order (a collective when distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def resume(accelerator, args, ckpt_root: Path, sparse: bool, baseline: bool, say):
+    """Load the checkpoint to continue from on every rank; return (folder, train_state,
+    skipped names) or (None, None, skipped names) to start from scratch.
+
+    Every decision is rank 0's (broadcast), and a load counts only if it succeeded on
+    every rank (gathered), so all ranks always agree. A failed `load_state` may have
+    changed some state (weights, optimizer) before raising; the next candidate's
+    `load_state` overwrites all of it, and with no candidate left the run stops.
+    """
+    if args.resume == "none":
+        return None, None, []
+    explicit = args.resume != "auto"
+    names = [None]
+    if accelerator.is_main_process:
+        names[0] = ([args.resume] if explicit else
+                    [str(p) for _, p in reversed(list_checkpoints(ckpt_root, complete_only=False))])
+    broadcast_object_list(names)
+    skipped, complete_seen = [], False
+    for name in names[0]:
+        path = Path(name)
+        verdict = [None]
+        if accelerator.is_main_process:
+            verdict[0] = inspect_checkpoint(path, sparse, baseline)
+        broadcast_object_list(verdict)
+        kind, detail = verdict[0]
+        if kind == "fatal":
+            raise JobError(detail)
+        if kind == "ok":
+            complete_seen = True
+            try:
+                accelerator.load_state(str(path))
+                error = None
+            except Exception as exc:  # any failure: damaged file, missing file, shape change...
+                error = _one_line(exc, path)
+            errors = [(r, e) for r, e in enumerate(all_ranks(error)) if e is not None]
+            if not errors:
+                if skipped:
+                    say(f"resume: skipped {'; '.join(skipped)}; resuming from {path.name}")
+                return path, detail, [s.split(" ", 1)[0] for s in skipped]
+            rank, detail = errors[0]
+            if accelerator.num_processes > 1 and len(errors) < accelerator.num_processes:
+                detail += f" (on rank{'s' if len(errors) > 1 else ''} {', '.join(str(r) for r, _ in errors)})"
+        if explicit:
+            raise JobError(f"cannot resume from {path}: {detail}. `--resume PATH` never falls back; "
+                           f"use --resume auto to take the newest checkpoint that loads, or --resume none")
+        skipped.append(f"{path.name} ({detail})")
+    if complete_seen:
+        raise JobError(f"no checkpoint in {ckpt_root} can be resumed from: {'; '.join(skipped)}. Nothing was "
+                       f"deleted; start over with --resume none or another --output-dir")
+    if skipped:
+        say(f"resume: skipped {'; '.join(skipped)}; no complete checkpoint, starting from scratch")
+    return None, None, [s.split(" ", 1)[0] for s in skipped]
+
+
+def finished_message(args, out: Path, ckpt_root: Path):
+    """Rank 0: a message when this output folder already holds the finished run, else None."""
+    if args.resume != "auto" or not (out / "summary.json").is_file():
+        return None
+    try:
+        final = int(json.loads((out / "summary.json").read_text())["final_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ckpts = list_checkpoints(ckpt_root)
+    if final < args.max_steps or not ckpts or ckpts[-1][0] != final:
+        return None
+    export = out / EXPORT_NAME
+    return (f"already finished: step {final} (--max-steps {args.max_steps}); the summary is {out / 'summary.json'}"
+            + (f", the exported tables {export}" if export.is_file() else "")
+            + ". Nothing to do: pass a larger --max-steps to train on, or --resume none (or another "
+              "--output-dir) to start over.")
+
+
+def position_after_resume(st: dict, n_train: int, batch_size: int, world: int, steps_per_epoch: int):
+    """(epoch, first sample of the epoch, note) to continue from a checkpoint's train_state.
+
+    The checkpoint says which epoch it was in and how many samples of that epoch's
+    permutation were consumed; the run continues at exactly that sample, so no sample of
+    the epoch is seen twice or skipped, whatever the global batch is now. The note (None
+    when nothing changed) says what did change.
+    """
+    old_world = int(st.get("world_size") or world)
+    old_bs = int(st.get("batch_size") or batch_size)
+    old_gb, new_gb = old_bs * old_world, batch_size * world
+    epoch = int(st.get("epoch", st["step"] // max(1, steps_per_epoch)))
+    pos = int(st["epoch_position"]) if "epoch_position" in st else int(st.get("batch_in_epoch", 0)) * old_gb
+    if old_gb == new_gb and old_world == world:
+        return epoch, pos, None
+    left = n_train - pos
+    note = (f"resized: {old_world} processes x batch {old_bs} -> {world} x {batch_size}: global batch "
+            f"{old_gb} -> {new_gb} samples per step, {n_train // old_gb} -> {steps_per_epoch} steps per epoch.\n"
+            f"resized: epoch {epoch} continues at sample {pos} of {n_train} exactly, so no sample of it is seen "
+            f"again or skipped; its remaining {left} samples make {left // new_gb} steps, the last {left % new_gb} "
+            f"are dropped (drop_last; {left % old_gb} at the old size). Steps (and the sparsity schedule, which "
+            f"counts steps) continue from {st['step']}, now {new_gb} samples each.")
+    return epoch, pos, note
+
+
+# --------------------------------------------------------------------------- arguments
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written, and every option's default."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # every rank parses the same arguments: only one of them prints the usage error
+        if os.environ.get("RANK", "0") == "0":
+            self.print_usage(sys.stderr)
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _number(kind, lo=None, hi=None, lo_open=False):
+    """argparse type: a `kind` number in [lo, hi] ((lo, hi] with lo_open), finite."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) \
+                or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(
+                f"{text} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi is not None
+                else f"{text} must be {'>' if lo_open else '>='} {lo:g}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="runs/dlrm")
-    p.add_argument("--max-steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=512, help="per process")
-    p.add_argument("--lr", type=float, default=4e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rows", type=int, default=400_000, help="synthetic rows (train+validation)")
-    p.add_argument("--num-users", type=int, default=6000)
-    p.add_argument("--num-items", type=int, default=2000)
-    p.add_argument("--num-categories", type=int, default=120)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--csv", default=None, help="read user,item,label rows instead of synthetic data")
+    p = _Parser(description=__doc__.split("What it does")[0].strip("\n"), formatter_class=_HelpFormatter,
+                epilog="How it works (data order, checkpoints, resume, summary): the docstring of examples/train_dlrm.py.")
+    count = _number(int, 1)
+    p.add_argument("--output-dir", default="runs/dlrm", help="checkpoints (ckpt/), summary.json and the exported tables")
+    p.add_argument("--max-steps", type=count, default=600, help="training steps in all (a resumed run counts on)")
+    p.add_argument("--batch-size", type=count, default=512, help="per process; the global batch is this x processes")
+    p.add_argument("--lr", type=_number(float, 0.0, lo_open=True), default=4e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=_number(int, 0), default=0, help="data, split, initial weights and data order")
+    p.add_argument("--rows", type=_number(int, 20), default=400_000, help="synthetic rows (train+validation)")
+    p.add_argument("--num-users", type=count, default=6000, help="synthetic users")
+    p.add_argument("--num-items", type=count, default=2000, help="synthetic items")
+    p.add_argument("--num-categories", type=count, default=120, help="item categories")
+    p.add_argument("--dim", type=count, default=16, help="embedding dimension")
+    p.add_argument("--csv", default=None, help="read user,item,label rows (labels 0/1) instead of synthetic data")
     p.add_argument("--dense", action="store_true", help="train only a dense model: no sparsifier, no baseline")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not train the same-length dense baseline next to the sparse model (faster)")
-    p.add_argument("--final-sparsity", type=float, default=0.8)
-    p.add_argument("--start-step", type=int, default=100, help="S0: dense warm-up steps before the ramp")
-    p.add_argument("--ramp-steps", type=int, default=300, help="R: cubic ramp length in steps")
-    p.add_argument("--save-every", type=int, default=200, help="0: only at the end")
-    p.add_argument("--keep", type=int, default=2, help="complete checkpoints to keep")
-    p.add_argument("--resume", default="auto", help="'auto' (newest complete checkpoint), 'none', or a folder")
-    p.add_argument("--crash-at-step", type=int, default=None, help="os._exit(1) on every rank after this step")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--final-sparsity", type=_number(float, 0.0, 1.0), default=0.8,
+                   help="sparsity level at the end of the ramp, in [0, 1]")
+    p.add_argument("--start-step", type=_number(int, 0), default=100, help="S0: dense warm-up steps before the ramp")
+    p.add_argument("--ramp-steps", type=count, default=300, help="R: cubic ramp length in steps")
+    p.add_argument("--save-every", type=_number(int, 0), default=200, help="checkpoint interval in steps; 0: only at the end")
+    p.add_argument("--keep", type=count, default=2, help="complete checkpoints to keep")
+    p.add_argument("--resume", default="auto",
+                   help="'auto': the newest checkpoint that loads; 'none': start over; or a checkpoint folder "
+                        "(loaded exactly, no fallback)")
+    p.add_argument("--crash-at-step", type=count, default=None, help="os._exit(1) on every rank after this step (tests)")
+    p.add_argument("--log-every", type=_number(int, 0), default=50, help="steps between log lines; 0: only at the end")
     p.add_argument("--log-with", default=None, help="accelerate tracker: tensorboard, wandb, ...")
-    p.add_argument("--expect-world-size", type=int, default=None, help="exit with an error on another world size")
+    p.add_argument("--expect-world-size", type=count, default=None, help="exit with an error on another world size")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.csv is not None and not os.path.isfile(args.csv):
+        p.error(f"argument --csv: {args.csv!r} is not a file")
+    if args.resume not in ("auto", "none") and not os.path.isdir(args.resume):
+        p.error(f"argument --resume: {args.resume!r} is neither 'auto', 'none' nor a checkpoint folder")
+    if args.crash_at_step is not None and args.crash_at_step > args.max_steps:
+        p.error(f"argument --crash-at-step: {args.crash_at_step} is after --max-steps {args.max_steps}: it would never crash")
+    return args
 
 
+def launch_mistake(argv):
+    """A message when `accelerate launch` was asked for several CPU processes but started
+    one (`--cpu --num_processes N`, `use_cpu: true` / `distributed_type: MULTI_CPU` in a
+    config without mpirun), else None.
+
+    accelerate 1.15's single-process launcher (`simple_launcher`) sets ACCELERATE_USE_CPU,
+    sets MASTER_ADDR/MASTER_PORT only when more than one process (or machine) was asked
+    for, and no WORLD_SIZE; its multi-process launcher (torchrun) always sets WORLD_SIZE.
+    """
+    env = os.environ
+    if "WORLD_SIZE" in env or "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env:
+        return None
+    script = "examples/train_dlrm.py " + shlex.join(argv)
+    return ("accelerate launch started ONE process although several were asked for: with --cpu (or use_cpu: "
+            "true / distributed_type: MULTI_CPU in the config) accelerate uses its single-process launcher "
+            "(that path expects mpirun). For N processes on CPU run\n"
+            f"    accelerate launch --config_file launch/cpu_2proc.yaml {script}\n"
+            f"or  accelerate launch --multi_gpu --num_processes N {script}\n"
+            "(this script passes Accelerator(cpu=True) when there is no CUDA, which makes them gloo CPU ranks; "
+            "see launch/README.md). To run one process on purpose, leave out --num_processes or pass "
+            "--expect-world-size 1.")
+
+
+def epochs_note(max_steps: int, step: int, steps_per_epoch: int, n_train: int) -> str:
+    """How many passes over the training rows the run makes, with a warning when many."""
+    epochs = max_steps / steps_per_epoch
+    text = f"the run makes {max_steps} steps = {epochs:.2f} epochs over the {n_train} training rows"
+    if step:
+        text += f" ({max_steps - step} steps = {(max_steps - step) / steps_per_epoch:.2f} epochs left)"
+    if epochs >= MANY_EPOCHS:
+        text += (f"\nwarning: {epochs:.1f} passes over the same rows: the models (the dense baseline first) may "
+                 f"overfit and the validation numbers then say little; use more rows or fewer --max-steps")
+    return text
+
+
+# --------------------------------------------------------------------------- main
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.expect_world_size != 1:
+        mistake = launch_mistake(argv)
+        if mistake:
+            print(f"error: {mistake}", file=sys.stderr)
+            raise SystemExit(2)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               log_with=args.log_with, project_dir=args.output_dir)
+    try:
+        run(args, accelerator)
+    except JobError as exc:
+        # every rank reaches the same refusal (rank 0 decided and broadcast): one message
+        if accelerator.is_main_process:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def run(args, accelerator):
     say = (lambda s: tqdm.write(s)) if accelerator.is_main_process else (lambda s: None)
 
     # ---- world size: accelerate and torch.distributed must agree (REFERENCE 2.3)
@@ -379,23 +654,34 @@ def main(argv=None):
     dist_ws = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
     if not (accelerator.num_processes == env_ws == dist_ws):
-        raise SystemExit(f"world size mismatch: accelerate={accelerator.num_processes} WORLD_SIZE={env_ws} "
-                         f"torch.distributed={dist_ws}; on CPU launch with --multi_gpu --num_processes N "
-                         f"and Accelerator(cpu=True) (see launch/README.md)")
+        raise JobError(f"world size mismatch: accelerate={accelerator.num_processes} WORLD_SIZE={env_ws} "
+                       f"torch.distributed={dist_ws}; on CPU launch with --multi_gpu --num_processes N "
+                       f"and Accelerator(cpu=True) (see launch/README.md)")
     say(f"world_size={accelerator.num_processes} backend={backend} "
         f"distributed_type={accelerator.distributed_type.value} device={accelerator.device}")
     if args.expect_world_size is not None and accelerator.num_processes != args.expect_world_size:
-        raise SystemExit(f"expected world size {args.expect_world_size}, got {accelerator.num_processes}")
+        raise JobError(f"expected world size {args.expect_world_size}, got {accelerator.num_processes}")
 
-    set_seed(args.seed)
     out = Path(args.output_dir); ckpt_root = out / "ckpt"
+    done = [finished_message(args, out, ckpt_root) if accelerator.is_main_process else None]
+    broadcast_object_list(done)
+    if done[0]:
+        say(done[0])
+        return
+    set_seed(args.seed)
     if accelerator.is_main_process:
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in (out / "summary.json", out / EXPORT_NAME):  # describe a finished run only
+            if stale.is_file():
+                stale.unlink()
     accelerator.wait_for_everyone()
 
     # ---- data (identical on every rank)
     if args.csv:
-        data = csv_clicks(args.csv, args.num_categories)
+        try:
+            data = csv_clicks(args.csv, args.num_categories)
+        except (OSError, ValueError) as exc:
+            raise JobError(str(exc)) from None
     else:
         data = synthetic_clicks(args.rows, args.num_users, args.num_items, args.num_categories, args.seed)
     n = data["label"].numel()
@@ -423,8 +709,10 @@ def main(argv=None):
     else:
         model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     steps_per_epoch = len(train_dl)
+    global_batch = args.batch_size * accelerator.num_processes
     if steps_per_epoch == 0:
-        raise SystemExit("not enough training rows for one global batch")
+        raise JobError(f"{len(train_ds)} training rows are not enough for one global batch of {global_batch} "
+                       f"(--batch-size {args.batch_size} x {accelerator.num_processes} processes)")
     tables = accelerator.unwrap_model(model).tables
 
     # ---- sparsity
@@ -444,44 +732,27 @@ def main(argv=None):
                                                               if isinstance(v, (int, float, str, bool))})
 
     # ---- resume
-    step, dense_metrics, resumed_from = 0, None, None
-    if args.resume != "none":
-        target = [None]
-        if accelerator.is_main_process:
-            if args.resume == "auto":
-                found = list_checkpoints(ckpt_root)
-                target[0] = str(found[-1][1]) if found else None
-            else:
-                target[0] = args.resume
-        broadcast_object_list(target)
-        if target[0] is not None:
-            path = Path(target[0])
-            if not (path / "COMPLETE").is_file():
-                raise SystemExit(f"{path} has no COMPLETE marker: not a finished checkpoint")
-            with open(path / "train_state.json") as f:
-                st = json.load(f)
-            if "sparse" in st and bool(st["sparse"]) != (sp is not None):
-                raise SystemExit(f"{path} was written by a {'sparse' if st['sparse'] else '--dense'} run; resume it "
-                                 f"{'without' if st['sparse'] else 'with'} --dense, or start over with "
-                                 f"--resume none / another --output-dir")
-            if bool(st.get("baseline", False)) != with_baseline:
-                raise SystemExit(f"{path} was written {'with' if st.get('baseline') else 'without'} a dense "
-                                 f"baseline model; resume it {'without' if st.get('baseline') else 'with'} "
-                                 f"--no-baseline, or start over with --resume none / another --output-dir")
-            accelerator.load_state(str(path))
-            step, dense_metrics, resumed_from = st["step"], st.get("dense_metrics"), path.name
-            if st.get("world_size") != accelerator.num_processes:
-                say(f"warning: checkpoint written with world size {st.get('world_size')}, "
-                    f"now {accelerator.num_processes}: data order inside the epoch differs")
-            say(f"resumed from {path.name} at step {step}")
-    if resumed_from is None:
+    resumed_path, st, distrusted = resume(accelerator, args, ckpt_root, sp is not None, with_baseline, say)
+    distrusted = set(distrusted)
+    step, dense_metrics, resumed_from, epoch, epoch_pos = 0, None, None, 0, 0
+    if resumed_path is not None:
+        step, dense_metrics, resumed_from = int(st["step"]), st.get("dense_metrics"), resumed_path.name
+        epoch, epoch_pos, note = position_after_resume(st, len(train_ds), args.batch_size,
+                                                       accelerator.num_processes, steps_per_epoch)
+        say(f"resumed from {resumed_from} at step {step} (epoch {epoch}, sample {epoch_pos} of {len(train_ds)})")
+        if note:
+            say(note)
+    else:
         say("starting from scratch")
 
-    global_batch = args.batch_size * accelerator.num_processes
     say(f"train rows={len(train_ds)} val rows={n_val} global batch={global_batch} "
         f"steps/epoch={steps_per_epoch} max_steps={args.max_steps} "
         f"mode={'dense' if args.dense else f'sparse (cubic 0 -> {args.final_sparsity}, steps {args.start_step}..{args.start_step + args.ramp_steps})'}"
         + (" + dense baseline (same init, same batches, no sparsifier)" if with_baseline else ""))
+    say(epochs_note(args.max_steps, step, steps_per_epoch, len(train_ds)))
+    if sp is not None and args.start_step + args.ramp_steps > args.max_steps:
+        say(f"warning: the sparsity ramp ends at step {args.start_step + args.ramp_steps}, after --max-steps "
+            f"{args.max_steps}: the run stops below --final-sparsity {args.final_sparsity}")
 
     # the step-S0 reference is only computed without a baseline (the baseline replaces it)
     want_reference = sp is not None and not with_baseline
@@ -499,14 +770,16 @@ def main(argv=None):
     model.train()
     if base_model is not None:
         base_model.train()
+    sampler.start_at(epoch, epoch_pos)
     while step < args.max_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        # accelerate's loaders call sampler.set_epoch(<their own iteration count>) when
-        # iterated; a resumed run's loaders start counting at 0, so set the epoch on the
-        # loader itself (it forwards it to EpochSampler and keeps it).
-        loader.set_epoch(epoch)
-        for user, item, cats, hour, device, region, dense, label in loader:
+        # The data order is chosen here, on our own sampler: the prepared loader forwards
+        # set_epoch to it too (and keeps its own epoch counter in step), and the sampler
+        # starts a resumed epoch at the checkpoint's sample.
+        train_dl.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        for user, item, cats, hour, device, region, dense, label in train_dl:
+            if sampler.epoch != epoch:
+                raise RuntimeError(f"the data loader moved the sampler to epoch {sampler.epoch} during epoch {epoch}")
             logits = model(user, item, cats, hour, device, region, dense)
             loss = F.binary_cross_entropy_with_logits(logits, label)
             optimizer.zero_grad(set_to_none=True)
@@ -524,6 +797,7 @@ def main(argv=None):
                 base_opt.step()
                 win_base += base_loss.detach()
             step += 1; run_steps += 1; win_steps += 1
+            epoch_pos += global_batch
             win_loss += loss.detach()
             pbar.update(1)
 
@@ -556,12 +830,11 @@ def main(argv=None):
 
             if (args.save_every > 0 and step % args.save_every == 0) or step == args.max_steps:
                 p = save_checkpoint(accelerator, ckpt_root, step,
-                                    {"step": step, "epoch": step // steps_per_epoch,
-                                     "batch_in_epoch": step % steps_per_epoch,
-                                     "world_size": accelerator.num_processes,
+                                    {"step": step, "epoch": epoch, "epoch_position": epoch_pos,
+                                     "world_size": accelerator.num_processes, "batch_size": args.batch_size,
                                      "dense_metrics": dense_metrics, "sparse": sp is not None,
                                      "baseline": with_baseline},
-                                    args.keep)
+                                    args.keep, distrusted)
                 say(f"step {step:5d} saved checkpoint {p.name}")
 
             if args.crash_at_step is not None and step == args.crash_at_step:
@@ -570,10 +843,29 @@ def main(argv=None):
                 os._exit(1)
             if step >= args.max_steps:
                 break
+        else:  # the epoch ran out: the next one starts at its first sample
+            epoch, epoch_pos = epoch + 1, 0
     pbar.close()
     train_time = time.perf_counter() - run_t0
+    summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_metrics, step, resumed_from,
+              run_steps, train_time, global_batch, out, say)
 
-    # ---- summary
+
+# --------------------------------------------------------------------------- summary
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def model_digest(net: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_metrics, step, resumed_from,
+              run_steps, train_time, global_batch, out: Path, say):
+    """Evaluate, export the sparsified tables, print the summary and write summary.json."""
     net = accelerator.unwrap_model(model)
     final = evaluate(net, val, accelerator.device)
     accelerator.log({"val/loss": final["loss"], "val/auc": final["auc"]}, step=step)
@@ -588,38 +880,44 @@ def main(argv=None):
                "dense_reference": dense_metrics,
                "train_seconds_this_run": train_time, "steps_this_run": run_steps,
                "samples_per_s": run_steps * global_batch / train_time if run_steps else None,
-               "tables": {}, "mask_sha256": {}, "schedule": None, "schedule_last_epoch": None}
+               "tables": {}, "mask_sha256": {}, "schedule": None, "schedule_last_epoch": None, "export": None}
     for name in TABLES:
         w = tables[name].weight
         m = sp.get_mask(name) if sp is not None else torch.ones_like(w, dtype=torch.bool)
         summary["tables"][name] = {"shape": list(w.shape), **mask_stats(m, w),
-                                   "weight_zeros": int((w == 0).sum())}
+                                   "weight_zeros": int((w == 0).sum()), "weight_sha256": tensor_digest(w)}
         if sp is not None:
             summary["mask_sha256"][name] = mask_digest(m)
-    h = hashlib.sha256()
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    summary["model_sha256"] = h.hexdigest()
+    summary["model_sha256"] = model_digest(net)
     summary["baseline_model_sha256"] = None
     if base_model is not None:
-        h = hashlib.sha256()
-        for k, v in sorted(accelerator.unwrap_model(base_model).state_dict().items()):
-            h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-        summary["baseline_model_sha256"] = h.hexdigest()
+        summary["baseline_model_sha256"] = model_digest(accelerator.unwrap_model(base_model))
     if sch is not None:
         summary["schedule"] = {k: float(v) for k, v in sch.get_last_param().items()}
         summary["schedule_last_epoch"] = sch.last_epoch
+    if sp is not None:
+        # the masked tables as a block-sparse file (collective; rank 0 writes it)
+        export = out / EXPORT_NAME
+        distsparse.save_sparse_data(str(export), sp)
+        dense_file = len(safetensors_bytes({n: tables[n].weight.detach().cpu().contiguous() for n in TABLES}))
+        summary["export"] = {"path": str(export), "file_bytes": export.stat().st_size,
+                             "dense_file_bytes": dense_file,
+                             "dense_bytes": sum(t["dense_bytes"] for t in summary["tables"].values())}
 
     lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base_model is not None else ''}, "
                  f"step {step}, world_size {accelerator.num_processes})",
-             f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'sparse B':>11}{'saved':>8}"]
+             f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'blocks B':>11}{'saved':>8}"]
     tot_d = tot_s = 0
     for name, t in summary["tables"].items():
-        tot_d += t["dense_bytes"]; tot_s += t["sparse_bytes"]
+        tot_d += t["dense_bytes"]; tot_s += t["blocks_bytes"]
         lines.append(f"{name:<14}{'x'.join(map(str, t['shape'])):>12}{t['zeroed']:>10}/{t['numel']:<7}"
-                     f"{t['sparsity']:>10.3f}{t['dense_bytes']:>11}{t['sparse_bytes']:>11}"
-                     f"{1 - t['sparse_bytes'] / t['dense_bytes']:>8.1%}")
+                     f"{t['sparsity']:>10.3f}{t['dense_bytes']:>11}{t['blocks_bytes']:>11}"
+                     f"{1 - t['blocks_bytes'] / t['dense_bytes']:>8.1%}")
     lines.append(f"{'all tables':<14}{'':>12}{'':>18}{'':>10}{tot_d:>11}{tot_s:>11}{1 - tot_s / tot_d:>8.1%}")
+    if summary["export"] is not None:
+        e = summary["export"]
+        lines.append(f"saved file  {EXPORT_NAME}: {e['file_bytes']} B on disk vs {e['dense_file_bytes']} B for the "
+                     f"same tables dense in safetensors ({1 - e['file_bytes'] / e['dense_file_bytes']:.1%} smaller)")
     if base_final is not None:
         lines.append(f"validation  dense baseline @ step {step:<5}: loss {base_final['loss']:.4f}  AUC {base_final['auc']:.4f}"
                      f"   (same init, batches and steps, no sparsifier)")

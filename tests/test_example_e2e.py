@@ -1,39 +1,50 @@
 """End-to-end: examples/train_dlrm.py under `accelerate launch` with 2 gloo ranks on CPU.
 
-Launches with tiny settings (default mode: sparse model + same-length dense baseline trained
-side by side, both prepared by accelerate and both in every checkpoint):
-  A  uninterrupted, 30 steps;
-  B1 same settings, killed by `--crash-at-step 25` (every rank os._exit(1)s after step 25,
-     5 steps after the step-20 checkpoint);
-  B2 relaunched into B's folder: must resume from step_000020 at step 20, replay steps
-     21..30 (crossing an epoch boundary, skip_first_batches inside epoch 0) and end with
-     the same masks (sha256 per table), schedule values and validation loss as A, and the
-     same dense baseline (weights sha256, validation loss/AUC);
-  B3 relaunched into B's folder with `--no-baseline`: refuses to resume a checkpoint that
-     holds a baseline model, with a message saying so.
+Tiny settings (default mode: sparse model + same-length dense baseline, both prepared by
+accelerate and both in every checkpoint); 8000 rows -> 7200 train rows, global batch
+2 x 128 -> 28 steps per epoch, 120 steps (4.3 epochs), a checkpoint every 9 steps (not a
+divisor of 28, so checkpoints fall inside epochs), the newest 3 kept.
+
+* A  uninterrupted; its exported sparse tables load back bit for bit; re-running it says
+     it is already finished and exits 0 without training or evaluating.
+* B  killed (`--crash-at-step C`, every rank os._exit(1)s) at a random step C in epochs
+     1-3 (seeded; the seed and C are printed, `DLRM_E2E_SEED=<seed>` replays it). Then the
+     newest checkpoint loses its COMPLETE marker and the next one gets a flipped byte in
+     its distsparse file. `--resume <damaged>` fails with one message and no traceback;
+     `--resume auto` names both skipped folders and why, resumes from the third (inside
+     epoch >= 1) and ends bit-identical to A: masks, schedule, both models.
+* W  a checkpoint of A resumed by one process: says what changed (global batch, steps
+     per epoch, samples seen again or skipped) and finishes.
+* `accelerate launch --cpu --num_processes 2` (starts ONE process) is refused with the
+  command to run instead.
 """
 
 import json
 import os
+import random
 import re
+import shutil
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_dlrm.py"
 CONFIG = ROOT / "launch" / "cpu_2proc.yaml"
 TIMEOUT = 150  # seconds per launch (each takes ~10-20 s on a loaded 2-core machine)
+TABLES = ("user", "item", "item_category", "hour", "device", "region")
 
-# 8000 rows -> 7200 train rows, global batch 2 x 128 -> 28 steps per epoch
+STEPS, SAVE_EVERY, KEEP, STEPS_PER_EPOCH = 120, 9, 3, 28
 TINY = ["--rows", "8000", "--num-users", "400", "--num-items", "150", "--num-categories", "20",
-        "--batch-size", "128", "--max-steps", "30", "--save-every", "10", "--keep", "2",
+        "--batch-size", "128", "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--keep", str(KEEP),
         "--start-step", "5", "--ramp-steps", "15", "--final-sparsity", "0.75",
-        "--log-every", "10", "--seed", "3", "--no-progress", "--expect-world-size", "2"]
+        "--log-every", "30", "--seed", "3", "--no-progress"]
+LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")
 
 
 def _free_port():
@@ -42,19 +53,26 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(out_dir, *extra):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-           "--main_process_port", str(_free_port()), str(SCRIPT), "--output-dir", str(out_dir),
-           *TINY, *extra]
+def _run(cmd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("WORLD_SIZE", None); env.pop("RANK", None); env.pop("LOCAL_RANK", None)
+               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p))
+    for k in LAUNCHER_VARS:
+        env.pop(k, None)
     try:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"launch timed out after {TIMEOUT}s: {' '.join(cmd)}\n"
-                    f"stdout:\n{e.stdout}\nstderr:\n{e.stderr}")
-    return r
+        pytest.fail(f"timed out after {TIMEOUT}s: {' '.join(map(str, cmd))}\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
+
+
+def _launch(out_dir, *extra, launcher=("--config_file", str(CONFIG))):
+    """2 ranks through `accelerate launch` (the README's command)."""
+    return _run([sys.executable, "-m", "accelerate.commands.launch", *launcher,
+                 "--main_process_port", str(_free_port()), str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
+
+
+def _single(out_dir, *extra):
+    """One process, no launcher: `python examples/train_dlrm.py`."""
+    return _run([sys.executable, str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
 
 
 def _ok(r):
@@ -67,62 +85,145 @@ def _summary(out_dir):
 
 
 def _complete_ckpts(out_dir):
-    root = Path(out_dir) / "ckpt"
-    return sorted(p.name for p in root.iterdir() if (p / "COMPLETE").is_file())
+    return sorted(p.name for p in (Path(out_dir) / "ckpt").iterdir() if (p / "COMPLETE").is_file())
 
 
-def test_crash_and_resume_matches_uninterrupted_run(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+def _ckpt(step):
+    return f"step_{step:06d}"
 
-    ra = _ok(_launch(a))
+
+def _flip_a_data_byte(path: Path):
+    """Flip one bit inside the tensor data of a safetensors file (after the JSON header)."""
+    raw = bytearray(path.read_bytes())
+    header = struct.unpack("<Q", raw[:8])[0]
+    assert len(raw) > 8 + header, "no tensor data to damage"
+    raw[8 + header] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """The uninterrupted reference run: (folder, launch result)."""
+    a = tmp_path_factory.mktemp("dlrm") / "a"
+    return a, _ok(_launch(a, "--expect-world-size", "2"))
+
+
+def test_uninterrupted_run_exports_its_tables_and_is_not_redone(run_a):
+    a, ra = run_a
     assert "world_size=2 backend=gloo distributed_type=MULTI_CPU" in ra.stdout, ra.stdout
     assert "starting from scratch" in ra.stdout
+    assert f"the run makes {STEPS} steps = {STEPS / STEPS_PER_EPOCH:.2f} epochs over the 7200 training rows" in ra.stdout
+    assert "warning" not in ra.stdout
     sa = _summary(a)
-    assert sa["final_step"] == 30 and sa["world_size"] == 2 and sa["mode"] == "sparse"
+    assert sa["final_step"] == STEPS and sa["world_size"] == 2 and sa["mode"] == "sparse"
     assert sa["resumed_from"] is None
-    assert "dense baseline @ step 30" in ra.stdout and "sparse         @ step 30" in ra.stdout, ra.stdout
+    assert f"dense baseline @ step {STEPS}" in ra.stdout and f"sparse         @ step {STEPS}" in ra.stdout, ra.stdout
     assert "cost of sparsity" in ra.stdout
-    assert sa["val_dense_baseline"] is not None and sa["baseline_model_sha256"] is not None
-    assert sa["baseline_model_sha256"] != sa["model_sha256"]  # the baseline is a separate, unpruned model
+    assert sa["baseline_model_sha256"] not in (None, sa["model_sha256"])  # a separate, unpruned model
     assert sa["baseline_cost"]["loss"] == pytest.approx(sa["val"]["loss"] - sa["val_dense_baseline"]["loss"])
-    assert sa["dense_reference"] is None                     # replaced by the baseline
-    assert _complete_ckpts(a) == ["step_000020", "step_000030"]  # --keep 2
+    assert sa["dense_reference"] is None                                  # replaced by the baseline
+    assert _complete_ckpts(a) == [_ckpt(s) for s in (108, 117, 120)]     # --keep 3
+    for t in sa["tables"].values():
+        assert t["weight_zeros"] >= t["zeroed"] > 0                      # masks were written into the weights
 
-    rb1 = _launch(b, "--crash-at-step", "25")
-    assert rb1.returncode != 0, f"the crash run exited 0\n{rb1.stdout}\n{rb1.stderr}"
-    assert "world_size=2" in rb1.stdout
-    assert "step    25 simulated crash" in rb1.stdout, rb1.stdout
-    assert "step    30" not in rb1.stdout
+    # the exported file is real, smaller than the same tables dense, and loads back bit for bit
+    import distsparse
+    from safetensors.torch import load_file
+    export = a / "sparse_tables.safetensors"
+    e = sa["export"]
+    assert e["file_bytes"] == export.stat().st_size
+    assert e["file_bytes"] < 0.5 * e["dense_file_bytes"], e               # 75 % of (1,4) blocks pruned
+    assert f"sparse_tables.safetensors: {e['file_bytes']} B on disk vs {e['dense_file_bytes']} B" in ra.stdout
+    tables = distsparse.load_sparse_data(str(export))
+    assert set(tables) == set(TABLES)
+    model = load_file(str(a / "ckpt" / _ckpt(STEPS) / "model.safetensors"))
+    for name in TABLES:
+        w = model[f"tables.{name}.weight"]
+        assert tables[name].dtype == w.dtype and torch.equal(tables[name], w), name
+        assert torch.equal(tables[name].view(torch.uint8), w.view(torch.uint8)), name  # -0.0 / bits too
+
+    # re-running a finished job: says so, exits 0 at once, changes nothing
+    before = (a / "summary.json").stat().st_mtime_ns
+    again = _ok(_launch(a))
+    assert f"already finished: step {STEPS}" in again.stdout and str(a / "summary.json") in again.stdout, again.stdout
+    assert "resumed from" not in again.stdout and "summary (" not in again.stdout
+    assert (a / "summary.json").stat().st_mtime_ns == before
+
+
+def test_crash_in_a_later_epoch_and_damaged_checkpoints_resume_bit_exactly(run_a, tmp_path):
+    a, _ = run_a
+    sa = _summary(a)
+    seed = int(os.environ.get("DLRM_E2E_SEED", random.SystemRandom().randrange(10**6)))
+    # epochs 1-3 are steps 29..112; from step 54 on, the third-newest checkpoint is past epoch 0
+    crash = random.Random(seed).randint(54, 112)
+    print(f"DLRM_E2E_SEED={seed}: crash at step {crash} (epoch {(crash - 1) // STEPS_PER_EPOCH})")
+    why = f"(DLRM_E2E_SEED={seed}, crash at step {crash})"
+    newest = crash // SAVE_EVERY * SAVE_EVERY
+    k3, k2, k1 = newest, newest - SAVE_EVERY, newest - 2 * SAVE_EVERY
+    assert k1 > STEPS_PER_EPOCH
+
+    b = tmp_path / "b"
+    rb1 = _launch(b, "--crash-at-step", str(crash))
+    assert rb1.returncode != 0, f"the crash run exited 0 {why}\n{rb1.stdout}\n{rb1.stderr}"
+    assert f"step {crash:5d} simulated crash" in rb1.stdout, rb1.stdout
     assert not (b / "summary.json").exists()
-    assert _complete_ckpts(b) == ["step_000010", "step_000020"]
+    assert _complete_ckpts(b) == [_ckpt(k1), _ckpt(k2), _ckpt(k3)], why
+
+    # the newest checkpoint is incomplete, the next one damaged: only k1 can be resumed from
+    (b / "ckpt" / _ckpt(k3) / "COMPLETE").unlink()
+    _flip_a_data_byte(b / "ckpt" / _ckpt(k2) / "distsparse_state.safetensors")
+
+    # an explicit folder never falls back: one message, no traceback from any rank
+    rx = _launch(b, "--resume", str(b / "ckpt" / _ckpt(k2)))
+    assert rx.returncode != 0, f"resumed from a damaged checkpoint {why}\n{rx.stdout}\n{rx.stderr}"
+    both = rx.stdout + rx.stderr
+    assert both.count(f"error: cannot resume from {b / 'ckpt' / _ckpt(k2)}") == 1, both
+    assert "does not match its sha256 checksum" in both and "--resume PATH` never falls back" in both, both
+    assert "[rank0]: Traceback" not in both and "[rank1]: Traceback" not in both, both
 
     rb2 = _ok(_launch(b))
-    assert "world_size=2 backend=gloo distributed_type=MULTI_CPU" in rb2.stdout
-    m = re.search(r"resumed from (step_\d+) at step (\d+)", rb2.stdout)
-    assert m, rb2.stdout
-    assert m.group(1) == "step_000020" and int(m.group(2)) == 20
+    skip = [line for line in rb2.stdout.splitlines() if line.startswith("resume: skipped")]
+    assert len(skip) == 1, rb2.stdout
+    assert (f"{_ckpt(k3)} (no COMPLETE marker" in skip[0] and f"{_ckpt(k2)} (" in skip[0]
+            and "distsparse_state.safetensors" in skip[0] and "tensor '" in skip[0]
+            and skip[0].endswith(f"resuming from {_ckpt(k1)}")), skip[0]
+    assert re.search(rf"resumed from {_ckpt(k1)} at step {k1} \(epoch {k1 // STEPS_PER_EPOCH}, ", rb2.stdout), rb2.stdout
     sb = _summary(b)
-    assert sb["final_step"] == 30 and sb["resumed_from"] == "step_000020"
-    assert sb["steps_this_run"] == 10
-    assert _complete_ckpts(b) == ["step_000020", "step_000030"]
+    assert sb["final_step"] == STEPS and sb["resumed_from"] == _ckpt(k1) and sb["steps_this_run"] == STEPS - k1
+    assert _complete_ckpts(b) == [_ckpt(s) for s in (108, 117, 120)]
 
     # the resumed run ends exactly where the uninterrupted one did
-    assert set(sa["mask_sha256"]) == {"user", "item", "item_category", "hour", "device", "region"}
-    assert sb["mask_sha256"] == sa["mask_sha256"]
-    assert sb["schedule"] == sa["schedule"]
-    assert sb["schedule_last_epoch"] == sa["schedule_last_epoch"] == 30
+    assert sb["model_sha256"] == sa["model_sha256"], why                     # bit-identical weights
+    assert sb["baseline_model_sha256"] == sa["baseline_model_sha256"], why   # the baseline too
+    assert sb["mask_sha256"] == sa["mask_sha256"] and set(sa["mask_sha256"]) == set(TABLES), why
+    assert sb["schedule"] == sa["schedule"] and sb["schedule_last_epoch"] == sa["schedule_last_epoch"] == STEPS
     assert all(v == pytest.approx(0.75) for v in sa["schedule"].values())
-    assert sb["dense_reference"] == sa["dense_reference"]
-    assert sb["model_sha256"] == sa["model_sha256"]      # bit-identical weights
-    assert sb["val"] == sa["val"]
-    assert sb["baseline_model_sha256"] == sa["baseline_model_sha256"]  # baseline restored exactly too
-    assert sb["val_dense_baseline"] == sa["val_dense_baseline"]
-    assert sb["baseline_cost"] == sa["baseline_cost"]
-    assert sb["tables"] == sa["tables"]
-    for t in sa["tables"].values():
-        assert t["weight_zeros"] >= t["zeroed"] > 0      # masks were written into the weights
+    assert sb["val"] == sa["val"] and sb["val_dense_baseline"] == sa["val_dense_baseline"], why
+    assert sb["tables"] == sa["tables"], why
+    assert sb["export"]["file_bytes"] == sa["export"]["file_bytes"]
 
-    # a checkpoint holding a baseline model is not resumed without one (clear error, no hang)
-    rb3 = _launch(b, "--no-baseline")
-    assert rb3.returncode != 0, f"--no-baseline resumed a baseline checkpoint\n{rb3.stdout}\n{rb3.stderr}"
-    assert "was written with a dense baseline model" in rb3.stdout + rb3.stderr, rb3.stdout + rb3.stderr
+
+def test_resume_on_another_world_size_says_what_changed(run_a, tmp_path):
+    a, _ = run_a
+    w = tmp_path / "w"
+    (w / "ckpt").mkdir(parents=True)
+    shutil.copytree(a / "ckpt" / _ckpt(108), w / "ckpt" / _ckpt(108))
+    r = _ok(_single(w))
+    assert "world_size=1" in r.stdout
+    # step 108 is in epoch 3 (steps 85..112) with 24 of its 28 steps done: sample 24 * 256 = 6144
+    assert "resumed from step_000108 at step 108 (epoch 3, sample 6144 of 7200)" in r.stdout, r.stdout
+    assert ("resized: 2 processes x batch 128 -> 1 x 128: global batch 256 -> 128 samples per step, "
+            "28 -> 56 steps per epoch") in r.stdout, r.stdout
+    assert ("epoch 3 continues at sample 6144 of 7200 exactly, so no sample of it is seen again or skipped; "
+            "its remaining 1056 samples make 8 steps, the last 32 are dropped") in r.stdout, r.stdout
+    s = _summary(w)
+    assert s["final_step"] == STEPS and s["world_size"] == 1 and s["steps_this_run"] == STEPS - 108
+
+
+def test_cpu_num_processes_launch_is_refused_with_what_to_run(tmp_path):
+    r = _launch(tmp_path / "x", "--max-steps", "1", launcher=("--cpu", "--num_processes", "2"))
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "accelerate launch started ONE process although several were asked for" in r.stderr, r.stderr
+    assert "accelerate launch --config_file launch/cpu_2proc.yaml examples/train_dlrm.py" in r.stderr
+    assert "accelerate launch --multi_gpu --num_processes N examples/train_dlrm.py" in r.stderr
+    assert not (tmp_path / "x" / "ckpt").exists()   # refused before any work

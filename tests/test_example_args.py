@@ -1,0 +1,176 @@
+"""examples/train_dlrm.py's checks that need no launch: argument refusals at parse time,
+--help defaults, CSV labels, the epochs note, the `--cpu --num_processes N` detection,
+the resume position on another world size, the sampler's mid-epoch start, the
+checkpoint inspection and retention (in-process, fast)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def job():
+    spec = importlib.util.spec_from_file_location("train_dlrm_under_test", ROOT / "examples" / "train_dlrm.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--final-sparsity", "1.5"], "argument --final-sparsity: 1.5 is outside [0, 1]"),
+    (["--final-sparsity", "-0.1"], "argument --final-sparsity: -0.1 is outside [0, 1]"),
+    (["--final-sparsity", "nan"], "argument --final-sparsity: nan is outside [0, 1]"),
+    (["--lr", "0"], "argument --lr: 0 must be > 0"),
+    (["--batch-size", "0"], "argument --batch-size: 0 must be >= 1"),
+    (["--batch-size", "1.5"], "argument --batch-size: '1.5' is not an integer"),
+    (["--max-steps", "0"], "argument --max-steps: 0 must be >= 1"),
+    (["--keep", "0"], "argument --keep: 0 must be >= 1"),
+    (["--save-every", "-1"], "argument --save-every: -1 must be >= 0"),
+    (["--rows", "5"], "argument --rows: 5 must be >= 20"),
+    (["--crash-at-step", "700"], "argument --crash-at-step: 700 is after --max-steps 600"),
+    (["--csv", "/no/such/file.csv"], "argument --csv: '/no/such/file.csv' is not a file"),
+    (["--resume", "/no/such/ckpt"], "argument --resume: '/no/such/ckpt' is neither 'auto', 'none' nor"),
+])
+def test_bad_arguments_are_refused_at_parse_time(job, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        job.parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_only_rank_0_prints_a_usage_error(job, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        job.parse_args(["--final-sparsity", "1.5"])
+    assert capsys.readouterr().err == ""
+
+
+def test_help_shows_every_default(job, capsys):
+    with pytest.raises(SystemExit) as e:
+        job.parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: runs/dlrm)", "(default: 600)", "(default: 512)", "(default: 0.004)",
+                    "(default: 0.8)", "(default: 100)", "(default: 300)", "(default: 200)", "(default: auto)"):
+        assert default in text, default
+
+
+def test_csv_labels_must_be_0_or_1_with_the_line_number(job, tmp_path):
+    good = tmp_path / "good.csv"
+    good.write_text("user,item,label\nu1,i1,1\nu2,i1,0\n# comment\nu1,i2,1.0\n")
+    data = job.csv_clicks(str(good), 10)
+    assert data["label"].tolist() == [1.0, 0.0, 1.0]
+    for bad in ("2", "0.5", "-1", "nan"):
+        path = tmp_path / f"bad_{bad}.csv"
+        path.write_text(f"user,item,label\nu1,i1,1\nu2,i1,0\nu3,i2,{bad}\n")
+        with pytest.raises(ValueError, match=rf"bad_{bad}\.csv:4: label '{bad}' is not 0 or 1"):
+            job.csv_clicks(str(path), 10)
+
+
+def test_the_run_says_how_many_epochs_and_warns_when_many(job):
+    # 45k rows -> 40500 training rows; 1024 per step -> 39 steps per epoch; 600 steps = 15.4 epochs
+    many = job.epochs_note(600, 0, 39, 40500)
+    assert many.startswith("the run makes 600 steps = 15.38 epochs over the 40500 training rows")
+    assert "warning: 15.4 passes over the same rows" in many
+    few = job.epochs_note(600, 200, 351, 360000)
+    assert few == "the run makes 600 steps = 1.71 epochs over the 360000 training rows (400 steps = 1.14 epochs left)"
+
+
+def test_a_cpu_launch_that_started_one_of_several_processes_is_detected(job, monkeypatch):
+    for k in ("WORLD_SIZE", "ACCELERATE_USE_CPU", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    assert job.launch_mistake([]) is None                       # plain `python train_dlrm.py`
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    assert job.launch_mistake([]) is None                       # `accelerate launch --cpu` (one process asked)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")              # set only when several were asked for
+    text = job.launch_mistake(["--max-steps", "5"])
+    assert "started ONE process although several were asked for" in text
+    assert "accelerate launch --config_file launch/cpu_2proc.yaml examples/train_dlrm.py --max-steps 5" in text
+    monkeypatch.setenv("WORLD_SIZE", "2")                       # torchrun / --multi_gpu: fine
+    assert job.launch_mistake([]) is None
+
+
+def test_resume_position_same_size_old_format_and_resized(job):
+    st = {"step": 40, "epoch": 1, "epoch_position": 3072, "world_size": 2, "batch_size": 128}
+    assert job.position_after_resume(st, 7200, 128, 2, 28) == (1, 3072, None)
+    old = {"step": 40, "epoch": 1, "batch_in_epoch": 12, "world_size": 2}   # written before epoch_position
+    assert job.position_after_resume(old, 7200, 128, 2, 28) == (1, 3072, None)
+    epoch, pos, note = job.position_after_resume(st, 7200, 128, 3, 18)
+    assert (epoch, pos) == (1, 3072)
+    assert "global batch 256 -> 384 samples per step, 28 -> 18 steps per epoch" in note
+    assert "its remaining 4128 samples make 10 steps, the last 288 are dropped (drop_last; 32 at the old size)" in note
+    assert "no sample of it is seen again or skipped" in note
+
+
+def test_sampler_enters_the_resumed_epoch_at_its_sample_and_later_epochs_whole(job):
+    full = job.EpochSampler(50, seed=7)
+    full.set_epoch(3)
+    order3 = list(full)
+    full.set_epoch(4)
+    order4 = list(full)
+    resumed = job.EpochSampler(50, seed=7)
+    resumed.start_at(3, 20)
+    resumed.set_epoch(3)               # what the loader does at the start of the pass
+    assert list(resumed) == order3[20:] and len(resumed) == 30
+    resumed.set_epoch(4)
+    assert list(resumed) == order4 and len(resumed) == 50
+    assert sorted(order3) == list(range(50)) and order3 != order4
+
+
+def _ckpt(root, step, complete=True, state=None):
+    p = root / f"step_{step:06d}"
+    p.mkdir(parents=True)
+    (p / "train_state.json").write_text(json.dumps(state or {"step": step, "sparse": True, "baseline": True}))
+    if complete:
+        (p / "COMPLETE").write_text(f"{step}\n")
+    return p
+
+
+def test_inspect_checkpoint_skips_unusable_folders_and_stops_on_another_configuration(job, tmp_path):
+    assert job.inspect_checkpoint(_ckpt(tmp_path, 10, complete=False), True, True) == \
+        ("skip", "no COMPLETE marker: its save did not finish")
+    p = _ckpt(tmp_path, 20)
+    (p / "train_state.json").write_text("{not json")
+    kind, why = job.inspect_checkpoint(p, True, True)
+    assert kind == "skip" and why.startswith("train_state.json unreadable")
+    p = _ckpt(tmp_path, 30)
+    assert job.inspect_checkpoint(p, True, True) == ("ok", {"step": 30, "sparse": True, "baseline": True})
+    kind, why = job.inspect_checkpoint(p, True, False)   # resumed with --no-baseline
+    assert kind == "fatal" and "was written with a dense baseline model" in why
+    kind, why = job.inspect_checkpoint(p, False, False)  # resumed with --dense
+    assert kind == "fatal" and "was written by a sparse run" in why
+
+
+class _OneProcess:
+    """The accelerator surface save_checkpoint uses, for one process."""
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        (Path(path) / "model.safetensors").write_bytes(b"weights")
+
+
+@pytest.mark.parametrize("keep, kept", [(1, []), (2, ["step_000020"])])
+def test_retention_counts_only_trusted_checkpoints_at_or_before_the_new_one(job, tmp_path, keep, kept):
+    for s in (10, 20, 50):
+        _ckpt(tmp_path, s)
+    _ckpt(tmp_path, 30)                       # skipped as damaged when the run resumed
+    _ckpt(tmp_path, 15, complete=False)       # an interrupted save
+    distrusted = {"step_000030"}
+    job.save_checkpoint(_OneProcess(), tmp_path, 40, {"step": 40}, keep, distrusted)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # the damaged one and the newer one are neither counted nor deleted; the interrupted one goes
+    assert left == sorted(kept + ["step_000030", "step_000040", "step_000050"])
+    assert (tmp_path / "step_000040" / "COMPLETE").read_text() == "40\n"
+    assert json.loads((tmp_path / "step_000040" / "train_state.json").read_text()) == {"step": 40}
