@@ -285,10 +285,17 @@ def _header_estimate(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     offset = 0
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        entry = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        size += len(json.dumps({key: entry}, separators=(",", ":"), ensure_ascii=False).encode())
+        tag = _ST_TAGS.get(t.dtype, "BF16")
+        entry = {"dtype": tag, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        # ',"key":{...}' — the braces json.dumps adds around one item become that comma.
+        size += len(json.dumps({key: entry}, separators=(",", ":"), ensure_ascii=False).encode()) - 1
         offset += nbytes
     return size
+
+
+_ST_TAGS = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+            torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+            torch.bool: "BOOL"}
 
 
 def _check_header_limit(tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str,
