@@ -168,3 +168,29 @@ def test_accelerate_launch_without_cpu_true_is_detected_on_every_rank(tmp_path):
     assert len(results) == 2
     for r in results:
         assert r["mismatch"] and "Accelerator(cpu=True)" in r["mismatch"]
+
+
+def test_two_sparsifiers_with_one_file_name_are_refused_and_a_removed_registration_frees_it(tmp_path):
+    first, _, _ = build(steps=1)
+    second, _, _ = build(seed=1, steps=1)
+    acc = FakeAccelerator()
+    handles = register_for_checkpointing(acc, first)
+    with pytest.raises(ValueError, match="'distsparse_state.safetensors' is already used by another sparsifier"):
+        register_for_checkpointing(acc, second)
+    register_for_checkpointing(acc, second, filename="second.safetensors")  # a distinct name is fine
+    with pytest.raises(ValueError, match="already registered on this accelerator"):
+        register_for_checkpointing(acc, first, filename="again.safetensors")  # same sparsifier twice
+    acc.save_state(str(tmp_path / "s"))
+    assert sorted(os.listdir(tmp_path / "s")) == ["distsparse_state.safetensors", "second.safetensors"]
+    for h in handles:
+        h.remove()
+    third, _, _ = build(seed=2)
+    register_for_checkpointing(acc, third)  # the default name is free again
+    register_for_checkpointing(FakeAccelerator(), first)  # another accelerator has its own registry
+
+
+def test_the_default_file_name_is_the_old_one_for_the_whole_world():
+    from distsparse.integrations.accelerate import DEFAULT_FILENAME, default_filename
+
+    sp, _, _ = build()
+    assert default_filename(sp) == DEFAULT_FILENAME == "distsparse_state.safetensors"

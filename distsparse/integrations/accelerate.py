@@ -8,6 +8,14 @@
     accelerator.save_state("ckpt/step_100")      # also writes ckpt/step_100/distsparse_state.safetensors
     accelerator.load_state("ckpt/step_100")      # also restores masks, configs and the schedule
 
+File names never collide: a sparsifier on the whole world writes ``distsparse_state.safetensors``;
+one bound to a sub-group (``process_group=``) writes ``distsparse_state.ranks<a>-<b>.safetensors``
+(its global ranks, see :func:`default_filename`). Each accelerator keeps a registry of its
+registrations: a second sparsifier with a file name already taken, or the same sparsifier
+registered twice, is refused with ``ValueError`` (remove the first registration's handles
+to register again). And :func:`distsparse.save_checkpoint` itself refuses to overwrite a
+file that another process group of the same job wrote.
+
 It hooks accelerate's save/load *pre-hooks*, which run on every rank, and calls the
 collectives :func:`distsparse.save_checkpoint` / :func:`distsparse.load_checkpoint` there.
 accelerate's own ``Accelerator.register_for_checkpointing`` is deliberately not used: it
@@ -28,6 +36,7 @@ Limitations:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Any
@@ -35,12 +44,59 @@ from typing import Any
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..distributed import Comm
 
-__all__ = ["register_for_checkpointing", "DEFAULT_FILENAME"]
+__all__ = ["register_for_checkpointing", "default_filename", "DEFAULT_FILENAME"]
 
-#: File written into every ``save_state`` folder.
+#: File written into every ``save_state`` folder by a sparsifier on the whole world.
 DEFAULT_FILENAME = "distsparse_state.safetensors"
 
 _ACCELERATE_CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")
+# Attribute of the accelerator holding {file name: sparsifier} of the live registrations.
+_REGISTRY = "_distsparse_registrations"
+
+
+def default_filename(sparsifier: Any) -> str:
+    """The file a sparsifier's state goes to when ``filename`` is not given.
+
+    ``distsparse_state.safetensors`` when the sparsifier spans every rank (no
+    ``process_group=``, or the whole world — so existing checkpoints keep loading);
+    for a sub-group, its global ranks: ``distsparse_state.ranks2-3.safetensors`` (a
+    contiguous range), ``distsparse_state.ranks0_2_5.safetensors`` (up to 8 others), else
+    ``distsparse_state.ranks-<12 hex of their sha256>.safetensors``.
+    """
+    comm = sparsifier._comm
+    if not comm.is_distributed:
+        return DEFAULT_FILENAME
+    ranks = [comm._global_rank(r) for r in range(comm.world_size)]
+    if ranks == list(range(Comm().world_size)):
+        return DEFAULT_FILENAME
+    if ranks == list(range(ranks[0], ranks[0] + len(ranks))):
+        tag = f"ranks{ranks[0]}-{ranks[-1]}"
+    elif len(ranks) <= 8:
+        tag = "ranks" + "_".join(str(r) for r in ranks)
+    else:
+        tag = "ranks-" + hashlib.sha256(",".join(str(r) for r in ranks).encode()).hexdigest()[:12]
+    return f"distsparse_state.{tag}.safetensors"
+
+
+class _Handle:
+    """accelerate's ``RemovableHandle``; ``remove()`` also frees the registration's file name."""
+
+    def __init__(self, handle: Any, release: Any) -> None:
+        self._handle, self._release = handle, release
+
+    @property
+    def id(self) -> int:
+        return self._handle.id
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._release()
+
+    def __enter__(self) -> "_Handle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
 
 
 def _check_world(accelerator: Any) -> None:
@@ -58,23 +114,29 @@ def _check_world(accelerator: Any) -> None:
 
 
 def register_for_checkpointing(accelerator: Any, sparsifier: Any, scheduler: Any | None = None,
-                               filename: str = DEFAULT_FILENAME) -> tuple[Any, Any]:
+                               filename: str | None = None) -> tuple[Any, Any]:
     """Make ``accelerator.save_state(dir)`` / ``load_state(dir)`` save and restore the
     sparsifier (and scheduler) as ``dir/<filename>`` (format: :mod:`distsparse.checkpoint`).
 
-    Call it on every rank, once. ``save_state``/``load_state`` must then be called on every
-    rank too (as accelerate requires anyway): the hooks are collectives. Loading a folder
-    without the file raises :class:`~distsparse.checkpoint.CheckpointNotFoundError`.
+    Call it on every rank, once per sparsifier. ``save_state``/``load_state`` must then be
+    called on every rank too (as accelerate requires anyway): the hooks are collectives.
+    Loading a folder without the file raises
+    :class:`~distsparse.checkpoint.CheckpointNotFoundError`. ``filename`` defaults to
+    :func:`default_filename` (distinct per process group).
 
     Returns:
-        ``(save_handle, load_handle)`` — ``torch.utils.hooks.RemovableHandle``\\ s; call
-        ``.remove()`` on both to unregister.
+        ``(save_handle, load_handle)`` — handles like ``torch.utils.hooks.RemovableHandle``;
+        call ``.remove()`` on both to unregister (either frees the file name).
 
     Raises:
         RuntimeError: accelerate and ``torch.distributed`` disagree on the number of
             processes (CPU-only host without ``Accelerator(cpu=True)``).
-        ValueError: ``filename`` is not a plain file name, or is one accelerate reserves.
+        ValueError: ``filename`` is not a plain file name, is one accelerate reserves, is
+            already taken by another sparsifier registered on this accelerator, or this
+            sparsifier is registered on it already.
     """
+    if filename is None:
+        filename = default_filename(sparsifier)
     if not isinstance(filename, str) or not filename or os.path.basename(filename) != filename \
             or filename in (".", ".."):
         raise ValueError(f"filename must be a plain file name inside the checkpoint folder, got {filename!r}")
@@ -98,6 +160,24 @@ def register_for_checkpointing(accelerator: Any, sparsifier: Any, scheduler: Any
         _check_world(accelerator)
         load_checkpoint(os.path.join(input_dir, filename), sparsifier, scheduler)
 
+    registry: dict[str, Any] = getattr(accelerator, _REGISTRY, None) or {}
+    for taken, other in registry.items():
+        if other is sparsifier:
+            raise ValueError(
+                f"this sparsifier is already registered on this accelerator (file {taken!r}); registering "
+                "it again would save and load it twice. Call .remove() on the handles the first "
+                "register_for_checkpointing returned to register it anew.")
+    if filename in registry:
+        raise ValueError(
+            f"file name {filename!r} is already used by another sparsifier registered on this accelerator; "
+            "its checkpoints would overwrite each other. Pass a distinct filename= to one of them.")
+    registry[filename] = sparsifier
+    setattr(accelerator, _REGISTRY, registry)
+
+    def release() -> None:
+        if registry.get(filename) is sparsifier:
+            del registry[filename]
+
     save_handle = accelerator.register_save_state_pre_hook(save_hook)
     load_handle = accelerator.register_load_state_pre_hook(load_hook)
-    return save_handle, load_handle
+    return _Handle(save_handle, release), _Handle(load_handle, release)
