@@ -41,12 +41,21 @@ authoritative list of groups is the JSON below, never a parse of the keys.
 Writing
 -------
 Rank 0 alone writes: every rank's local masks reach it in one ``all_gather`` of bytes; it
-writes a temporary file ``.<name>.tmp-<pid>-<8 hex>`` in the target's folder, flushes and
-fsyncs it, ``os.replace``\\ s it onto the target and fsyncs the folder. A crash or kill at
-any moment leaves the previous checkpoint whole. Temporary files of earlier saves of the
-same target that were killed (their process is gone, they are older than the current save)
-are removed by the next save. Every rank returns only after the file is complete, and an
-error on the writer is raised on every rank.
+writes a temporary file ``.<name>.tmp-<pid>-<8 hex>`` beside the target (the *real* file
+when the target is a symlink, which stays a link; a shortened ``.<start>~<hash>`` prefix
+for names near ``NAME_MAX``), holding an exclusive ``flock`` on it, flushes and fsyncs it,
+``os.replace``\\ s it onto the target and fsyncs the folder. A crash or kill at any moment
+leaves the previous checkpoint whole. The next save removes temporary files of the same
+target that it can lock (their writer is gone): a live save of another thread, process or
+host is never touched. Every rank returns only after the file is complete, and an error on
+the writer is raised on every rank.
+
+The state also records ``"writer"``: the writing process group's global ranks, the world
+size and a token of the job (from the default process group's store). A save refuses
+(:class:`CheckpointError`) to replace a file another process group of the same job wrote
+(the check and the rename run under a lock on the folder); files of earlier jobs, of the
+same group, or without a writer are replaced. Headers over safetensors' 100,000,000-byte
+limit are refused before writing, in distsparse's words.
 
 Loading
 -------
