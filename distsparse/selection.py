@@ -41,11 +41,13 @@ keys are the 16 significant bits of the exact float32 conversion, so one radix p
 
 **Digit width.** A round moves ``8 × 2**digit_bits`` bytes per split group through a ring
 all-reduce and costs one latency term of the collective; fewer, wider digits trade bytes
-for rounds. :func:`choose_digit_bits` picks 8, 11 or 16 bits by that model (named
-constants below): 11 bits (float32 keys: 3 rounds, 16 KiB per group and round) on small
-worlds, 16 bits (2 rounds, 512 KiB) when latency dominates, from about 20 ranks on.
-Rounds per step: ``ceil(max key bits / digit_bits)`` at most, fewer when every group is
-decided early (a whole histogram bin taken).
+for rounds, and a wide first digit also leaves far fewer candidate keys for the later
+passes (the top bits of float scores are mostly their shared exponent).
+:func:`choose_digit_bits` picks 8, 11 or 16 bits from that model (named constants
+below): 16 bits (float32 keys: 2 rounds, 512 KiB per group and round) for big shards and
+large worlds, 11 bits (3 rounds, 16 KiB) for many split groups with small shards.
+Rounds per step: ``ceil(max key bits / digit_bits)`` at most (half 1-2, float32 2-3,
+float64 4-6), fewer when every group is decided early (a whole histogram bin taken).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ __all__ = [
     "digit_schedule",
     "choose_digit_bits",
     "shard_histogram",
+    "narrow_candidates",
     "combine_histograms",
     "pack_histograms",
     "unpack_histograms",
@@ -83,12 +86,18 @@ __all__ = [
 KEY_BITS = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
 _KEY_DTYPE = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 
-# Cost model of one all-reduce round (ring: 2(N-1) steps, each a latency plus a 1/N slice
-# of the buffer). Defaults measured with gloo over loopback on this project's 2-vCPU
-# machine (benchmarks/cost_model.py recalibrates them); only their ratio matters here.
+# Cost model of a step's rounds (choose_digit_bits). A ring all-reduce takes 2(N-1) steps,
+# each a latency plus a 1/N slice of the buffer; every round also makes one or two passes
+# over the shard's candidate keys. Defaults: gloo over loopback and one core of this
+# project's 2-vCPU machine (benchmarks/cost_model.py recalibrates them).
 ALLREDUCE_STEP_LATENCY_S = 60e-6
 ALLREDUCE_BYTES_PER_S = 1.0e9
+SECONDS_PER_KEY_PASS = 2.5e-9
 DIGIT_BITS_CHOICES = (8, 11, 16)
+# Fraction of the keys still candidates after the first digit, measured on float32 block
+# scores of normal, uniform and log-normal data (L1 and L2): the first digits are mostly
+# sign and exponent, shared by most scores of a table — 11 bits keep 6-30%, 16 bits 0.2-1%.
+_SURVIVING_FIRST_DIGIT = {8: 0.85, 11: 0.3, 16: 0.01}
 
 
 def blocks_to_prune(level: float, n_blocks: int) -> int:
@@ -118,7 +127,7 @@ def score_keys(scores: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     if not inplace or not scores.is_contiguous():
         flat = flat.clone()
     keys = flat.view(_KEY_DTYPE[bits])
-    if keys.numel() and bool((keys < 0).any()):  # sign bit set: negative floats and -0.0
+    if keys.numel() and bool(keys.amin() < 0):  # sign bit set: negative floats and -0.0
         magnitude_mask = (1 << (bits - 1)) - 1
         sign = keys >> (bits - 1)  # -1 where negative, else 0 (arithmetic shift)
         keys.bitwise_and_(magnitude_mask)
@@ -140,52 +149,91 @@ def digit_schedule(key_bits: int, digit_bits: int) -> list[tuple[int, int]]:
     return out
 
 
-def choose_digit_bits(world_size: int, n_groups: int, key_bits: int = 32, *,
+def choose_digit_bits(world_size: int, n_groups: int, key_bits: int = 32, keys_per_rank: int = 0, *,
                       step_latency_s: float = ALLREDUCE_STEP_LATENCY_S,
-                      bytes_per_s: float = ALLREDUCE_BYTES_PER_S) -> int:
-    """Digit width minimising the modelled time of a step's rounds (ties → narrower).
+                      bytes_per_s: float = ALLREDUCE_BYTES_PER_S,
+                      seconds_per_key_pass: float = SECONDS_PER_KEY_PASS) -> int:
+    """Digit width (8, 11 or 16) minimising the modelled time of a step's selection.
 
-    One round all-reduces ``n_groups × 2**w`` int64 counts through a ring:
-    ``2(N−1) × (step_latency + 8·2**w·n_groups / (N·bytes_per_s))``; a step needs
-    ``ceil(key_bits / w)`` of them. Small worlds are bandwidth-bound (11 bits), large ones
-    latency-bound (16 bits). Pure and deterministic: every rank gets the same width.
+    Each of the ``ceil(key_bits / w)`` rounds all-reduces ``n_groups × 2**w`` int64
+    counts through a ring — ``2(N−1) × (step_latency + 8·2**w·n_groups / (N·bytes_per_s))``
+    — and narrower digits leave more candidates for the passes after the first round
+    (``keys_per_rank × 2 passes × surviving fraction``; ``keys_per_rank`` is the most
+    block keys any rank holds in the step's split groups). Wide digits win when latency
+    or local keys dominate (large worlds, big shards); narrow ones when the histogram bytes
+    do (many split groups with small shards). Pure: every rank gets the same width.
     """
-    if world_size < 1 or n_groups < 0:
-        raise ValueError(f"world_size must be >= 1 and n_groups >= 0, got {world_size}, {n_groups}")
-    if world_size == 1 or n_groups == 0:
-        return DIGIT_BITS_CHOICES[1]
+    if world_size < 1 or n_groups < 0 or keys_per_rank < 0:
+        raise ValueError(f"world_size must be >= 1, n_groups and keys_per_rank >= 0, "
+                         f"got {world_size}, {n_groups}, {keys_per_rank}")
     steps = 2 * (world_size - 1)
 
     def cost(w: int) -> float:
         per_step = step_latency_s + 8 * (1 << w) * n_groups / (world_size * bytes_per_s)
-        return math.ceil(key_bits / w) * steps * per_step
+        local = keys_per_rank * seconds_per_key_pass * 2 * _SURVIVING_FIRST_DIGIT[w]
+        return math.ceil(key_bits / w) * steps * per_step + local
 
-    return min(DIGIT_BITS_CHOICES, key=lambda w: (cost(w), w))
+    return min(DIGIT_BITS_CHOICES, key=lambda w: (cost(w), -w))
 
 
 # -- one round ---------------------------------------------------------------------------
 
 
-def _digits(candidates: torch.Tensor, key_bits: int, shift: int, width: int) -> torch.Tensor:
-    """Digit ``(shift, width)`` of the keys' *unsigned* order (the key plus 2**(b-1)).
+# Keys handled per pass on CPU: 4 MiB of int32 digits, reused — fresh full-size
+# temporaries cost more in page faults than the arithmetic (measured: 24 ms to allocate
+# and touch 64 MiB, 6 ms to shift 16M keys into a warm buffer); 2**18 and 2**16 were
+# slower (more small ops), a single full-size pass ~1.7x slower.
+_CPU_CHUNK = 1 << 20
+
+
+def _chunks(keys: torch.Tensor) -> range:
+    step = _CPU_CHUNK if keys.device.type == "cpu" else max(keys.numel(), 1)
+    return range(0, keys.numel(), step)
+
+
+def _digits_into(out: torch.Tensor, keys: torch.Tensor, key_bits: int, shift: int, width: int) -> torch.Tensor:
+    """Digit ``(shift, width)`` of the keys' *unsigned* order (key + 2**(b-1)), into ``out``.
 
     The top digit is the arithmetic shift plus the sign offset; lower digits are the same
     bits in the signed and the unsigned form, so a mask suffices."""
-    wide = torch.int64 if key_bits == 64 else torch.int32
-    digits = candidates.to(wide) >> shift  # a new tensor: the keys stay untouched
+    out.copy_(keys)
+    if shift:
+        out.bitwise_right_shift_(shift)
     if shift + width == key_bits:
-        digits += 1 << (width - 1)
+        out += 1 << (width - 1)
     else:
-        digits &= (1 << width) - 1
-    return digits
+        out &= (1 << width) - 1
+    return out
+
+
+def _digit_buffer(keys: torch.Tensor, key_bits: int) -> torch.Tensor:
+    wide = torch.int64 if key_bits == 64 else torch.int32
+    return torch.empty(min(keys.numel(), _chunks(keys).step), dtype=wide, device=keys.device)
 
 
 def shard_histogram(candidates: torch.Tensor, key_bits: int, shift: int, width: int) -> torch.Tensor:
     """Count of this shard's candidate keys per value of digit ``(shift, width)``:
     int64, ``2**width`` bins, on the keys' device."""
-    if candidates.numel() == 0:
-        return torch.zeros(1 << width, dtype=torch.int64, device=candidates.device)
-    return torch.bincount(_digits(candidates, key_bits, shift, width), minlength=1 << width)
+    hist = torch.zeros(1 << width, dtype=torch.int64, device=candidates.device)
+    buf = _digit_buffer(candidates, key_bits)
+    for start in _chunks(candidates):
+        part = candidates[start : start + buf.numel()]
+        hist += torch.bincount(_digits_into(buf[: part.numel()], part, key_bits, shift, width),
+                               minlength=1 << width)
+    return hist
+
+
+def narrow_candidates(candidates: torch.Tensor, key_bits: int, shift: int, width: int,
+                      digit: int) -> torch.Tensor:
+    """The candidate keys whose digit ``(shift, width)`` is ``digit``, in their order."""
+    buf = _digit_buffer(candidates, key_bits)
+    hit = torch.empty(buf.shape, dtype=torch.bool, device=buf.device)
+    pieces = []
+    for start in _chunks(candidates):
+        part = candidates[start : start + buf.numel()]
+        digits = _digits_into(buf[: part.numel()], part, key_bits, shift, width)
+        pieces.append(part[torch.eq(digits, digit, out=hit[: part.numel()])])
+    return torch.cat(pieces) if pieces else candidates[:0]
 
 
 def combine_histograms(histograms: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -301,7 +349,7 @@ class ShardSelection:
         self._remaining = k
         self._expected = n_blocks  # keys the next global histogram must hold
         self._candidates: torch.Tensor | None = self.keys
-        self._digits: torch.Tensor | None = None
+        self._local: torch.Tensor | None = None  # this round's local histogram
         #: Outcome, once done: prune keys < threshold, then ``ties`` of the keys equal to
         #: it (``None``: all of them); ``tie_count`` keys equal it over all shards.
         self.threshold: int | None = None
@@ -331,12 +379,8 @@ class ShardSelection:
         if self.done:
             return torch.zeros(0, dtype=torch.int64, device=self.keys.device)
         shift, width = self._schedule[self._round]
-        if self._candidates.numel() == 0:
-            self._digits = None
-            return torch.zeros(1 << width, dtype=torch.int64, device=self.keys.device)
-        # The digits are kept for advance(): it narrows the candidates without recomputing.
-        self._digits = _digits(self._candidates, self.key_bits, shift, width)
-        return torch.bincount(self._digits, minlength=1 << width)
+        self._local = shard_histogram(self._candidates, self.key_bits, shift, width)
+        return self._local
 
     def advance(self, global_histogram: torch.Tensor) -> None:
         """Consume the round's global histogram (the sum over all shards): pick the digit,
@@ -346,13 +390,16 @@ class ShardSelection:
                 raise ValueError("advance() after the selection finished got a non-empty histogram")
             return
         shift, width = self._schedule[self._round]
-        if global_histogram.numel() != 1 << width:
-            raise ValueError(f"global histogram has {global_histogram.numel()} bins, expected {1 << width}")
+        if global_histogram.numel() != 1 << width or self._local is None:
+            raise ValueError(f"advance() needs this round's histogram() first and a global histogram of "
+                             f"{1 << width} bins, got {global_histogram.numel()}")
         total = int(global_histogram.sum())
         if total != self._expected:
             raise RuntimeError(f"selection round {self._round}: the shards hold {total} candidate blocks, "
                                f"expected {self._expected} (shards overlap, are missing, or ranks disagree)")
         chosen = pick(global_histogram, self._remaining)
+        local_in_digit = int(self._local[chosen.digit])
+        self._local = None
         self._prefix = (self._prefix << width) | chosen.digit
         self._remaining = chosen.remaining
         self._expected = chosen.in_digit
@@ -362,16 +409,15 @@ class ShardSelection:
             # The whole digit is pruned: everything up to its last key, no tie to split.
             self.threshold = (((self._prefix + 1) << shift) - 1) - offset
             self.ties, self.tie_count = None, chosen.in_digit
-            self._candidates = self._digits = None
-            return
-        if self._round == len(self._schedule):
+            self._candidates = None
+        elif self._round == len(self._schedule):
             self.threshold = self._prefix - offset
             self.ties, self.tie_count = chosen.remaining, chosen.in_digit
-            self._candidates = self._digits = None
-            return
-        if self._digits is not None:
-            self._candidates = self._candidates[self._digits == chosen.digit]
-        self._digits = None
+            self._candidates = None
+        elif local_in_digit == 0:
+            self._candidates = self.keys[:0]
+        elif local_in_digit != self._candidates.numel():  # else all local candidates stay
+            self._candidates = narrow_candidates(self._candidates, self.key_bits, shift, width, chosen.digit)
 
     @property
     def needs_tie_prefix(self) -> bool:

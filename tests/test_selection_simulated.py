@@ -333,11 +333,15 @@ def test_digit_schedule_covers_the_key_bits_most_significant_first():
 
 
 def test_digit_width_follows_the_bytes_versus_rounds_model():
-    assert choose_digit_bits(2, 1) == 11  # bandwidth-bound: 3 rounds of 16 KiB
-    assert choose_digit_bits(1024, 1) == 16  # latency-bound: 2 rounds
-    assert choose_digit_bits(1024, 26) == 16
-    assert choose_digit_bits(1, 5) == 11
-    assert all(choose_digit_bits(n, g) in (8, 11, 16) for n in (2, 3, 7, 64, 1000) for g in (1, 3, 100))
+    assert choose_digit_bits(2, 1, 32, keys_per_rank=8_000_000) == 16  # big shard: fewer candidates left
+    assert choose_digit_bits(2, 1, 32, keys_per_rank=100_000) == 11  # small shard: 512 KiB histograms cost more
+    assert choose_digit_bits(2, 200, 32, keys_per_rank=1_000_000) < 16  # many groups: bytes dominate
+    assert choose_digit_bits(1024, 1) == 16  # latency-bound: 2 rounds beat 3
+    assert choose_digit_bits(1024, 26, 32, keys_per_rank=500_000) == 16
+    assert all(choose_digit_bits(n, g, b, keys) in (8, 11, 16) for n in (1, 2, 3, 7, 64, 1000) for g in (0, 1, 3, 100)
+               for b in (16, 32, 64) for keys in (0, 10**6))
+    with pytest.raises(ValueError, match="world_size"):
+        choose_digit_bits(0, 1)
 
 
 def test_pick_finds_the_digit_of_the_remaining_th_key():
