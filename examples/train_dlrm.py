@@ -639,6 +639,11 @@ def main(argv=None):
                               log_with=args.log_with, project_dir=args.output_dir)
     try:
         run(args, accelerator)
+        # leave together and close the process group: a rank that exits while another is
+        # still in the last collective can be aborted by gloo ("terminate called ...")
+        accelerator.wait_for_everyone()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     except JobError as exc:
         # every rank reaches the same refusal (rank 0 decided and broadcast): one message
         if accelerator.is_main_process:
