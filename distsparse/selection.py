@@ -196,8 +196,10 @@ def _digits_into(out: torch.Tensor, keys: torch.Tensor, key_bits: int, shift: in
 
     The top digit is the arithmetic shift plus the sign offset; lower digits are the same
     bits in the signed and the unsigned form, so a mask suffices."""
-    out.copy_(keys)
-    if shift:
+    if keys.dtype == out.dtype:
+        torch.bitwise_right_shift(keys, shift, out=out)
+    else:
+        out.copy_(keys)
         out.bitwise_right_shift_(shift)
     if shift + width == key_bits:
         out += 1 << (width - 1)
