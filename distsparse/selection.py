@@ -89,10 +89,10 @@ _KEY_DTYPE = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 # Cost model of a step's rounds (choose_digit_bits). A ring all-reduce takes 2(N-1) steps,
 # each a latency plus a 1/N slice of the buffer; every round also makes one or two passes
 # over the shard's candidate keys. Defaults: gloo over loopback and one core of this
-# project's 2-vCPU machine (benchmarks/cost_model.py recalibrates them).
-ALLREDUCE_STEP_LATENCY_S = 60e-6
-ALLREDUCE_BYTES_PER_S = 1.0e9
-SECONDS_PER_KEY_PASS = 2.5e-9
+# project's 2-vCPU machine, measured by benchmarks/cost_model.py --calibrate (world 2).
+ALLREDUCE_STEP_LATENCY_S = 104e-6
+ALLREDUCE_BYTES_PER_S = 1.04e9
+SECONDS_PER_KEY_PASS = 3e-9
 DIGIT_BITS_CHOICES = (8, 11, 16)
 # Fraction of the keys still candidates after the first digit, measured on float32 block
 # scores of normal, uniform and log-normal data (L1 and L2): the first digits are mostly
