@@ -57,15 +57,18 @@ What it does
   the epoch once.
 * Checkpoints: `accelerator.save_state()` every `--save-every` steps into
   `OUTPUT_DIR/ckpt/step_000120/` (model, optimizer, RNG states, plus distsparse's
-  safetensors sparsity state through `distsparse.register_for_checkpointing`) and a
-  `train_state.json`; after every rank has finished writing (`wait_for_everyone`), the
-  main process writes a `COMPLETE` marker, and only then deletes the complete checkpoints
+  safetensors sparsity state through `distsparse.register_for_checkpointing`); after every
+  rank has finished writing (`wait_for_everyone`), the main process writes
+  `train_state.json` (step, epoch position, world size, a sha256 of every accelerate
+  file) and a `COMPLETE` marker, and only then deletes the complete checkpoints
   beyond the newest `--keep` among those at or before the step just written (a newer
   folder, e.g. one skipped as damaged, is never counted or deleted: it is replaced when
   the run reaches its step again).
 * Resume (`--resume auto`, the default): the checkpoint folders are tried newest first;
-  a folder without `COMPLETE`, with an unreadable `train_state.json` or whose files fail
-  to load (distsparse verifies every tensor's sha256) is skipped, and one line names each
+  a folder without `COMPLETE`, with an unreadable `train_state.json`, with a file that
+  does not match the sha256 recorded for it in `train_state.json` (accelerate's files
+  carry no checksum of their own), or whose files fail to load (distsparse verifies each
+  of its tensors' sha256) is skipped, and one line names each
   skipped folder and why. The run resumes from the newest one that loads, and stops with
   an error (deleting nothing) when complete checkpoints exist but none loads.
   `--resume PATH` loads exactly PATH or stops with one message; `--resume none` starts
@@ -347,6 +350,14 @@ def list_checkpoints(root: Path, complete_only=True):
     return sorted(out)
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, distrusted: set):
     """Write `root/step_NNNNNN` on every rank, mark it COMPLETE, then apply retention.
 
@@ -364,12 +375,15 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
     distrusted.discard(path.name)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path))  # every rank: model/optimizer (main), RNG (each), sparsity hook
+    accelerator.wait_for_everyone()    # all ranks finished writing their files
     if accelerator.is_main_process:
+        # accelerate's files carry no checksum (a flipped byte in model.safetensors would load
+        # silently): record one per file; distsparse's own file checks each of its tensors
+        state = dict(state, files={f.name: file_sha256(f) for f in sorted(path.iterdir())
+                                   if f.is_file() and not f.name.startswith("distsparse")})
         with open(path / "train_state.json", "w") as f:
             json.dump(state, f, indent=1)
             f.flush(); os.fsync(f.fileno())
-    accelerator.wait_for_everyone()    # all ranks finished writing their files
-    if accelerator.is_main_process:
         with open(path / "COMPLETE", "w") as f:
             f.write(f"{step}\n"); f.flush(); os.fsync(f.fileno())
         trusted = [(s, p) for s, p in list_checkpoints(root) if s <= step and p.name not in distrusted]
@@ -395,6 +409,11 @@ def inspect_checkpoint(path: Path, sparse: bool, baseline: bool):
         int(st["step"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return "skip", f"train_state.json unreadable ({type(exc).__name__}: {exc})"
+    for name, digest in (st.get("files") or {}).items():
+        if not (path / name).is_file():
+            return "skip", f"{name} is missing"
+        if file_sha256(path / name) != digest:
+            return "skip", f"{name} does not match its sha256 in train_state.json (damaged file)"
     if "sparse" in st and bool(st["sparse"]) != sparse:
         return "fatal", (f"{path} was written by a {'sparse' if st['sparse'] else '--dense'} run; resume it "
                          f"{'without' if st['sparse'] else 'with'} --dense, or start over with "
@@ -639,11 +658,10 @@ def main(argv=None):
                               log_with=args.log_with, project_dir=args.output_dir)
     try:
         run(args, accelerator)
-        # leave together and close the process group: a rank that exits while another is
-        # still in the last collective can be aborted by gloo ("terminate called ...")
+        # leave together, then close trackers and the process group: a rank that exits while
+        # another is still in the last collective can be aborted by gloo ("terminate called ...")
         accelerator.wait_for_everyone()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        accelerator.end_training()
     except JobError as exc:
         # every rank reaches the same refusal (rank 0 decided and broadcast): one message
         if accelerator.is_main_process:
@@ -943,8 +961,6 @@ def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=1)
         os.replace(tmp, out / "summary.json")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

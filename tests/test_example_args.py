@@ -150,6 +150,22 @@ def test_inspect_checkpoint_skips_unusable_folders_and_stops_on_another_configur
     assert kind == "fatal" and "was written by a sparse run" in why
 
 
+def test_inspect_checkpoint_checks_the_recorded_sha256_of_accelerates_files(job, tmp_path):
+    p = tmp_path / "step_000040"
+    p.mkdir()
+    (p / "model.safetensors").write_bytes(b"weights")
+    (p / "optimizer.bin").write_bytes(b"moments")
+    files = {n: job.file_sha256(p / n) for n in ("model.safetensors", "optimizer.bin")}
+    (p / "train_state.json").write_text(json.dumps({"step": 40, "sparse": True, "baseline": True, "files": files}))
+    (p / "COMPLETE").write_text("40\n")
+    assert job.inspect_checkpoint(p, True, True)[0] == "ok"
+    (p / "model.safetensors").write_bytes(b"weighty")            # one byte changed: loads silently otherwise
+    assert job.inspect_checkpoint(p, True, True) == \
+        ("skip", "model.safetensors does not match its sha256 in train_state.json (damaged file)")
+    (p / "model.safetensors").unlink()
+    assert job.inspect_checkpoint(p, True, True) == ("skip", "model.safetensors is missing")
+
+
 class _OneProcess:
     """The accelerator surface save_checkpoint uses, for one process."""
     is_main_process = True
@@ -173,4 +189,6 @@ def test_retention_counts_only_trusted_checkpoints_at_or_before_the_new_one(job,
     # the damaged one and the newer one are neither counted nor deleted; the interrupted one goes
     assert left == sorted(kept + ["step_000030", "step_000040", "step_000050"])
     assert (tmp_path / "step_000040" / "COMPLETE").read_text() == "40\n"
-    assert json.loads((tmp_path / "step_000040" / "train_state.json").read_text()) == {"step": 40}
+    state = json.loads((tmp_path / "step_000040" / "train_state.json").read_text())
+    assert state == {"step": 40, "files": {"model.safetensors": job.file_sha256(tmp_path / "step_000040" /
+                                                                                "model.safetensors")}}
