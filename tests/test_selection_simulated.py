@@ -158,7 +158,7 @@ def test_masks_of_simulated_worlds_equal_the_whole_tensor_mask(world):
                 norm = rng.choice(["L1", "L2"])
                 cases.append(Case(data, level, block, zeros, norm, random_bounds(rows, block[0], world, rng)))
     if world >= 64:  # keep the suite fast: every block shape, dtype and data kind still appears
-        cases = cases[::4] + cases[1::9]
+        cases = cases[::5] + cases[2::11]
     # All groups of the step share the rounds: 3 for float32 keys with 11-bit digits, 6 for float64.
     collectives = assert_same_as_whole(cases, world)
     assert collectives <= 6 + 1
@@ -170,7 +170,7 @@ def test_one_big_table_at_1000_ranks_with_heavy_ties():
     gen = torch.Generator().manual_seed(5)
     data = make_data("few", (3000, 16), torch.float32, gen)
     cases = [Case(data, level, (1, 4), 4, "L1", random_bounds(3000, 1, 1000, rng))
-             for level in (1e-4, 0.25, 0.5, 0.999)]
+             for level in (1e-4, 0.5, 0.999)]
     assert_same_as_whole(cases, 1000)
 
 
