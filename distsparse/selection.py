@@ -37,7 +37,8 @@ tests). One ``step()`` on one rank, for its split groups in name order::
 scores' order as torch compares them: ``-0.0`` and ``+0.0`` get the same key, ``+inf``
 (squares of float16 overflowing) the largest finite-data key. It works in place on the
 score tensor's memory (no copy), which the selection no longer needs. Half-precision
-keys are the 16 significant bits of the exact float32 conversion, so one radix pass less.
+keys come straight from the 16-bit patterns: converting to float32 is exact and monotone,
+so they order exactly as float32 keys would, with half the radix passes.
 
 **Digit width.** A round moves ``8 × 2**digit_bits`` bytes per split group through a ring
 all-reduce and costs one latency term of the collective; fewer, wider digits trade bytes
