@@ -201,7 +201,8 @@ def _instrument(sp, distsparse) -> dict:
                         ("_exchange_replicated", "exchange: other")):
         _wrap(sp, attr, label, timers)
     if comm is not None:
-        for attr, label in (("check_agreement", "collective: check_agreement"),
+        for attr, label in (("begin", "collective: begin (operation frame + agreement)"),
+                            ("finish", "collective: finish (commit point)"),
                             ("raise_if_any_failed", "collective: raise_if_any_failed"),
                             ("all_gather_tensor", "collective: all_gather_tensor"),
                             ("all_gather_bytes", "collective: all_gather_bytes"),
@@ -391,14 +392,15 @@ def summarize(results: list[dict]) -> dict:
     return s
 
 
-def floor_child(n_tables: int, args) -> dict:
+def floor_child(spec: str, args) -> dict:
     """No communication at all: time step() of a plain single-process sparsifier on
-    ``n_tables`` tables. Run alone (all tables) and as two concurrent processes (half
-    each), it measures how well this machine runs two processes in parallel."""
+    ``spec`` = "<tables>:<rows>" tables. Run alone (all tables) and as two concurrent
+    processes (half the tables each; half the rows of a single table), it measures how
+    well this machine runs two processes in parallel."""
     import torch
     import distsparse
     torch.set_num_threads(1)
-    rows = args.rows or (25_000 if args.quick else 250_000)
+    n_tables, rows = (int(x) for x in spec.split(":"))
     gen = torch.Generator().manual_seed(0)
     sp = distsparse.DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))
     for i in range(n_tables):
@@ -414,11 +416,11 @@ def floor_child(n_tables: int, args) -> dict:
 
 def parallel_floor(args) -> tuple[float, float] | None:
     """(one process, all tables; two concurrent processes, half each): step medians."""
-    def start(n):
-        return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--floor-child", str(n),
-                                 "--cols", str(args.cols), "--steps", str(args.steps)]
-                                + (["--rows", str(args.rows)] if args.rows else [])
-                                + (["--quick"] if args.quick else []),
+    rows = args.rows or (25_000 if args.quick else 250_000)
+
+    def start(n, r=rows):
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--floor-child", f"{n}:{r}",
+                                 "--cols", str(args.cols), "--steps", str(args.steps)],
                                 stdout=subprocess.PIPE, text=True, env=_common.child_env())
 
     def result(p):
@@ -428,7 +430,10 @@ def parallel_floor(args) -> tuple[float, float] | None:
 
     try:
         solo = result(start(args.tables))
-        pair = [start(args.tables // 2), start(args.tables - args.tables // 2)]
+        if args.tables == 1:  # one table: each process scores half its rows
+            pair = [start(1, rows // 2), start(1, rows - rows // 2)]
+        else:
+            pair = [start(args.tables // 2), start(args.tables - args.tables // 2)]
         halves = [result(p) for p in pair]
     except subprocess.TimeoutExpired:
         return None
@@ -451,7 +456,7 @@ def main() -> int:
     ap.add_argument("--no-breakdown", action="store_true",
                     help="don't time distsparse's internal phases")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--floor-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--floor-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--module", default="distsparse", help=argparse.SUPPRESS)  # harness dev
     args = ap.parse_args()
 

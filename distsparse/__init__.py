@@ -4,7 +4,8 @@ Public names are re-exported here; importing has no side effects (no warning fil
 no process-group calls).
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, save_checkpoint
+from .export import load_sparse_data, save_sparse_data
 from .distributed import CollectiveTimeoutError, RankDisagreementError, RemoteError
 from .integrations.accelerate import register_for_checkpointing
 from .norm_sparsifier import DataNormSparsifier
@@ -30,6 +31,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "CheckpointError",
+    "CheckpointNotFoundError",
+    "save_sparse_data",
+    "load_sparse_data",
     "RankDisagreementError",
     "RemoteError",
     "CollectiveTimeoutError",

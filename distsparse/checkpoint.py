@@ -322,26 +322,9 @@ def _check_header_limit(tensors: dict[str, torch.Tensor], metadata: dict[str, st
 # -- who writes: the collision check ----------------------------------------------------
 
 
-def _job_token() -> str | None:
-    """A random token shared by every process of this job (created once, in the default
-    process group's store), or None when there is no store to ask."""
-    try:
-        from torch.distributed import distributed_c10d
-
-        store = distributed_c10d._get_default_store()
-        return store.compare_set("distsparse/job_token", "", secrets.token_hex(16)).decode()
-    except Exception:  # noqa: BLE001 - no default group / store: the job cannot be named
-        return None
-
-
 def _writer_identity(comm: Any) -> dict[str, Any]:
     """The writing process group's global ranks, the job's world size and job token."""
-    if not comm.is_distributed:
-        return {"group_ranks": [0], "world_size": 1, "job": None}
-    import torch.distributed as dist
-
-    return {"group_ranks": [comm._global_rank(r) for r in range(comm.world_size)],
-            "world_size": dist.get_world_size(), "job": _job_token()}
+    return {"group_ranks": comm.global_ranks(), "world_size": comm.job_world_size(), "job": comm.job_token()}
 
 
 def _existing_writer(real: Path) -> dict[str, Any] | None:
@@ -560,7 +543,7 @@ def save_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
     :class:`~distsparse.distributed.RankDisagreementError` naming the group.
     """
     _check_scheduler(sparsifier, scheduler)
-    comm = sparsifier._comm
+    comm = sparsifier.comm
     target = Path(os.fspath(path))
     with comm.operation("save_checkpoint"):
         _save_in_operation(comm, target, sparsifier, scheduler)
@@ -868,7 +851,7 @@ def load_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
     With ``scheduler=None`` a saved scheduler state is ignored.
     """
     _check_scheduler(sparsifier, scheduler)
-    comm = sparsifier._comm
+    comm = sparsifier.comm
     target = Path(os.fspath(path))
     where = f"checkpoint {str(target)!r}"
     with comm.operation("load_checkpoint"):

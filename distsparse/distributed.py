@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from contextlib import contextmanager
 from datetime import timedelta
 from collections.abc import Callable, Iterator, Sequence
@@ -206,6 +207,26 @@ class Comm:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def global_ranks(self) -> list[int]:
+        """The global rank of every member of this group, in group-rank order."""
+        return [self._global_rank(r) for r in range(self.world_size)]
+
+    def job_world_size(self) -> int:
+        """Processes in the whole job (the default group), 1 when not distributed."""
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def job_token(self) -> str | None:
+        """A random token shared by every process of this job, created once in the default
+        process group's store (checkpoints record it to tell this job's writers from an
+        earlier job's); ``None`` when there is no store to ask."""
+        try:
+            from torch.distributed import distributed_c10d
+
+            store = distributed_c10d._get_default_store()
+            return store.compare_set("distsparse/job_token", "", secrets.token_hex(16)).decode()
+        except Exception:  # noqa: BLE001 - no default group / store: the job cannot be named
+            return None
+
     def _global_rank(self, group_rank: int) -> int:
         if self._group is None:
             return group_rank
@@ -244,6 +265,54 @@ class Comm:
         out = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
         self._wait(_all_gather_into(out, buf, self._group), what)
         return [out[r * longest : r * longest + n] for r, n in enumerate(lengths)]
+
+    def all_reduce_sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """Collective: the element-wise sum of every rank's ``tensor`` (same shape and
+        dtype everywhere), returned on ``tensor``'s device."""
+        if not self.is_distributed or self.world_size == 1:
+            return tensor
+        buf = tensor.to(self.device, copy=True)
+        self._wait(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._group, async_op=True), what)
+        return buf.to(tensor.device)
+
+    def select_lowest(self, selections: Sequence[Any], failed: bool) -> tuple[bool, list[int]]:
+        """Collective: run the radix-selection rounds of every split group of a step
+        together (:class:`distsparse.selection.ShardSelection`, one per group, in name
+        order, the same list on every rank): one all-reduce of all histograms per round,
+        then one of the tie counts when some group splits its ties.
+
+        ``failed``: this rank could not score its rows (it still sends empty histograms of
+        the right sizes). The first round carries a failure count; if any rank failed,
+        every rank stops there and returns ``(True, [])``. Otherwise returns
+        ``(False, ties_before)``: per selection, the ties held by the shards of lower
+        ranks (shards are row ranges ascending with the rank).
+        """
+        from .selection import pack_histograms, unpack_histograms
+
+        round_no = 0
+        while any(not sel.done for sel in selections):
+            sizes = [sel.histogram_size for sel in selections]
+            status = torch.tensor([1 if failed else 0], dtype=torch.int64)
+            flat = torch.cat([status, pack_histograms([sel.histogram().cpu() for sel in selections])])
+            total = self.all_reduce_sum(flat, f"all_reduce (selection round {round_no})")
+            if int(total[0]):
+                return True, []
+            for sel, hist in zip(selections, unpack_histograms(total[1:], sizes)):
+                try:
+                    sel.advance(hist)
+                except (RuntimeError, ValueError) as exc:  # same global counts: same on every rank
+                    raise mark_raised_everywhere(exc)
+            round_no += 1
+        need = [i for i, sel in enumerate(selections) if sel.needs_tie_prefix]
+        ties_before = [0] * len(selections)
+        if need:
+            counts = torch.zeros(len(need), self.world_size, dtype=torch.int64)
+            for row, i in enumerate(need):
+                counts[row, self.rank] = selections[i].local_ties()
+            counts = self.all_reduce_sum(counts, "all_reduce (tie counts)")
+            for row, i in enumerate(need):
+                ties_before[i] = int(counts[row, : self.rank].sum())
+        return False, ties_before
 
     def _all_gather_fixed(self, payload: bytes, what: str) -> list[bytes]:
         """Collective: like :meth:`all_gather_bytes` for payloads of one agreed size."""

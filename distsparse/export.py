@@ -173,7 +173,7 @@ def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifie
             the file's header would exceed safetensors' limit.
         TypeError: a group whose dtype safetensors cannot store.
     """
-    comm = sparsifier._comm
+    comm = sparsifier.comm
     target = Path(os.fspath(path))
     what = f"save_sparse_data({str(target)!r})"
     selected: list[str] = []

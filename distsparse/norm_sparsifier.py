@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .masks import norm_block_mask
+from .selection import blocks_to_prune, shard_block_scores, shard_mask
 from .sparsifier import BaseDataSparsifier
 
 __all__ = ["DataNormSparsifier"]
@@ -119,3 +120,24 @@ class DataNormSparsifier(BaseDataSparsifier):
         values_per_block = math.prod(sparse_block_shape)
         zeros = values_per_block if zeros_per_block is None else zeros_per_block
         return norm_block_mask(data, sparsity_level, tuple(sparse_block_shape), zeros, self.norm)
+
+    # -- sharded protocol: a big replicated group computed in row ranges by several ranks --
+    def _block_shape(self, name: str) -> tuple[int, int] | None:
+        # A subclass that overrides update_mask computes whole groups only.
+        if type(self).update_mask is not DataNormSparsifier.update_mask:
+            return None
+        return tuple(self.data_groups[name]["sparse_block_shape"])  # type: ignore[return-value]
+
+    def _shard_scores(self, name: str, matrix: torch.Tensor, row_start: int, row_stop: int,
+                      config: dict[str, Any]) -> torch.Tensor:
+        return shard_block_scores(matrix, row_start, row_stop, tuple(config["sparse_block_shape"]), self.norm)
+
+    def _blocks_to_prune(self, n_blocks: int, config: dict[str, Any]) -> int:
+        return blocks_to_prune(config["sparsity_level"], n_blocks)
+
+    def _shard_mask(self, name: str, matrix: torch.Tensor, row_start: int, row_stop: int,
+                    pruned: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+        block = tuple(config["sparse_block_shape"])
+        zeros = config["zeros_per_block"]
+        zeros = math.prod(block) if zeros is None else zeros
+        return shard_mask(matrix, row_start, row_stop, pruned, block, zeros, self.norm)  # type: ignore[arg-type]

@@ -107,7 +107,7 @@ class BaseDataScheduler(abc.ABC):
     def step(self) -> None:
         """Advance one epoch and apply the new values on every rank. *Collective*."""
         sparsifier = self.data_sparsifier
-        comm = sparsifier._comm
+        comm = sparsifier.comm
         if self.last_epoch >= 0 and sparsifier.step_count == 0 and not self._order_warned:
             self._order_warned = True
             warnings.warn(

@@ -28,7 +28,10 @@ import torch
 from torch import nn
 
 from .distributed import Comm
-from .masks import pack_bits, packed_size, unpack_bits
+from .masks import as_matrix, pack_bits, packed_size, unpack_bits
+from .planner import DEFAULT_MIN_SPLIT_ELEMENTS, GroupSpec, Plan
+from .planner import plan as plan_step
+from .selection import ShardSelection, choose_digit_bits
 
 __all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION"]
 
@@ -126,8 +129,11 @@ class BaseDataSparsifier(abc.ABC):
         #: Figures of the last ``step()``: seconds computing and communicating (waiting for
         #: the slowest rank included), bytes sent and received by this rank.
         self.last_step_stats: dict[str, float] = {}
-        self._ownership_key: tuple | None = None
-        self._owners: dict[str, int] = {}
+        #: Replicated groups of at least this many elements may be split into row ranges
+        #: computed by several ranks (see :meth:`assignment`); must be equal on every rank.
+        self.min_split_elements = DEFAULT_MIN_SPLIT_ELEMENTS
+        self._plan_key: tuple | None = None
+        self._plan_cache: Plan | None = None
         for name, data in data_list or ():
             self.add_data(name, data)
 
@@ -312,35 +318,66 @@ class BaseDataSparsifier(abc.ABC):
     def world_size(self) -> int:
         return self._comm.world_size
 
-    def _replicated_sizes(self) -> list[tuple[str, int]]:
-        return [(n, self._groups[n].data.numel()) for n in sorted(self._groups) if self._groups[n].replicated]
+    @property
+    def comm(self) -> Comm:
+        """The collective channel of this sparsifier (its process group, call counter and
+        backstop timeout); schedulers and checkpoints run their collectives through it."""
+        return self._comm
 
-    def _ownership(self) -> dict[str, int]:
-        """Deterministic owner of every replicated group, balanced by element count.
+    # -- sharded protocol (optional) ----------------------------------------------------
+    def _block_shape(self, name: str) -> tuple[int, int] | None:
+        """The block shape of group ``name`` if this sparsifier can compute the group in
+        row ranges on several ranks (the sharded protocol: :meth:`_shard_scores`,
+        :meth:`_blocks_to_prune`, :meth:`_shard_mask`), else ``None`` (whole groups only,
+        through :meth:`update_mask`)."""
+        return None
 
-        Longest-processing-time greedy: groups by decreasing size (name breaks ties) go to
-        the least-loaded rank (lowest rank breaks ties). Identical on every rank because it
-        depends only on sorted names, sizes and the world size.
-        """
-        sizes = self._replicated_sizes()
-        key = (self.world_size, tuple(sizes))
-        if key != self._ownership_key:
-            loads = [0] * self.world_size
-            owners: dict[str, int] = {}
-            for name, numel in sorted(sizes, key=lambda item: (-item[1], item[0])):
-                rank = min(range(self.world_size), key=lambda r: (loads[r], r))
-                owners[name] = rank
-                loads[rank] += max(numel, 1)
-            self._ownership_key, self._owners = key, owners
-        return self._owners
+    def _shard_scores(self, name: str, matrix: torch.Tensor, row_start: int, row_stop: int,
+                      config: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _blocks_to_prune(self, n_blocks: int, config: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+    def _shard_mask(self, name: str, matrix: torch.Tensor, row_start: int, row_stop: int,
+                    pruned: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- who computes what ------------------------------------------------------------
+    def _plan(self) -> Plan:
+        """This step's plan (see :mod:`distsparse.planner`): whole groups with an owner,
+        big splittable groups in row ranges. Identical on every rank: it depends only on
+        names, shapes, block shapes, scopes, the world size and ``min_split_elements``,
+        which the step's agreement check covers. Recomputed when any of them changes."""
+        specs = []
+        for name in sorted(self._groups):
+            group = self._groups[name]
+            rows, cols = as_matrix(group.data).shape if group.data.dim() else (1, 1)
+            block = self._block_shape(name) if group.replicated else None
+            specs.append(GroupSpec(name, int(rows), int(cols), block or (1, 1), group.replicated, block is not None))
+        key = (self.world_size, self.min_split_elements, tuple(specs))
+        if key != self._plan_key:
+            self._plan_cache = plan_step(self.world_size, specs, min_split_elements=self.min_split_elements)
+            self._plan_key = key
+        return self._plan_cache
 
     def owner_of(self, name: str) -> int:
         """Rank that computes group ``name``'s mask (0 when not distributed; this rank for
-        a local group, whose mask every rank computes from its own data)."""
+        a local group, whose mask every rank computes from its own data). For a group
+        split into row ranges (see :meth:`assignment`), the rank holding its first rows."""
         group = self._group(name)
         if not group.replicated:
             return self.rank
-        return self._ownership()[name]
+        return self._plan().owner_of(name)
+
+    def assignment(self, name: str) -> dict[int, tuple[int, int]]:
+        """``{rank: (row_start, row_stop)}``: which rows of group ``name``'s 2-D view each
+        rank computes. One entry covering every row for a group computed whole; one per
+        rank for a group split across ranks (a replicated group of at least
+        ``min_split_elements`` elements whose sparsifier supports it, when balance needs
+        it); ``{}`` for a local group (every rank computes its own data)."""
+        self._group(name)
+        return self._plan().assignment(name)
 
     def _describe(self) -> dict[str, dict[str, Any]]:
         """What every rank must agree on before a step: names, scopes, configs, and for
@@ -356,6 +393,7 @@ class BaseDataSparsifier(abc.ABC):
                 facts["shape"] = list(group.data.shape)
                 facts["dtype"] = str(group.data.dtype).replace("torch.", "")
             out[name] = facts
+        out["<sparsifier>"] = {"min_split_elements": self.min_split_elements}
         return out
 
     # -- step -------------------------------------------------------------------------
@@ -385,32 +423,41 @@ class BaseDataSparsifier(abc.ABC):
         started = time.perf_counter()
         # Masks are plain tensors even when step() runs under torch.inference_mode().
         with torch.inference_mode(False), torch.no_grad(), comm.operation(op, self._describe()):
-            owners = self._ownership() if comm.world_size > 1 else {}
-            rank = comm.rank
+            rank, distributed = comm.rank, comm.world_size > 1
+            plan = self._plan() if distributed else None
             names = sorted(self._groups)
-            mine = [n for n in names if not self._groups[n].replicated or owners.get(n, 0) == rank]
+            if plan is None:
+                whole, split = names, []
+            else:
+                whole = [n for n in names if not self._groups[n].replicated
+                         or (plan.groups[n].kind == "whole" and plan.groups[n].owner == rank)]
+                split = plan.split_names
             new_masks: dict[str, torch.Tensor] = {}
+            pieces: dict[str, torch.Tensor] = {}  # split groups: this rank's mask rows
             errors: list[str] = []
             first_error: BaseException | None = None
-            for name in mine:
+
+            def fail(name: str, exc: BaseException) -> None:
+                nonlocal first_error
+                wrapped = _group_error(name, exc)
+                errors.append(str(wrapped))
+                first_error = first_error or wrapped
+
+            for name in whole:
                 try:
                     new_masks[name] = self._compute_mask(name)
                 except Exception as exc:  # noqa: BLE001 - every error goes through the status exchange
-                    wrapped = _group_error(name, exc)
-                    errors.append(str(wrapped))
-                    first_error = first_error or wrapped
+                    fail(name, exc)
+            # aborted: some rank failed before the selection, which every rank then skipped.
+            aborted = bool(split) and self._compute_split(plan, split, pieces, fail, errors)
             computed = time.perf_counter()
             bytes_sent = bytes_received = 0
-            received: dict[str, torch.Tensor] = {}
-            if comm.world_size == 1:
+            if not distributed:
                 if first_error is not None:
                     raise first_error
             else:
-                received, bytes_sent, bytes_received = self._exchange_replicated(owners, new_masks, errors,
-                                                                                 first_error)
-            for name, packed in received.items():
-                group = self._groups[name]
-                new_masks[name] = unpack_bits(packed, tuple(group.data.shape)).to(group.data.device)
+                bytes_sent, bytes_received = self._exchange_masks(plan, new_masks, pieces, errors, first_error,
+                                                                  aborted)
             comm.finish(op)
             # Every rank succeeded: commit, in place (see get_mask).
             for name, mask in new_masks.items():
@@ -422,45 +469,110 @@ class BaseDataSparsifier(abc.ABC):
             "comm_seconds": finished - computed,
             "bytes_sent": float(bytes_sent),
             "bytes_received": float(bytes_received),
-            "groups_computed": float(len(mine)),
+            "groups_computed": float(len(whole) + len(pieces)),
         }
 
-    def _exchange_replicated(self, owners: dict[str, int], new_masks: dict[str, torch.Tensor],
-                             errors: list[str], first_error: Exception | None,
-                             ) -> tuple[dict[str, torch.Tensor], int, int]:
-        """One all-gather of every rank's status byte and owned masks, bit-packed and
-        concatenated in name order. Returns the packed masks of the groups other ranks own.
-        If any rank failed, every rank raises instead."""
+    def _compute_split(self, plan: Plan, split: list[str], pieces: dict[str, torch.Tensor],
+                       fail: Any, errors: list[str]) -> bool:
+        """Score this rank's rows of every split group, find each group's global k lowest
+        blocks with the other ranks (:meth:`Comm.select_lowest`), and build this rank's
+        mask rows into ``pieces``. Errors go to ``fail``; a status all-reduce first makes
+        every rank skip the selection when any rank already failed (returns True then)."""
+        comm, rank = self._comm, self._comm.rank
+        selections: list[ShardSelection] = []
+        shards: list[tuple[str, torch.Tensor, int, int, dict[str, Any]]] = []
+        for name in split:
+            group = self._groups[name]
+            matrix = as_matrix(group.data.detach())
+            config = self.data_groups[name]
+            bh, bw = self._block_shape(name)  # type: ignore[misc]
+            n_blocks = -(-matrix.shape[0] // bh) * -(-matrix.shape[1] // bw)
+            row_start, row_stop = plan.groups[name].ranges.get(rank, (0, 0))
+            scores = torch.empty((0, -(-matrix.shape[1] // bw)), dtype=matrix.dtype, device=matrix.device)
+            try:
+                self._canonical_config(name, dict(config))
+                k = self._blocks_to_prune(n_blocks, config)
+                if row_stop > row_start:
+                    scores = self._shard_scores(name, matrix, row_start, row_stop, config)
+                selection = ShardSelection(scores, n_blocks, k, self._digit_bits)
+            except Exception as exc:  # noqa: BLE001 - reported through the status exchange
+                fail(name, exc)
+                selection = ShardSelection(scores[:0], n_blocks, 0, self._digit_bits)  # never used
+            selections.append(selection)
+            shards.append((name, matrix, row_start, row_stop, config))
+        failed = comm.all_reduce_sum(torch.tensor([1 if errors else 0], dtype=torch.int64),
+                                     "all_reduce (status before selection)")
+        if int(failed[0]):
+            return True
+        _, ties_before = comm.select_lowest(selections, failed=False)
+        for (name, matrix, row_start, row_stop, config), sel, before in zip(shards, selections, ties_before):
+            if row_stop == row_start:
+                continue
+            try:
+                pieces[name] = self._shard_mask(name, matrix, row_start, row_stop, sel.pruned(before), config)
+            except Exception as exc:  # noqa: BLE001
+                fail(name, exc)
+        return False
+
+    @property
+    def _digit_bits(self) -> int:
+        plan = self._plan()
+        split = plan.split_names
+        key_bits = max((torch.finfo(self._groups[n].data.dtype).bits for n in split), default=32)
+        return choose_digit_bits(self.world_size, len(split), key_bits)
+
+    def _exchange_masks(self, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: dict[str, torch.Tensor],
+                        errors: list[str], first_error: BaseException | None,
+                        aborted: bool = False) -> tuple[int, int]:
+        """One all-gather of every rank's status byte and bit-packed mask rows — its
+        whole groups and its row ranges of split groups, in name order — into
+        ``new_masks`` (whole masks of every replicated group). If any rank failed (or the
+        selection was ``aborted`` for it), every rank raises instead. Returns (bytes sent, bytes received) by this rank."""
         comm = self._comm
-        by_rank: list[list[str]] = [[] for _ in range(comm.world_size)]
-        for name in sorted(owners):
-            by_rank[owners[name]].append(name)
-        lengths = [1 + sum(packed_size(self._groups[n].data.numel()) for n in names) for names in by_rank]
-        own = by_rank[comm.rank]
         device = comm.device
-        if errors:
+        work = [plan.work_of(r) for r in range(comm.world_size)]
+
+        def cols_of(name: str) -> int:
+            data = self._groups[name].data
+            return int(as_matrix(data).shape[1]) if data.dim() else 1
+
+        lengths = [1 + sum(packed_size((b - a) * cols_of(n)) for n, a, b in items) for items in work]
+        if errors or aborted:
             payload = torch.ones(1, dtype=torch.uint8, device=device)  # status 1; masks unused
         else:
-            payload = torch.cat([torch.zeros(1, dtype=torch.uint8, device=device)]
-                                + [pack_bits(new_masks[n].to(device)) for n in own])
+            parts = [torch.zeros(1, dtype=torch.uint8, device=device)]
+            for name, _, _ in work[comm.rank]:
+                own = pieces[name] if name in pieces else new_masks[name]
+                parts.append(pack_bits(own).to(device))
+            payload = torch.cat(parts)
         gathered = comm.all_gather_tensor(payload, lengths)
         failed = [bool(int(part[0])) for part in gathered]
         if any(failed):
             comm.raise_if_any_failed(errors, f"{type(self).__name__}.step()", local_error=first_error,
                                      failed=failed)
-        received: dict[str, torch.Tensor] = {}
-        for r, names in enumerate(by_rank):
-            if r == comm.rank:
-                continue
+        whole_masks: dict[str, torch.Tensor] = {}
+        for name in plan.split_names:
+            data = self._groups[name].data
+            whole_masks[name] = torch.empty(data.shape, dtype=torch.bool, device=data.device)
+        for r, items in enumerate(work):
             offset = 1
-            for name in names:
-                group = self._groups[name]
-                size = packed_size(group.data.numel())
-                received[name] = gathered[r][offset : offset + size]
+            for name, a, b in items:
+                data = self._groups[name].data
+                size = packed_size((b - a) * cols_of(name))
+                if name in whole_masks:
+                    rows = as_matrix(whole_masks[name])[a:b]
+                    if r == comm.rank:
+                        rows.copy_(pieces[name])
+                    else:
+                        rows.copy_(unpack_bits(gathered[r][offset : offset + size], tuple(rows.shape)))
+                elif r != comm.rank:
+                    new_masks[name] = unpack_bits(gathered[r][offset : offset + size],
+                                                  tuple(data.shape)).to(data.device)
                 offset += size
+        new_masks.update(whole_masks)
         # all-gather: this rank's (padded) buffer goes to every other rank, theirs come here.
         padded = max(lengths)
-        return received, padded * (comm.world_size - 1), padded * (comm.world_size - 1)
+        return padded * (comm.world_size - 1), padded * (comm.world_size - 1)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

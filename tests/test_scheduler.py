@@ -426,11 +426,21 @@ def test_built_in_schedulers_refuse_bad_arguments(make):
     assert levels(sp) == {"a": 0.5}
 
 
-def test_a_built_in_schedule_that_leaves_zero_one_is_refused_at_step():
+def test_a_built_in_schedule_that_leaves_zero_one_is_refused_at_construction():
     sp = sparsifier(a=0.5)
-    with pytest.raises(ValueError, match="'a'.*1.2"):
+    with pytest.raises(ValueError, match=r"LinearScheduler: initial_value=1\.2 .*sparsity_level must be in \[0, 1\]"):
         LinearScheduler(sp, final_value=1.5, initial_value=1.2, ramp_steps=2)
     assert levels(sp) == {"a": 0.5}
+
+
+def test_a_lambda_schedule_that_leaves_zero_one_is_refused_at_the_step_naming_the_group():
+    sp = sparsifier(a=0.5)
+    sch = LambdaScheduler(sp, lambda epoch: 1.0 + epoch)  # 0.5, then 1.0, then 1.5
+    sp.step()
+    sch.step()
+    with pytest.raises(ValueError, match="'a'.*1.5"):
+        sch.step()
+    assert levels(sp) == {"a": 1.0}
 
 
 def test_embedding_groups_are_scheduled_like_tensors():

@@ -63,7 +63,7 @@ def default_filename(sparsifier: Any) -> str:
     contiguous range), ``distsparse_state.ranks0_2_5.safetensors`` (up to 8 others), else
     ``distsparse_state.ranks-<12 hex of their sha256>.safetensors``.
     """
-    comm = sparsifier._comm
+    comm = sparsifier.comm
     if not comm.is_distributed:
         return DEFAULT_FILENAME
     ranks = [comm._global_rank(r) for r in range(comm.world_size)]

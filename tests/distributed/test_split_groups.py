@@ -1,0 +1,61 @@
+"""A big replicated group is computed in row ranges by every rank, with an exact global
+selection: masks identical on every rank and equal to the single-process mask, ties included."""
+
+from __future__ import annotations
+
+import pytest
+
+import split_groups_fns
+from launcher import run_ranks
+
+JOB_TIMEOUT = 90
+
+
+def _check(results, world_size):
+    for res in results:
+        assert res["assignment"] == results[0]["assignment"]
+        for step in res["steps"]:
+            for name, facts in step.items():
+                assert facts["equals_single_process"], (name, facts)
+    for i in range(len(results[0]["steps"])):  # identical on every rank
+        assert len({repr(res["steps"][i]) for res in results}) == 1
+    ranges = results[0]["assignment"]
+    if world_size > 1:
+        assert len(ranges) == world_size, ranges  # the big table is shared by every rank
+        bounds = sorted(tuple(v) for v in ranges.values())
+        assert bounds[0][0] == 0 and bounds[-1][1] == 389
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    else:
+        assert ranges == {"0": [0, 389]}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4], ids=lambda ws: f"ws{ws}")
+@pytest.mark.parametrize("kind, level, block, zeros", [
+    ("random", 0.5, [1, 4], None),
+    ("few_values", 0.37, [2, 2], 2),
+    ("constant", 0.5, [3, 5], None),
+    ("repeated_rows", 0.61, [1, 4], 3),
+], ids=["random-1x4", "ties-2x2-zpb2", "constant-3x5", "repeated-rows-zpb3"])
+def test_one_big_table_and_small_ones_give_the_single_process_masks_on_every_rank(world_size, kind, level,
+                                                                                  block, zeros):
+    results = run_ranks(split_groups_fns.split_and_small_groups, world_size, kind, level, block, zeros, 5,
+                        timeout=JOB_TIMEOUT)
+    _check(results, world_size)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_split_groups_of_every_float_dtype_give_the_single_process_masks(dtype):
+    results = run_ranks(split_groups_fns.split_and_small_groups, 3, "few_values", 0.5, [1, 4], None, 2, dtype,
+                        timeout=JOB_TIMEOUT)
+    _check(results, 3)
+
+
+def test_nan_in_one_ranks_rows_of_a_split_group_fails_every_rank_and_changes_no_mask():
+    results = run_ranks(split_groups_fns.nan_in_one_ranks_rows, 2, timeout=JOB_TIMEOUT)
+    for res in results:
+        assert res["raised"] and "'big'" in res["message"], res
+        assert res["unchanged"], res
+        assert res["seconds"] < 10
+    owner_of_row_380 = next(int(r) for r, (a, b) in results[0]["ranges"].items() if a <= 380 < b)
+    assert "ValueError" in results[owner_of_row_380]["mro"]
+    assert results[1 - owner_of_row_380]["error_type"] == "RemoteError"
