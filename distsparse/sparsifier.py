@@ -20,6 +20,7 @@ import json
 import math
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,10 @@ class BaseDataSparsifier(abc.ABC):
         self.data_groups: dict[str, dict[str, Any]] = {}
         self._groups: dict[str, _Group] = {}
         self._pending: dict[str, _PendingGroup] = {}
+        #: ``{name: {"mask": the group's mask, ...}}`` as in torch.ao: subclasses may keep
+        #: per-group scratch values here. Held in memory only (checkpoints save masks and
+        #: configs, never this dict's other entries).
+        self.state: defaultdict[str, dict[str, Any]] = defaultdict(dict)
         self._comm = Comm(process_group)
         #: Number of ``step()`` calls so far (the scheduler reads it for its order warning).
         self.step_count = 0
@@ -252,6 +257,7 @@ class BaseDataSparsifier(abc.ABC):
         masked = _apply(tensor, mask)
         # Everything validated and built: commit.
         self._groups[name] = _Group(data=tensor, mask=mask, replicated=scope)
+        self.state[name]["mask"] = mask
         self.data_groups[name] = merged
         self._pending.pop(name, None)
         return masked
@@ -278,10 +284,23 @@ class BaseDataSparsifier(abc.ABC):
         """
         return self._group(name).mask
 
-    @staticmethod
-    def _store_mask(group: _Group, mask: torch.Tensor) -> None:
+    def sparsity(self, names: Iterable[str] | str | None = None) -> dict[str, float]:
+        """``{name: fraction of the group's elements its mask prunes}`` (every group by
+        default). Masks are ``bool``: torch.ao code computing ``1 - mask.mean()`` needs
+        ``1 - mask.float().mean()``, or this."""
+        if isinstance(names, str):
+            names = [names]
+        selected = sorted(self._groups) if names is None else list(names)
+        out = {}
+        for name in selected:
+            mask = self._group(name).mask
+            out[name] = 1.0 - int(mask.count_nonzero()) / mask.numel() if mask.numel() else 0.0
+        return out
+
+    def _store_mask(self, name: str, mask: torch.Tensor) -> None:
         """Make ``mask`` the group's mask while keeping the mask tensor object (torch.ao's
         ``mask.data = new``): ``set_`` swaps the storage, no copy."""
+        group = self._groups[name]
         current = group.mask
         if current.dtype == mask.dtype and current.device == mask.device and not current.is_inference() \
                 and not mask.is_inference():
@@ -289,6 +308,7 @@ class BaseDataSparsifier(abc.ABC):
                 current.set_(mask)
         else:
             group.mask = mask.to(device=group.data.device, dtype=torch.bool, copy=True)
+            self.state[name]["mask"] = group.mask
 
     def squash_mask(self, names: Iterable[str] | None = None, leave_parametrized: bool = True) -> None:
         """Write the masks into the user's tensors in place (pruned elements become 0).
@@ -461,7 +481,7 @@ class BaseDataSparsifier(abc.ABC):
             comm.finish(op)
             # Every rank succeeded: commit, in place (see get_mask).
             for name, mask in new_masks.items():
-                self._store_mask(self._groups[name], mask)
+                self._store_mask(name, mask)
         self.step_count += 1
         finished = time.perf_counter()
         self.last_step_stats = {
@@ -638,7 +658,7 @@ class BaseDataSparsifier(abc.ABC):
         for name, (config, mask) in updates.items():
             group = self._groups[name]
             self.data_groups[name] = config
-            self._store_mask(group, mask.to(device=group.data.device, dtype=torch.bool, copy=True) if mask is not None
+            self._store_mask(name, mask.to(device=group.data.device, dtype=torch.bool, copy=True) if mask is not None
                              else torch.ones(group.data.shape, dtype=torch.bool, device=group.data.device))
         self._pending = pending if strict else {**self._pending, **pending}
         self.step_count = int(state_dict.get("step_count", self.step_count))

@@ -172,3 +172,39 @@ def test_the_error_types_the_readme_names_are_exported():
     assert issubclass(distsparse.RemoteError, RuntimeError)
     assert issubclass(distsparse.CollectiveTimeoutError, RuntimeError)
     assert issubclass(distsparse.CheckpointError, ValueError)
+
+
+# -- drop-in gaps for torch.ao code -----------------------------------------------------------
+
+class _ScratchSparsifier(distsparse.BaseDataSparsifier):
+    """A torch.ao-style subclass: keeps a per-group counter in self.state[name] and reads
+    the mask from there, as torch.ao subclasses do."""
+
+    def update_mask(self, name, data, **config):
+        self.state[name]["calls"] = self.state[name].get("calls", 0) + 1
+        mask = self.state[name]["mask"]
+        mask.data = data.abs() > config["threshold"]
+
+
+def test_a_torch_ao_style_subclass_keeps_scratch_in_state_and_finds_the_mask_there():
+    sp = _ScratchSparsifier(threshold=0.5)
+    data = torch.tensor([[0.1, 0.9], [0.7, 0.2]])
+    sp.add_data("w", data)
+    assert sp.state["w"]["mask"] is sp.get_mask("w")
+    sp.step()
+    sp.step()
+    assert sp.state["w"]["calls"] == 2
+    assert torch.equal(sp.get_mask("w"), data.abs() > 0.5)
+
+
+def test_sparsity_reports_the_pruned_fraction_of_each_group():
+    sp = DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("a", torch.randn(8, 8))
+    sp.add_data("b", torch.randn(4, 4), sparsity_level=0.25)
+    sp.step()
+    assert sp.sparsity() == {"a": 0.5, "b": 0.25}
+    assert sp.sparsity("b") == {"b": 0.25}
+    mask = sp.get_mask("a")
+    assert float(1 - mask.float().mean()) == 0.5  # the idiom for torch.ao's `1 - mask.mean()`
+    with pytest.raises(ValueError, match="'nope'"):
+        sp.sparsity(["nope"])
