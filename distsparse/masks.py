@@ -116,6 +116,25 @@ def lowest_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return chosen.reshape(scores.shape)
 
 
+# From this many blocks on, the radix selection of distsparse.selection (run locally) beats
+# numpy's introselect + the tie pass (measured: 16M float32 scores, 0.10 s vs 0.15 s).
+_RADIX_MIN_BLOCKS = 1 << 20
+
+
+def _lowest_blocks_consuming(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`lowest_blocks`, free to overwrite ``scores`` (their memory becomes the radix
+    keys): the same flags bit for bit, by the same selection the distributed step runs."""
+    n = scores.numel()
+    if n < _RADIX_MIN_BLOCKS or k <= 0 or k >= n or scores.dtype not in (torch.float32, torch.float64):
+        return lowest_blocks(scores, k)
+    from .selection import ShardSelection  # selection builds on this module
+
+    selection = ShardSelection(scores, n, k, digit_bits=16)
+    while not selection.done:
+        selection.advance(selection.histogram())
+    return selection.pruned(0)
+
+
 def _smallest_per_block(elements: list[torch.Tensor], count: int, nan_last: bool = False) -> list[torch.Tensor]:
     """For each block position, whether that element is among its block's ``count``
     smallest (ties to the lower position). ``elements[p]`` holds position p of every block.
@@ -246,7 +265,7 @@ def norm_block_mask(
     if not bool(torch.isfinite(scores.amax())):  # one pass, no temporary; NaN propagates
         _check_finite(data)  # else finite data whose squares overflowed: inf scores rank last
     k = round(sparsity_level * scores.numel())
-    pruned = lowest_blocks(scores, k)
+    pruned = _lowest_blocks_consuming(scores, k)
     del scores
     n_br, n_bc = pruned.shape
     exact = rows == n_br * bh and cols == n_bc * bw

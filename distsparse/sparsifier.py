@@ -539,7 +539,12 @@ class BaseDataSparsifier(abc.ABC):
         plan = self._plan()
         split = plan.split_names
         key_bits = max((torch.finfo(self._groups[n].data.dtype).bits for n in split), default=32)
-        return choose_digit_bits(self.world_size, len(split), key_bits)
+        blocks = 0
+        for name in split:
+            rows, cols = as_matrix(self._groups[name].data).shape
+            bh, bw = self._block_shape(name)  # type: ignore[misc]
+            blocks += -(-rows // bh) * -(-cols // bw)
+        return choose_digit_bits(self.world_size, len(split), key_bits, keys_per_rank=blocks // self.world_size)
 
     def _exchange_masks(self, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: dict[str, torch.Tensor],
                         errors: list[str], first_error: BaseException | None,

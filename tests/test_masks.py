@@ -225,3 +225,18 @@ def test_block_scores_of_exactly_tiled_data_equal_avg_pool2d_bit_for_bit(block, 
     assert torch.equal(masks.block_scores(x, block, norm), expected)
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("values", [None, 7], ids=["continuous", "heavy-ties"])
+def test_the_radix_path_for_big_score_tensors_equals_lowest_blocks_bit_for_bit(dtype, values):
+    from distsparse.masks import _RADIX_MIN_BLOCKS, _lowest_blocks_consuming, lowest_blocks
+
+    gen = torch.Generator().manual_seed(3)
+    n = _RADIX_MIN_BLOCKS + 12_345
+    scores = torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
+    if values:
+        scores = torch.randint(0, values, (n,), generator=gen).to(dtype) / values
+    scores = scores.reshape(-1, 5) if n % 5 == 0 else scores
+    for k in (1, n // 3, n // 2, n - 1):
+        assert torch.equal(_lowest_blocks_consuming(scores.clone(), k), lowest_blocks(scores, k)), k
