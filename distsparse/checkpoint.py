@@ -647,6 +647,12 @@ def _check_tensor_specs(header: dict[str, Any], data_size: int, where: str) -> N
             raise CheckpointError(f"{where}: tensor {key!r}: data offsets {spec['data_offsets']} do not match "
                                   f"its shape {spec['shape']} (damaged file)")
         spans.append((start, end, key))
+    check_spans_tile(spans, data_size, where)
+
+
+def check_spans_tile(spans: list[tuple[int, int, str]], data_size: int, where: str) -> None:
+    """The tensors' ``(start, end, key)`` byte spans cover the data section exactly, in
+    order, with no gap, overlap or trailing byte (safetensors itself allows gaps)."""
     position = 0
     for start, end, key in sorted(spans):
         if start != position:

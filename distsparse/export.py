@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from .checkpoint import (
     CheckpointError,
+    check_spans_tile,
     CheckpointNotFoundError,
     _atomic_write,
     _check_header_limit,
@@ -293,16 +294,7 @@ def _check_specs(header: dict[str, Any], groups: dict[str, Any], data_size: int,
             raise CheckpointError(f"{where}: group {name!r}: tensor {key!r}: data offsets {spec['data_offsets']} "
                                   f"do not match its shape {shape} (damaged file)")
         spans.append((start, end, key))
-    position = 0
-    for start, end, key in sorted(spans):
-        if start != position:
-            raise CheckpointError(f"{where}: tensor {key!r} starts at byte {start} of the data, expected {position} "
-                                  "(damaged file)")
-        position = end
-    if position != data_size:
-        what = "truncated" if position > data_size else "has trailing bytes"
-        raise CheckpointError(f"{where}: the header describes {position} data bytes but the file holds {data_size} "
-                              f"(the file is {what})")
+    check_spans_tile(spans, data_size, where)
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
