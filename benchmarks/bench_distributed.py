@@ -198,7 +198,8 @@ def _instrument(sp, distsparse) -> dict:
     comm = getattr(sp, "_comm", None)
     for attr, label in (("_describe", "describe groups"), ("_ownership", "ownership"),
                         ("_compute_mask", "compute masks (owned groups)"),
-                        ("_exchange_replicated", "exchange: other")):
+                        ("_compute_split", "split groups: score rows, build mask rows"),
+                        ("_exchange_masks", "exchange: other")):
         _wrap(sp, attr, label, timers)
     if comm is not None:
         for attr, label in (("begin", "collective: begin (operation frame + agreement)"),
@@ -207,6 +208,8 @@ def _instrument(sp, distsparse) -> dict:
                             ("all_gather_tensor", "collective: all_gather_tensor"),
                             ("all_gather_bytes", "collective: all_gather_bytes"),
                             ("broadcast_bytes", "collective: broadcast_bytes"),
+                            ("select_lowest", "split groups: selection rounds (incl. all-reduces)"),
+                            ("all_reduce_sum", "collective: all_reduce_sum"),
                             ("run_on_coordinator", "collective: run_on_coordinator (other)")):
             _wrap(comm, attr, label, timers)
     mod = getattr(distsparse, "sparsifier", None)
