@@ -212,6 +212,11 @@ def _instrument(sp, distsparse) -> dict:
                             ("all_reduce_sum", "collective: all_reduce_sum"),
                             ("run_on_coordinator", "collective: run_on_coordinator (other)")):
             _wrap(comm, attr, label, timers)
+    norm = getattr(distsparse, "norm_sparsifier", None)
+    if norm is not None:
+        for attr, label in (("shard_block_scores", "split groups: score rows"),
+                            ("shard_mask", "split groups: build mask rows")):
+            _wrap(norm, attr, label, timers)
     mod = getattr(distsparse, "sparsifier", None)
     if mod is not None:
         for attr, label in (("pack_bits", "exchange: pack_bits"),
