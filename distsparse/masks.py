@@ -331,12 +331,14 @@ def mask_from_pruned(
     block_shape: tuple[int, int],
     zeros_per_block: int,
     norm: str,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mask of a 2-D ``matrix`` (bool, its shape; True keeps) given which of its blocks
     are pruned (bool, ``(ceil(rows / bh), ceil(cols / bw))``): the second half of
     :func:`norm_block_mask`, for a shard whose blocks were selected elsewhere (see
     ``distsparse.selection``). Inside a pruned block its ``zeros_per_block`` smallest
-    elements are zeroed, exactly as :func:`norm_block_mask` does.
+    elements are zeroed, exactly as :func:`norm_block_mask` does. ``out``: a contiguous
+    bool tensor of the matrix's shape to write into (the rows of a whole mask), returned.
     """
     rows, cols = matrix.shape
     bh, bw = block_shape
@@ -344,14 +346,24 @@ def mask_from_pruned(
     if tuple(pruned.shape) != (n_br, n_bc):
         raise ValueError(f"pruned flags have shape {tuple(pruned.shape)}, expected {(n_br, n_bc)} "
                          f"for a {rows}x{cols} matrix with blocks {tuple(block_shape)}")
-    mask = torch.empty(n_br * bh, n_bc * bw, dtype=torch.bool, device=matrix.device)
+    exact = rows == n_br * bh and cols == n_bc * bw
+    if out is not None and (tuple(out.shape) != (rows, cols) or out.dtype != torch.bool):
+        raise ValueError(f"out must be a bool tensor of shape {(rows, cols)}, got {out.dtype} {tuple(out.shape)}")
+    if out is not None and exact and out.is_contiguous():
+        mask = out
+    else:
+        mask = torch.empty(n_br * bh, n_bc * bw, dtype=torch.bool, device=matrix.device)
     if mask.numel() == 0:
-        return mask[:rows, :cols].contiguous()
+        return mask[:rows, :cols].contiguous() if out is None else out
     mask_blocks = mask.view(n_br, bh, n_bc, bw).permute(0, 2, 1, 3)
     pruned = pruned.to(device=matrix.device, dtype=torch.bool)
     _fill_blocks(mask, torch.logical_not(pruned), block_shape)
     if zeros_per_block < bh * bw and bool(pruned.any()):
         _within_block_keep(matrix, pruned, block_shape, zeros_per_block, norm, mask_blocks)
-    if rows != n_br * bh or cols != n_bc * bw:
+    if out is not None:
+        if mask is not out:
+            out.copy_(mask[:rows, :cols])
+        return out
+    if not exact:
         mask = mask[:rows, :cols].contiguous()
     return mask

@@ -136,8 +136,8 @@ class DataNormSparsifier(BaseDataSparsifier):
         return blocks_to_prune(config["sparsity_level"], n_blocks)
 
     def _shard_mask(self, name: str, matrix: torch.Tensor, row_start: int, row_stop: int,
-                    pruned: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+                    pruned: torch.Tensor, config: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
         block = tuple(config["sparse_block_shape"])
         zeros = config["zeros_per_block"]
         zeros = math.prod(block) if zeros is None else zeros
-        return shard_mask(matrix, row_start, row_stop, pruned, block, zeros, self.norm)  # type: ignore[arg-type]
+        return shard_mask(matrix, row_start, row_stop, pruned, block, zeros, self.norm, out)  # type: ignore[arg-type]

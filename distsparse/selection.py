@@ -495,10 +495,12 @@ def shard_block_scores(matrix: torch.Tensor, row_start: int, row_stop: int,
 
 
 def shard_mask(matrix: torch.Tensor, row_start: int, row_stop: int, pruned: torch.Tensor,
-               block_shape: tuple[int, int], zeros_per_block: int, norm: str) -> torch.Tensor:
+               block_shape: tuple[int, int], zeros_per_block: int, norm: str,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Mask rows ``[row_start, row_stop)`` of the 2-D view (bool, ``(rows, cols)`` of the
     slice) from the shard's pruned block flags: the shards' masks concatenated in row
     order are ``masks.norm_block_mask(data, ...)`` viewed as ``as_matrix``, bit for bit
-    (the within-block zeros of a pruned block depend on that block's elements only)."""
+    (the within-block zeros of a pruned block depend on that block's elements only).
+    ``out``: where to write them (e.g. those rows of the whole mask), returned."""
     check_shard_rows(matrix.shape[0], block_shape[0], row_start, row_stop)
-    return mask_from_pruned(matrix[row_start:row_stop], pruned, block_shape, zeros_per_block, norm)
+    return mask_from_pruned(matrix[row_start:row_stop], pruned, block_shape, zeros_per_block, norm, out)

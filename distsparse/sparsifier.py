@@ -360,7 +360,9 @@ class BaseDataSparsifier(abc.ABC):
         raise NotImplementedError
 
     def _shard_mask(self, name: str, matrix: torch.Tensor, row_start: int, row_stop: int,
-                    pruned: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+                    pruned: torch.Tensor, config: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+        """Write the mask of rows ``[row_start, row_stop)`` into ``out`` (those rows of the
+        whole mask's 2-D view) and return it."""
         raise NotImplementedError
 
     # -- who computes what ------------------------------------------------------------
@@ -453,7 +455,7 @@ class BaseDataSparsifier(abc.ABC):
                          or (plan.groups[n].kind == "whole" and plan.groups[n].owner == rank)]
                 split = plan.split_names
             new_masks: dict[str, torch.Tensor] = {}
-            pieces: dict[str, torch.Tensor] = {}  # split groups: this rank's mask rows
+            pieces: dict[str, torch.Tensor] = {}  # split groups: the new whole masks
             errors: list[str] = []
             first_error: BaseException | None = None
 
@@ -489,14 +491,14 @@ class BaseDataSparsifier(abc.ABC):
             "comm_seconds": finished - computed,
             "bytes_sent": float(bytes_sent),
             "bytes_received": float(bytes_received),
-            "groups_computed": float(len(whole) + len(pieces)),
+            "groups_computed": float(len(whole) + sum(1 for n in split if rank in plan.groups[n].ranges)),
         }
 
     def _compute_split(self, plan: Plan, split: list[str], pieces: dict[str, torch.Tensor],
                        fail: Any, errors: list[str]) -> bool:
         """Score this rank's rows of every split group, find each group's global k lowest
-        blocks with the other ranks (:meth:`Comm.select_lowest`), and build this rank's
-        mask rows into ``pieces``. Errors go to ``fail``; a status all-reduce first makes
+        blocks with the other ranks (:meth:`Comm.select_lowest`), and write this rank's
+        mask rows into a new whole mask per group, ``pieces[name]``. Errors go to ``fail``; a status all-reduce first makes
         every rank skip the selection when any rank already failed (returns True then)."""
         comm, rank = self._comm, self._comm.rank
         selections: list[ShardSelection] = []
@@ -526,10 +528,13 @@ class BaseDataSparsifier(abc.ABC):
             return True
         _, ties_before = comm.select_lowest(selections, failed=False)
         for (name, matrix, row_start, row_stop, config), sel, before in zip(shards, selections, ties_before):
+            data = self._groups[name].data
+            pieces[name] = torch.empty(data.shape, dtype=torch.bool, device=data.device)  # the whole new mask
             if row_stop == row_start:
                 continue
             try:
-                pieces[name] = self._shard_mask(name, matrix, row_start, row_stop, sel.pruned(before), config)
+                self._shard_mask(name, matrix, row_start, row_stop, sel.pruned(before), config,
+                                 as_matrix(pieces[name])[row_start:row_stop])
             except Exception as exc:  # noqa: BLE001
                 fail(name, exc)
         return False
@@ -566,8 +571,8 @@ class BaseDataSparsifier(abc.ABC):
             payload = torch.ones(1, dtype=torch.uint8, device=device)  # status 1; masks unused
         else:
             parts = [torch.zeros(1, dtype=torch.uint8, device=device)]
-            for name, _, _ in work[comm.rank]:
-                own = pieces[name] if name in pieces else new_masks[name]
+            for name, a, b in work[comm.rank]:
+                own = as_matrix(pieces[name])[a:b] if name in pieces else new_masks[name]
                 parts.append(pack_bits(own).to(device))
             payload = torch.cat(parts)
         gathered = comm.all_gather_tensor(payload, lengths)
@@ -575,26 +580,20 @@ class BaseDataSparsifier(abc.ABC):
         if any(failed):
             comm.raise_if_any_failed(errors, f"{type(self).__name__}.step()", local_error=first_error,
                                      failed=failed)
-        whole_masks: dict[str, torch.Tensor] = {}
-        for name in plan.split_names:
-            data = self._groups[name].data
-            whole_masks[name] = torch.empty(data.shape, dtype=torch.bool, device=data.device)
         for r, items in enumerate(work):
             offset = 1
             for name, a, b in items:
                 data = self._groups[name].data
                 size = packed_size((b - a) * cols_of(name))
-                if name in whole_masks:
-                    rows = as_matrix(whole_masks[name])[a:b]
-                    if r == comm.rank:
-                        rows.copy_(pieces[name])
+                if r != comm.rank:
+                    part = gathered[r][offset : offset + size]
+                    if name in pieces:  # rows of a split group
+                        rows = as_matrix(pieces[name])[a:b]
+                        rows.copy_(unpack_bits(part, tuple(rows.shape)))
                     else:
-                        rows.copy_(unpack_bits(gathered[r][offset : offset + size], tuple(rows.shape)))
-                elif r != comm.rank:
-                    new_masks[name] = unpack_bits(gathered[r][offset : offset + size],
-                                                  tuple(data.shape)).to(data.device)
+                        new_masks[name] = unpack_bits(part, tuple(data.shape)).to(data.device)
                 offset += size
-        new_masks.update(whole_masks)
+        new_masks.update(pieces)
         # all-gather: this rank's (padded) buffer goes to every other rank, theirs come here.
         padded = max(lengths)
         return padded * (comm.world_size - 1), padded * (comm.world_size - 1)
