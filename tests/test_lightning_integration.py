@@ -237,3 +237,23 @@ def test_two_ddp_processes_share_masks_and_resume_exactly(tmp_path):
     assert post["groups"] == ["2.bias", "2.weight", "4.bias", "4.weight"] and not post["copy_is_model"]
     assert post["copy_zeros"]["2.weight"] == 0.5 and post["trained_zeros"]["2.weight"] == 0.0
     assert "Lightning runs 2 process(es) but the sparsifier's process group has 1 rank(s)" in r0["wrong_world"]
+
+
+def test_the_core_never_imports_lightning_or_transformers():
+    code = ("import sys, distsparse, distsparse.integrations; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_the_lightning_example_trains_and_resumes(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    script = str(REPO / "examples" / "lightning_sparsity.py")
+    for argv in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
+        monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path), *argv])
+        runpy.run_path(script, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "world_size=1 global_step=64 sparsifier steps=6" in out
+    assert "world_size=1 global_step=128 sparsifier steps=12 scheduler epoch=12" in out

@@ -117,3 +117,15 @@ def test_two_processes_under_torchrun_share_masks_and_resume_exactly(tmp_path):
     sp, sch = sparsity(model())
     distsparse.load_checkpoint(tmp_path / "full" / "checkpoint-8" / STATE_FILENAME, sp, sch)  # on 1 process
     assert sp.step_count == 4 and {n: digest(sp.get_mask(n)) for n in sp.data_groups} == full["masks"]
+
+
+def test_the_trainer_example_trains_and_resumes(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    script = str(REPO / "examples" / "hf_trainer_sparsity.py")
+    for steps in ("10", "15"):
+        monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path), "--max-steps", steps])
+        runpy.run_path(script, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "world_size=1 global_step=10 sparsifier steps=2 resumed from=None" in out
+    assert f"world_size=1 global_step=15 sparsifier steps=3 resumed from={tmp_path / 'checkpoint-10'}" in out
