@@ -40,9 +40,9 @@ class ClickModel(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def data() -> torch.utils.data.DataLoader:
+def data(samples: int) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 500, (4096, 4), generator=g)  # 4 ids per sample; clicks depend on ids % 7
+    ids = torch.randint(0, 500, (samples, 4), generator=g)  # 4 ids per sample; clicks depend on ids % 7
     label = ((ids % 7 == 0).sum(1) > 0).float()
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, label), batch_size=64)
 
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="train up to this epoch (default 4)")
     parser.add_argument("--resume", action="store_true", help="continue from runs/lightning/last.ckpt")
     parser.add_argument("--out", default="runs/lightning", help="checkpoint folder (default runs/lightning)")
+    parser.add_argument("--samples", type=int, default=4096, help="synthetic training samples (default 4096)")
     args = parser.parse_args()
 
     sparsity = TrainingAwareDataSparsity(
@@ -69,7 +70,7 @@ def main() -> None:
         logger=False, enable_progress_bar=False, enable_model_summary=False,
     )
     ckpt = os.path.join(args.out, "last.ckpt") if args.resume else None
-    trainer.fit(ClickModel(), data(), ckpt_path=ckpt)
+    trainer.fit(ClickModel(), data(args.samples), ckpt_path=ckpt)
     if trainer.is_global_zero:
         sp, sch = sparsity.data_sparsifier, sparsity.data_scheduler
         print(f"world_size={trainer.world_size} global_step={trainer.global_step} sparsifier steps={sp.step_count} "

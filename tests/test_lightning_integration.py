@@ -196,6 +196,31 @@ def test_resume_with_another_stepping_interval_is_refused(tmp_path):
                                                                             ckpt_path=tmp_path / "a.ckpt")
 
 
+def test_a_pytorch_lightning_trainer_torch_aos_import_runs_the_callbacks_too(tmp_path):
+    import pytorch_lightning as pl
+
+    class Legacy(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = nn.Linear(12, 4)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    cb, module = training_aware(), Legacy()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, callbacks=[cb], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, loader())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    assert cb.data_sparsifier.step_count == 2 and sorted(cb.data_sparsifier.data_groups) == ["bias", "weight"]
+    assert torch.equal(module.model.weight.detach() != 0, cb.data_sparsifier.get_mask("weight"))
+    state = torch.load(tmp_path / "a.ckpt", weights_only=True)["callbacks"]["TrainingAwareDataSparsity"]
+    assert state["sparsifier"]["step_count"] == 2
+
 def test_parameters_are_selected_by_pattern_callable_or_module_type():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 8), nn.LayerNorm(8))
     names = lambda **kw: [n for n, _ in select_parameters(model, **kw)]  # noqa: E731
@@ -252,8 +277,19 @@ def test_the_lightning_example_trains_and_resumes(tmp_path, monkeypatch, capsys)
 
     script = str(REPO / "examples" / "lightning_sparsity.py")
     for argv in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
-        monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path), *argv])
+        monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path), "--samples", "1024", *argv])
         runpy.run_path(script, run_name="__main__")
     out = capsys.readouterr().out
-    assert "world_size=1 global_step=64 sparsifier steps=6" in out
-    assert "world_size=1 global_step=128 sparsifier steps=12 scheduler epoch=12" in out
+    assert "world_size=1 global_step=16 sparsifier steps=1 scheduler epoch=1" in out
+    assert "world_size=1 global_step=32 sparsifier steps=3 scheduler epoch=3" in out
+
+
+def test_a_second_fit_continues_the_same_model_and_starts_fresh_for_another(tmp_path):
+    cb, module = training_aware(), Module()
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(module, loader())
+    first = cb.data_sparsifier
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(module, loader())
+    assert cb.data_sparsifier is first and first.step_count == 2
+    other = Module()
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(other, loader())
+    assert cb.data_sparsifier is not first and cb.data_sparsifier.step_count == 1 and cb.sparsified is other.model

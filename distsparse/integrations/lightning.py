@@ -269,7 +269,12 @@ class TrainingAwareDataSparsity(pl.Callback):
             self._apply_state(state)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self.data_sparsifier is None:
+        if stage != "fit":
+            return
+        self._restored = False  # set again if this fit restores a checkpoint
+        # A later fit of the same module continues with the same sparsifier; another model
+        # (the callback reused for a new module) gets a fresh one.
+        if self.data_sparsifier is None or self.sparsified is not _target_module(pl_module, self.model_attr):
             self._build(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
