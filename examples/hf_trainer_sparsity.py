@@ -43,7 +43,8 @@ def main() -> None:
         save_steps=40, logging_steps=20, report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
     )  # before the sparsifier: under torchrun this creates the process group
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                            bos_token_id=0, eos_token_id=0))
 
     sparsifier = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4))
     for name, param in model.named_parameters():

@@ -77,8 +77,8 @@ def main() -> None:
               f"scheduler epoch={sch.last_epoch} loss={float(trainer.callback_metrics['loss']):.4f}")
         for name in sp.data_groups:
             weight, mask = sp.get_data(name), sp.get_mask(name)
-            print(f"  {name:10s} {tuple(weight.shape)!s:10s} pruned {1 - float(mask.float().mean()):.3f} "
-                  f"zeros {float((weight == 0).float().mean()):.3f} next level {sch.get_last_param()[name]:.3f} "
+            print(f"  {name:10s} {tuple(weight.shape)!s:10s} pruned {1 - float(mask.double().mean()):.4f} "
+                  f"zeros {float((weight == 0).double().mean()):.4f} next level {sch.get_last_param()[name]:.3f} "
                   f"(mask computed by rank {sp.owner_of(name)})")
 
 
