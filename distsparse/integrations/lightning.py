@@ -58,7 +58,6 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 try:  # the unified package first; torch.ao's callbacks import pytorch_lightning

@@ -23,7 +23,7 @@ What it does, on every rank (the sparsifier calls are collectives under ``torchr
 * ``on_save`` — right after the Trainer wrote ``<output_dir>/checkpoint-<step>``:
   :func:`distsparse.save_checkpoint` into ``checkpoint-<step>/distsparse_state.safetensors``
   (masks bit-packed, configs, step count, scheduler state; no pickle);
-* ``on_train_begin`` — when the Trainer resumed (``global_step > 0``): 
+* ``on_train_begin`` — when the Trainer resumed (``global_step > 0``):
   :func:`distsparse.load_checkpoint` from that checkpoint folder, after the Trainer loaded the
   weights; a folder without the file raises :class:`~distsparse.CheckpointNotFoundError`
   saying so;
