@@ -132,7 +132,9 @@ def _lowest_blocks_consuming(scores: torch.Tensor, k: int) -> torch.Tensor:
     selection = ShardSelection(scores, n, k, digit_bits=16)
     while not selection.done:
         selection.advance(selection.histogram())
-    return selection.pruned(0)
+    pruned = selection.pruned(0)
+    selection.release()  # the keys (the scores' memory) can go before the mask is allocated
+    return pruned
 
 
 def _smallest_per_block(elements: list[torch.Tensor], count: int, nan_last: bool = False) -> list[torch.Tensor]:

@@ -422,6 +422,11 @@ class ShardSelection:
         elif local_in_digit != self._candidates.numel():  # else all local candidates stay
             self._candidates = narrow_candidates(self._candidates, self.key_bits, shift, width, chosen.digit)
 
+    def release(self) -> None:
+        """Drop the keys and candidates (the scores' memory) once :meth:`pruned` was taken."""
+        self.keys = torch.empty(0, dtype=self.keys.dtype, device=self.keys.device)
+        self._candidates = self._digits = None
+
     @property
     def needs_tie_prefix(self) -> bool:
         """Whether only some of the keys equal to the threshold are pruned, so each shard
