@@ -14,7 +14,10 @@ bit per element in row-major order, most significant bit first, last byte zero-p
 1 keeps, 0 prunes):
 
 * ``mask/<group name>`` — every *replicated* group, pending ones included (identical on
-  all ranks; written from rank 0).
+  all ranks; written from rank 0). A *sharded* DTensor group (FSDP2, HSDP) is stored the
+  same way, as its whole mask: the contributing ranks send their bit-packed rows with the
+  save's all-gather and the writer assembles them; on load every rank takes its own rows.
+  So a file loads on any sharding, world size, DDP or a single process.
 * ``local/<rank>/<group name>`` — every *local* group's mask on rank ``<rank>``, gathered
   from all ranks (absent when that rank holds the group without a mask yet).
 
@@ -191,11 +194,25 @@ def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool) -> tuple[bytes, 
     sd = sparsifier.state_dict()
     shared_groups: dict[str, Any] = {}
     local: dict[str, Any] = {}
+    rows: dict[str, Any] = {}
     chunks: list[bytes] = []
+    row_chunks: list[bytes] = []
     replicated_masks: dict[str, torch.Tensor] = {}
     for name in sorted(sd["groups"]):
         entry = sd["groups"][name]
         mask = sd["masks"].get(name)
+        sharded = entry.get("sharded")
+        if sharded is not None:
+            # A sharded DTensor group: the file holds its whole mask, assembled on the writer
+            # from the contributing ranks' rows (see _assemble_sharded).
+            shared_groups[name] = {"scope": "replicated", "config": entry["config"],
+                                   "shape": [int(s) for s in entry["shape"]]}
+            packed = _tensor_bytes(_pack(mask)) if sharded["contributes"] else None
+            rows[name] = {"dim0_offset": sharded["dim0_offset"], "local_shape": sharded["local_shape"],
+                          "nbytes": None if packed is None else len(packed)}
+            if packed is not None:
+                row_chunks.append(packed)
+            continue
         if entry["replicated"]:
             shared_groups[name] = {"scope": "replicated", "config": entry["config"],
                                    "shape": [int(s) for s in entry["shape"]]}
@@ -218,22 +235,54 @@ def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool) -> tuple[bytes, 
             "groups": shared_groups,
         },
         "local": local,
+        "rows": rows,
     }
     text = json.dumps(facts, sort_keys=True).encode()
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks), replicated_masks
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks) + b"".join(row_chunks), replicated_masks
 
 
 def _split_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(facts, packed masks): local groups' masks by name, sharded groups' rows under
+    ``("rows", name)``."""
     n = int.from_bytes(payload[:8], "little")
     facts = json.loads(payload[8 : 8 + n])
-    masks: dict[str, bytes] = {}
+    masks: dict[Any, bytes] = {}
     offset = 8 + n
-    for name in sorted(facts["local"]):
-        nbytes = facts["local"][name]["nbytes"]
-        if nbytes is not None:
-            masks[name] = payload[offset : offset + nbytes]
-            offset += nbytes
+    for section in ("local", "rows"):
+        for name in sorted(facts.get(section, {})):
+            nbytes = facts[section][name]["nbytes"]
+            if nbytes is not None:
+                masks[name if section == "local" else ("rows", name)] = payload[offset : offset + nbytes]
+                offset += nbytes
     return facts, masks
+
+
+def _assemble_sharded(payloads: list[bytes], replicated_masks: dict[str, torch.Tensor]) -> None:
+    """On the writer: the whole bit-packed mask of every sharded group, from the rows its
+    contributing ranks sent (unpacked, concatenated along dim 0 in offset order, packed).
+    The writer holds one whole mask at a time, transiently."""
+    gathered = [_split_payload(p) for p in payloads]
+    names = sorted({n for facts, _ in gathered for n in facts.get("rows", {})})
+    for name in names:
+        shape = tuple(gathered[0][0]["shared"]["groups"][name]["shape"])
+        pieces = []
+        for facts, masks in gathered:
+            info = facts["rows"][name]
+            if info["nbytes"] is not None:
+                pieces.append((int(info["dim0_offset"]), _unpack(
+                    torch.frombuffer(bytearray(masks[("rows", name)]), dtype=torch.uint8)
+                    if info["nbytes"] else torch.empty(0, dtype=torch.uint8), tuple(info["local_shape"]))))
+        pieces.sort(key=lambda p: p[0])
+        at = 0
+        for offset, piece in pieces:
+            if offset != at:
+                raise ValueError(f"group {name!r}: the ranks' rows do not tile dimension 0 "
+                                 f"(rows from {offset} where {at} was expected)")
+            at += piece.shape[0]
+        if at != shape[0]:
+            raise ValueError(f"group {name!r}: the ranks' rows cover {at} of {shape[0]} rows along dimension 0")
+        whole = torch.cat([p for _, p in pieces]) if pieces else torch.ones(shape, dtype=torch.bool)
+        replicated_masks[name] = _pack(whole.reshape(shape))
 
 
 def _disagreement(shared: list[dict[str, Any]]) -> str | None:
@@ -572,6 +621,7 @@ def _save_in_operation(comm: Any, target: Path, sparsifier: BaseDataSparsifier,
             f"{problems}\nEvery rank must hold the same groups with the same configs.")
 
     def write() -> None:
+        _assemble_sharded(payloads, replicated)
         _write_checkpoint(comm, target, payloads, replicated, scheduler_state)
 
     # The broadcast of the writer's status is also the barrier: nobody leaves before the

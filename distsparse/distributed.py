@@ -90,6 +90,9 @@ class Comm:
         #: operation alone), or None while it is usable.
         self.broken: str | None = None
         self._operation: str | None = None
+        #: Bytes this rank has sent in all-reduces so far (ring model: 2(N-1)/N of the
+        #: buffer); the sparsifier reports the difference per step.
+        self.all_reduce_bytes_sent = 0
 
     def _wait(self, work: Any, what: str) -> None:
         try:
@@ -272,10 +275,14 @@ class Comm:
         if not self.is_distributed or self.world_size == 1:
             return tensor
         buf = tensor.to(self.device, copy=True)
+        n = self.world_size
+        self.all_reduce_bytes_sent += 2 * (n - 1) * buf.numel() * buf.element_size() // n
         self._wait(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._group, async_op=True), what)
         return buf.to(tensor.device)
 
-    def select_lowest(self, selections: Sequence[Any], failed: bool) -> tuple[bool, list[int]]:
+    def select_lowest(self, selections: Sequence[Any], failed: bool,
+                      slots: Sequence[int] | None = None,
+                      contributes: Sequence[bool] | None = None) -> tuple[bool, list[int]]:
         """Collective: run the radix-selection rounds of every split group of a step
         together (:class:`distsparse.selection.ShardSelection`, one per group, in name
         order, the same list on every rank): one all-reduce of all histograms per round,
@@ -285,7 +292,13 @@ class Comm:
         the right sizes). The first round carries a failure count; if any rank failed,
         every rank stops there and returns ``(True, [])``. Otherwise returns
         ``(False, ties_before)``: per selection, the ties held by the shards of lower
-        ranks (shards are row ranges ascending with the rank).
+        *slots*.
+
+        ``slots[i]``: the position of this rank's shard of selection ``i`` in row order
+        (default: the rank — a split group's row ranges ascend with the rank; a sharded
+        group's shard index). ``contributes[i]`` False: this rank holds a copy of a shard
+        another rank contributes (an HSDP replica): it sends zero histograms and zero
+        tie counts but advances from the same global counts, so it ends identical.
         """
         from .selection import pack_histograms, unpack_histograms
 
@@ -293,7 +306,10 @@ class Comm:
         while any(not sel.done for sel in selections):
             sizes = [sel.histogram_size for sel in selections]
             status = torch.tensor([1 if failed else 0], dtype=torch.int64)
-            flat = torch.cat([status, pack_histograms([sel.histogram().cpu() for sel in selections])])
+            hists = [sel.histogram().cpu() for sel in selections]
+            if contributes is not None:
+                hists = [h if c else torch.zeros_like(h) for h, c in zip(hists, contributes)]
+            flat = torch.cat([status, pack_histograms(hists)])
             total = self.all_reduce_sum(flat, f"all_reduce (selection round {round_no})")
             if int(total[0]):
                 return True, []
@@ -307,11 +323,14 @@ class Comm:
         ties_before = [0] * len(selections)
         if need:
             counts = torch.zeros(len(need), self.world_size, dtype=torch.int64)
+            slot_of = list(slots) if slots is not None else [self.rank] * len(selections)
             for row, i in enumerate(need):
-                counts[row, self.rank] = selections[i].local_ties()
+                local = selections[i].local_ties()  # also computed by a non-contributing replica
+                if contributes is None or contributes[i]:
+                    counts[row, slot_of[i]] = local
             counts = self.all_reduce_sum(counts, "all_reduce (tie counts)")
             for row, i in enumerate(need):
-                ties_before[i] = int(counts[row, : self.rank].sum())
+                ties_before[i] = int(counts[row, : slot_of[i]].sum())
         return False, ties_before
 
     def _all_gather_fixed(self, payload: bytes, what: str) -> list[bytes]:

@@ -6,6 +6,10 @@ of the same shape on the same device, a config dict and a scope:
 * *replicated* — the same tensor on every rank (parameters, embedding tables under DDP).
   Exactly one rank owns it and computes its mask; every rank receives it bit-packed.
 * *local* — per-rank data (input batches): every rank computes its own mask.
+* *sharded* — a ``DTensor`` whose rows are spread over the ranks (FSDP2 ``Shard(0)``, HSDP):
+  each rank scores the blocks starting in its rows, the exact global selection picks the
+  k lowest, each rank keeps its own mask rows (see :mod:`distsparse.sharding`). A
+  ``Replicate()`` DTensor is an ordinary replicated group.
 
 Subclasses implement :meth:`update_mask` (one group's mask from its data and config) and
 may validate configs and data. All communication goes through :class:`~distsparse.distributed.Comm`,
@@ -33,6 +37,7 @@ from .masks import as_matrix, pack_bits, packed_size, unpack_bits
 from .planner import DEFAULT_MIN_SPLIT_ELEMENTS, GroupSpec, Plan
 from .planner import plan as plan_step
 from .selection import ShardSelection, choose_digit_bits
+from .sharding import ShardedRows, ShardLayout, is_dtensor, layout_of
 
 __all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION"]
 
@@ -45,8 +50,32 @@ _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 @dataclass
 class _Group:
     data: torch.Tensor  # the user's own tensor (an embedding's .weight), shared storage
-    mask: torch.Tensor  # bool, data's shape and device; True keeps
+    mask: torch.Tensor  # bool, the local data's shape and device; True keeps
     replicated: bool
+    #: DTensor groups: where the rows live (None for plain tensors).
+    layout: ShardLayout | None = None
+    _mask_dtensor: Any = None  # get_mask's DTensor, built once over ``mask``
+
+    @property
+    def local(self) -> torch.Tensor:
+        """The tensor this rank computes on: the data, or a DTensor's local part (a view of
+        the real storage; FSDP2 keeps it across steps)."""
+        return self.data.to_local() if self.layout is not None else self.data
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout is not None and self.layout.sharded
+
+    def as_dtensor(self, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (this rank's part, the local shape) as a DTensor of the data's layout;
+        ``local`` itself for plain groups. No copy: the DTensor holds ``local``."""
+        if self.layout is None:
+            return local
+        from torch.distributed.tensor import DTensor
+
+        data = self.data
+        return DTensor.from_local(local, data.device_mesh, data.placements, run_check=False,
+                                  shape=data.shape, stride=data.stride())
 
 
 @dataclass
@@ -62,6 +91,21 @@ class _PendingGroup:
 
 def _shape_text(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _layout_text(layout: ShardLayout | None) -> str:
+    if layout is None:
+        return "a plain tensor"
+    return f"placements {', '.join(layout.placements)} on mesh {tuple(layout.mesh_shape)}, rows {layout.row_range}"
+
+
+def _rows_of(mask: torch.Tensor, layout: ShardLayout | None) -> torch.Tensor:
+    """This rank's part of a whole mask (``mask`` itself for an unsharded group, or when it
+    already has the local shape: a state_dict saved by a rank of the same layout)."""
+    if layout is None or not layout.sharded or tuple(mask.shape) == layout.local_shape:
+        return mask
+    start = layout.dim0_offset
+    return mask.narrow(0, start, layout.local_shape[0])
 
 
 def _apply(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,8 +158,9 @@ class BaseDataSparsifier(abc.ABC):
     distributed: every rank must call it, in the same order as its other collectives.
 
     Limitations:
-        Tensor subclasses such as ``DTensor`` (FSDP2 shards) are not supported: a
-        replicated group must hold the whole tensor on every rank.
+        Tensor subclasses other than ``DTensor`` are refused, and so are DTensors with
+        placements other than ``Shard(0)`` (1-D mesh), ``(Replicate(), Shard(0))`` (2-D
+        HSDP mesh) and ``Replicate()`` (see :mod:`distsparse.sharding`).
     """
 
     def __init__(self, data_list: Iterable[tuple[str, Any]] | None = None, *,
@@ -132,7 +177,8 @@ class BaseDataSparsifier(abc.ABC):
         #: Number of ``step()`` calls so far (the scheduler reads it for its order warning).
         self.step_count = 0
         #: Figures of the last ``step()``: seconds computing and communicating (waiting for
-        #: the slowest rank included), bytes sent and received by this rank.
+        #: the slowest rank included), bytes sent and received by this rank (all-gathers and
+        #: all-reduces; ``selection_bytes``: the part that the selection's counts took).
         self.last_step_stats: dict[str, float] = {}
         #: Replicated groups of at least this many elements may be split into row ranges
         #: computed by several ranks (see :meth:`assignment`); must be equal on every rank.
@@ -180,12 +226,14 @@ class BaseDataSparsifier(abc.ABC):
                 "weight parameters)"
             )
         if isinstance(data, torch.Tensor):
+            if is_dtensor(data):  # FSDP2 parameters and other DTensors: layout checked in add_data
+                return data, True
             if type(data) not in (torch.Tensor, nn.Parameter):
                 # DTensor (FSDP2), nn.Parameter(DTensor), UninitializedParameter, other subclasses.
                 raise TypeError(
                     f"group {name!r}: tensor subclass {type(data).__module__}.{type(data).__name__} is not "
-                    "supported; pass a plain torch.Tensor or nn.Parameter holding the whole data "
-                    "(sharded tables such as FSDP2 DTensor parameters are not supported yet)"
+                    "supported; pass a plain torch.Tensor or nn.Parameter holding the whole data, or a "
+                    "DTensor (FSDP2 parameter) with a supported placement"
                 )
             return data, isinstance(data, nn.Parameter)
         raise TypeError(
@@ -217,7 +265,9 @@ class BaseDataSparsifier(abc.ABC):
     def _add_data(self, name: str, data: Any, reuse_mask: bool, replicated: bool | None,
                   config: dict[str, Any]) -> torch.Tensor:
         tensor, default_replicated = self._extract_tensor(name, data)
-        self._check_data(name, tensor)
+        layout = self._layout_of(name, tensor, replicated)
+        local = tensor.to_local() if layout is not None else tensor
+        self._check_data(name, local)
         old = self._groups.get(name)
         pending = self._pending.get(name)
         if old is not None:
@@ -231,10 +281,15 @@ class BaseDataSparsifier(abc.ABC):
                         "reuse_mask=False to start this data with a fresh mask (e.g. a smaller "
                         "last batch), or use drop_last=True in the DataLoader"
                     )
-                mask = old.mask if old.mask.device == tensor.device and not old.mask.is_inference() \
-                    else old.mask.to(tensor.device).clone()
+                if (old.layout, layout) != (None, None) and (old.layout is None or layout is None or (
+                        old.layout.describe(), old.layout.row_range) != (layout.describe(), layout.row_range)):
+                    raise ValueError(
+                        f"group {name!r}: new data has another layout ({_layout_text(layout)}) than the mask "
+                        f"to reuse ({_layout_text(old.layout)}); pass reuse_mask=False")
+                mask = old.mask if old.mask.device == local.device and not old.mask.is_inference() \
+                    else old.mask.to(local.device).clone()
             else:
-                mask = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+                mask = torch.ones(local.shape, dtype=torch.bool, device=local.device)
         elif pending is not None:
             merged = self._canonical_config(name, {**self.defaults, **pending.config, **config})
             scope = pending.replicated if replicated is None else bool(replicated)
@@ -248,19 +303,42 @@ class BaseDataSparsifier(abc.ABC):
                     f"group {name!r}: added as {'replicated' if scope else 'local'} but the loaded "
                     f"state holds it as {'replicated' if pending.replicated else 'local'}"
                 )
-            mask = (pending.mask.to(tensor.device) if pending.mask is not None
-                    else torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device))
+            mask = (pending.mask.to(local.device) if pending.mask is not None
+                    else torch.ones(local.shape, dtype=torch.bool, device=local.device))
+            if layout is not None and layout.sharded:
+                mask = _rows_of(mask, layout).clone()  # this rank's rows of the whole restored mask
         else:
             merged = self._canonical_config(name, {**self.defaults, **config})
             scope = default_replicated if replicated is None else bool(replicated)
-            mask = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
-        masked = _apply(tensor, mask)
+            mask = torch.ones(local.shape, dtype=torch.bool, device=local.device)
+        group = _Group(data=tensor, mask=mask, replicated=scope, layout=layout)
+        if old is not None and mask is old.mask and layout is not None:
+            group._mask_dtensor = old._mask_dtensor  # the same mask: get_mask stays the same object
+        masked = group.as_dtensor(_apply(local, mask))
         # Everything validated and built: commit.
-        self._groups[name] = _Group(data=tensor, mask=mask, replicated=scope)
+        self._groups[name] = group
         self.state[name]["mask"] = mask
         self.data_groups[name] = merged
         self._pending.pop(name, None)
         return masked
+
+    def _layout_of(self, name: str, tensor: torch.Tensor, replicated: bool | None) -> ShardLayout | None:
+        """The layout of a DTensor group (None for a plain tensor); refuses unsupported
+        placements (TypeError), meshes other than this sparsifier's ranks and local
+        DTensor groups (ValueError)."""
+        if not is_dtensor(tensor):
+            return None
+        if replicated is False:
+            raise ValueError(f"group {name!r}: a DTensor group is shared by the ranks of its mesh; "
+                             "replicated=False (per-rank data) does not apply to it")
+        if not self._comm.is_distributed:
+            raise ValueError(f"group {name!r}: a DTensor needs torch.distributed initialized (its mesh's ranks)")
+        layout = layout_of(name, tensor, self._comm.global_ranks(), self._comm.rank)
+        local_shape = tuple(tensor.to_local().shape)
+        if local_shape != layout.local_shape:
+            raise ValueError(f"group {name!r}: the DTensor's local part has shape {_shape_text(local_shape)}, "
+                             f"its layout gives {_shape_text(layout.local_shape)}")
+        return layout
 
     def _group(self, name: str) -> _Group:
         try:
@@ -273,7 +351,7 @@ class BaseDataSparsifier(abc.ABC):
     def get_data(self, name: str, return_original: bool = True) -> torch.Tensor:
         """The user's own tensor (``return_original=True``, shared storage) or ``data * mask``."""
         group = self._group(name)
-        return group.data if return_original else _apply(group.data, group.mask)
+        return group.data if return_original else group.as_dtensor(_apply(group.local, group.mask))
 
     def get_mask(self, name: str) -> torch.Tensor:
         """The group's mask: ``bool``, the data's shape and device; True keeps.
@@ -281,13 +359,23 @@ class BaseDataSparsifier(abc.ABC):
         The same tensor object across steps: ``step()`` and ``load_state_dict()`` update it
         in place (as torch.ao does), so a parametrization or hook holding it stays current.
         ``.clone()`` it to keep a snapshot.
+
+        A DTensor group's mask is a DTensor with the data's mesh and placements, built once
+        over this rank's local ``bool`` mask (``.to_local()``; ``.full_tensor()`` is the
+        global mask, a collective) and kept current the same way.
         """
-        return self._group(name).mask
+        group = self._group(name)
+        if group.layout is None:
+            return group.mask
+        if group._mask_dtensor is None:
+            group._mask_dtensor = group.as_dtensor(group.mask)
+        return group._mask_dtensor
 
     def sparsity(self, names: Iterable[str] | str | None = None) -> dict[str, float]:
         """``{name: fraction of the group's elements its mask prunes}`` (every group by
         default). Masks are ``bool``: torch.ao code computing ``1 - mask.mean()`` needs
-        ``1 - mask.float().mean()``, or this."""
+        ``1 - mask.float().mean()``, or this. A sharded group's figure is this rank's rows
+        (no collective here)."""
         if isinstance(names, str):
             names = [names]
         selected = sorted(self._groups) if names is None else list(names)
@@ -302,12 +390,16 @@ class BaseDataSparsifier(abc.ABC):
         ``mask.data = new``): ``set_`` swaps the storage, no copy."""
         group = self._groups[name]
         current = group.mask
+        if group.layout is not None:  # get_mask's DTensor holds this very tensor: write into it
+            with torch.no_grad():
+                current.copy_(mask)
+            return
         if current.dtype == mask.dtype and current.device == mask.device and not current.is_inference() \
                 and not mask.is_inference():
             with torch.no_grad():
                 current.set_(mask)
         else:
-            group.mask = mask.to(device=group.data.device, dtype=torch.bool, copy=True)
+            group.mask = mask.to(device=group.local.device, dtype=torch.bool, copy=True)
             self.state[name]["mask"] = group.mask
 
     def squash_mask(self, names: Iterable[str] | None = None, leave_parametrized: bool = True) -> None:
@@ -327,7 +419,9 @@ class BaseDataSparsifier(abc.ABC):
         with torch.no_grad():
             for name in selected:
                 group = self._groups[name]
-                group.data.masked_fill_(group.mask.logical_not(), 0)
+                # A DTensor's local part is a view of FSDP2's real storage: the next forward
+                # all-gathers the zeros.
+                group.local.masked_fill_(group.mask.logical_not(), 0)
 
     # -- ranks ------------------------------------------------------------------------
     @property
@@ -374,7 +468,9 @@ class BaseDataSparsifier(abc.ABC):
         specs = []
         for name in sorted(self._groups):
             group = self._groups[name]
-            rows, cols = as_matrix(group.data).shape if group.data.dim() else (1, 1)
+            if group.sharded:  # computed where its rows live, never planned
+                continue
+            rows, cols = as_matrix(group.local).shape if group.data.dim() else (1, 1)
             block = self._block_shape(name) if group.replicated else None
             specs.append(GroupSpec(name, int(rows), int(cols), block or (1, 1), group.replicated, block is not None))
         key = (self.world_size, self.min_split_elements, tuple(specs))
@@ -390,6 +486,8 @@ class BaseDataSparsifier(abc.ABC):
         group = self._group(name)
         if not group.replicated:
             return self.rank
+        if group.sharded:  # the rank contributing its first rows
+            return group.layout.source[0]
         return self._plan().owner_of(name)
 
     def assignment(self, name: str) -> dict[int, tuple[int, int]]:
@@ -397,8 +495,13 @@ class BaseDataSparsifier(abc.ABC):
         rank computes. One entry covering every row for a group computed whole; one per
         rank for a group split across ranks (a replicated group of at least
         ``min_split_elements`` elements whose sparsifier supports it, when balance needs
-        it); ``{}`` for a local group (every rank computes its own data)."""
-        self._group(name)
+        it); ``{}`` for a local group (every rank computes its own data). For a sharded
+        DTensor group, the rows each contributing rank holds (it scores the blocks
+        starting there)."""
+        group = self._group(name)
+        if group.sharded:
+            lay = group.layout
+            return {lay.source[j]: rows for j, rows in enumerate(lay.shard_rows)}
         return self._plan().assignment(name)
 
     def _describe(self) -> dict[str, dict[str, Any]]:
@@ -414,6 +517,8 @@ class BaseDataSparsifier(abc.ABC):
             if group.replicated:
                 facts["shape"] = list(group.data.shape)
                 facts["dtype"] = str(group.data.dtype).replace("torch.", "")
+            if group.layout is not None:
+                facts.update(group.layout.describe())
             out[name] = facts
         out["<sparsifier>"] = {"min_split_elements": self.min_split_elements}
         return out
@@ -423,18 +528,23 @@ class BaseDataSparsifier(abc.ABC):
         group = self._groups[name]
         config = self.data_groups[name]
         self._canonical_config(name, dict(config))  # a hand-edited data_groups entry is caught here
-        result = self.update_mask(name, group.data.detach(), **config)
-        mask = self.get_mask(name) if result is None else result
-        if tuple(mask.shape) != tuple(group.data.shape):
+        local = group.local
+        result = self.update_mask(name, local.detach(), **config)
+        mask = group.mask if result is None else result
+        if is_dtensor(mask):
+            mask = mask.to_local()
+        if tuple(mask.shape) != tuple(local.shape):
             raise ValueError(f"group {name!r}: update_mask returned shape {_shape_text(mask.shape)}, "
-                             f"data has {_shape_text(group.data.shape)}")
-        return mask.to(dtype=torch.bool, device=group.data.device)
+                             f"data has {_shape_text(local.shape)}")
+        return mask.to(dtype=torch.bool, device=local.device)
 
     def step(self) -> None:
         """Recompute every group's mask. *Collective* when distributed.
 
         Replicated groups are computed by their owner and shared bit-packed in one
-        all-gather; local groups by every rank from its own data. Ranks first check that
+        all-gather; local groups by every rank from its own data; sharded DTensor groups
+        by the ranks holding their rows, each keeping its own mask rows (only selection
+        counts and the rows of blocks straddling shard boundaries travel). Ranks first check that
         they are in the same call and hold the same groups (:class:`RankDisagreementError`
         naming the group otherwise). If any group fails — any exception in
         ``update_mask``, NaN/Inf data, a bad config — every rank raises and no mask
@@ -448,11 +558,13 @@ class BaseDataSparsifier(abc.ABC):
             rank, distributed = comm.rank, comm.world_size > 1
             plan = self._plan() if distributed else None
             names = sorted(self._groups)
+            sharded = [n for n in names if self._groups[n].sharded]
             if plan is None:
-                whole, split = names, []
+                whole, split = [n for n in names if not self._groups[n].sharded], []
             else:
                 whole = [n for n in names if not self._groups[n].replicated
-                         or (plan.groups[n].kind == "whole" and plan.groups[n].owner == rank)]
+                         or (not self._groups[n].sharded and plan.groups[n].kind == "whole"
+                             and plan.groups[n].owner == rank)]
                 split = plan.split_names
             new_masks: dict[str, torch.Tensor] = {}
             pieces: dict[str, torch.Tensor] = {}  # split groups: the new whole masks
@@ -471,15 +583,20 @@ class BaseDataSparsifier(abc.ABC):
                 except Exception as exc:  # noqa: BLE001 - every error goes through the status exchange
                     fail(name, exc)
             # aborted: some rank failed before the selection, which every rank then skipped.
-            aborted = bool(split) and self._compute_split(plan, split, pieces, fail, errors)
+            aborted, spread_bytes = False, 0
+            reduced_before = comm.all_reduce_bytes_sent
+            if split or sharded:
+                aborted, spread_bytes = self._compute_split(plan, split, sharded, pieces, new_masks, fail, errors)
+            selection_bytes = comm.all_reduce_bytes_sent - reduced_before  # the selection's counts
+            spread_bytes += selection_bytes
             computed = time.perf_counter()
-            bytes_sent = bytes_received = 0
+            bytes_sent = bytes_received = spread_bytes
             if not distributed:
                 if first_error is not None:
                     raise first_error
             else:
-                bytes_sent, bytes_received = self._exchange_masks(plan, new_masks, pieces, errors, first_error,
-                                                                  aborted)
+                sent, received = self._exchange_masks(plan, new_masks, pieces, errors, first_error, aborted)
+                bytes_sent, bytes_received = bytes_sent + sent, bytes_received + received
             comm.finish(op)
             # Every rank succeeded: commit, in place (see get_mask).
             for name, mask in new_masks.items():
@@ -490,46 +607,71 @@ class BaseDataSparsifier(abc.ABC):
             "compute_seconds": computed - started,
             "comm_seconds": finished - computed,
             "bytes_sent": float(bytes_sent),
+            "selection_bytes": float(selection_bytes),
             "bytes_received": float(bytes_received),
             "groups_computed": float(len(whole) + sum(1 for n in split if rank in plan.groups[n].ranges)),
         }
 
-    def _compute_split(self, plan: Plan, split: list[str], pieces: dict[str, torch.Tensor],
-                       fail: Any, errors: list[str]) -> bool:
-        """Score this rank's rows of every split group, find each group's global k lowest
-        blocks with the other ranks (:meth:`Comm.select_lowest`), and write this rank's
-        mask rows into a new whole mask per group, ``pieces[name]``. Errors go to ``fail``; a status all-reduce first makes
-        every rank skip the selection when any rank already failed (returns True then)."""
+    def _compute_split(self, plan: Plan | None, split: list[str], sharded: list[str],
+                       pieces: dict[str, torch.Tensor], local_masks: dict[str, torch.Tensor],
+                       fail: Any, errors: list[str]) -> tuple[bool, int]:
+        """Score this rank's rows of every split and sharded group, find each group's global
+        k lowest blocks with the other ranks (:meth:`Comm.select_lowest`, all groups in the
+        same rounds), and write this rank's mask rows: into a new whole mask per split
+        group (``pieces[name]``) and into a new local mask per sharded group
+        (``local_masks[name]``, completed by the mask halo). Errors go to ``fail``; a
+        status all-reduce first makes every rank skip the selection when any rank already
+        failed. Returns (aborted, bytes this rank sent in the halo exchanges)."""
         comm, rank = self._comm, self._comm.rank
         selections: list[ShardSelection] = []
+        slots: list[int] = []
+        contributes: list[bool] = []
         shards: list[tuple[str, torch.Tensor, int, int, dict[str, Any]]] = []
-        for name in split:
-            group = self._groups[name]
-            matrix = as_matrix(group.data.detach())
-            config = self.data_groups[name]
-            bh, bw = self._block_shape(name)  # type: ignore[misc]
-            n_blocks = -(-matrix.shape[0] // bh) * -(-matrix.shape[1] // bw)
-            row_start, row_stop = plan.groups[name].ranges.get(rank, (0, 0))
-            scores = torch.empty((0, -(-matrix.shape[1] // bw)), dtype=matrix.dtype, device=matrix.device)
+        digit_bits = self._digit_bits_for(split + sharded)
+
+        def select(name: str, scores_of: Any, n_blocks: int, config: dict[str, Any], empty: torch.Tensor) -> None:
             try:
                 self._canonical_config(name, dict(config))
                 k = self._blocks_to_prune(n_blocks, config)
-                if row_stop > row_start:
-                    scores = self._shard_scores(name, matrix, row_start, row_stop, config)
-                selection = ShardSelection(scores, n_blocks, k, self._digit_bits)
+                selection = ShardSelection(scores_of(), n_blocks, k, digit_bits)
             except Exception as exc:  # noqa: BLE001 - reported through the status exchange
                 fail(name, exc)
-                selection = ShardSelection(scores[:0], n_blocks, 0, self._digit_bits)  # never used
+                selection = ShardSelection(empty, n_blocks, 0, digit_bits)  # never used
             selections.append(selection)
+
+        for name in split:
+            matrix = as_matrix(self._groups[name].local.detach())
+            config = self.data_groups[name]
+            bh, bw = self._block_shape(name)  # type: ignore[misc]
+            n_blocks = -(-matrix.shape[0] // bh) * -(-matrix.shape[1] // bw)
+            row_start, row_stop = plan.groups[name].ranges.get(rank, (0, 0))  # type: ignore[union-attr]
+            empty = torch.empty((0, -(-matrix.shape[1] // bw)), dtype=matrix.dtype, device=matrix.device)
+            select(name, lambda: (self._shard_scores(name, matrix, row_start, row_stop, config)
+                                  if row_stop > row_start else empty), n_blocks, config, empty)
+            slots.append(rank)
+            contributes.append(True)
             shards.append((name, matrix, row_start, row_stop, config))
+        halo_bytes = 0
+        views: dict[str, ShardedRows] = {}
+        if sharded:
+            views, halo_bytes = self._sharded_rows(sharded)
+        for name in sharded:
+            view, config = views[name], self.data_groups[name]
+            lay = self._groups[name].layout
+            bh, bw = view.block
+            n_blocks = -(-lay.rows // bh) * -(-lay.cols // bw)
+            empty = torch.empty((0, -(-lay.cols // bw)), dtype=view.body.dtype, device=view.body.device)
+            select(name, lambda: view.scores(self, name, config), n_blocks, config, empty)
+            slots.append(lay.shard)
+            contributes.append(lay.contributes)
         failed = comm.all_reduce_sum(torch.tensor([1 if errors else 0], dtype=torch.int64),
                                      "all_reduce (status before selection)")
         if int(failed[0]):
-            return True
-        _, ties_before = comm.select_lowest(selections, failed=False)
+            return True, halo_bytes
+        _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)
         for (name, matrix, row_start, row_stop, config), sel, before in zip(shards, selections, ties_before):
-            data = self._groups[name].data
-            pieces[name] = torch.empty(data.shape, dtype=torch.bool, device=data.device)  # the whole new mask
+            local = self._groups[name].local
+            pieces[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)  # the whole new mask
             if row_stop == row_start:
                 continue
             try:
@@ -537,19 +679,85 @@ class BaseDataSparsifier(abc.ABC):
                                  as_matrix(pieces[name])[row_start:row_stop])
             except Exception as exc:  # noqa: BLE001
                 fail(name, exc)
-        return False
+        outgoing: dict[str, torch.Tensor] = {}
+        for name, sel, before in zip(sharded, selections[len(split):], ties_before[len(split):]):
+            local = self._groups[name].local
+            local_masks[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)
+            try:
+                outgoing[name] = views[name].build_mask(self, name, self.data_groups[name], sel.pruned(before),
+                                                        as_matrix(local_masks[name]))
+            except Exception as exc:  # noqa: BLE001
+                fail(name, exc)
+        if sharded:
+            halo_bytes += self._exchange_mask_halos(sharded, views, outgoing, local_masks)
+        return False, halo_bytes
+
+    def _digit_bits_for(self, names: list[str]) -> int:
+        """The radix digit width of this step's selection (identical on every rank: it
+        depends on global shapes, dtypes and the world size only)."""
+        key_bits = max((torch.finfo(self._groups[n].data.dtype).bits for n in names), default=32)
+        blocks = 0
+        for name in names:
+            group = self._groups[name]
+            rows, cols = (group.layout.rows, group.layout.cols) if group.sharded else as_matrix(group.local).shape
+            bh, bw = self._block_shape(name)  # type: ignore[misc]
+            blocks += -(-rows // bh) * -(-cols // bw)
+        return choose_digit_bits(self.world_size, len(names), key_bits, keys_per_rank=blocks // self.world_size)
 
     @property
     def _digit_bits(self) -> int:
-        plan = self._plan()
-        split = plan.split_names
-        key_bits = max((torch.finfo(self._groups[n].data.dtype).bits for n in split), default=32)
-        blocks = 0
-        for name in split:
-            rows, cols = as_matrix(self._groups[name].data).shape
-            bh, bw = self._block_shape(name)  # type: ignore[misc]
-            blocks += -(-rows // bh) * -(-cols // bw)
-        return choose_digit_bits(self.world_size, len(split), key_bits, keys_per_rank=blocks // self.world_size)
+        return self._digit_bits_for(self._plan().split_names)
+
+    def _sharded_rows(self, names: list[str]) -> tuple[dict[str, ShardedRows], int]:
+        """Each sharded group's owned rows on this rank (:class:`ShardedRows`), with the
+        rows of straddling blocks that the next shards hold: one all-gather of every
+        rank's first ``bh - 1`` rows of every group that has a straddling block (none when
+        every shard boundary is a block boundary). Returns the views and bytes sent."""
+        comm = self._comm
+        views: dict[str, ShardedRows] = {}
+        need = []
+        for name in names:
+            group = self._groups[name]
+            block = self._block_shape(name)
+            if block is None:
+                raise TypeError(f"group {name!r}: {type(self).__name__} computes whole tensors only "
+                                "(update_mask); a sharded DTensor group needs the sharded protocol")
+            views[name] = ShardedRows(group.layout, as_matrix(group.local.detach()), tuple(block))
+            if group.layout.needs_halo(block[0]):
+                need.append(name)
+        if not need:
+            return views, 0
+        lengths = [views[n].halo_nbytes for n in need]
+        payload = torch.cat([views[n].first_rows_bytes() for n in need])
+        gathered = comm.all_gather_tensor(payload, [sum(lengths)] * comm.world_size, "all_gather (row halos)")
+        offset = 0
+        for name, length in zip(need, lengths):
+            views[name].take_halo([g[offset : offset + length] for g in gathered])
+            offset += length
+        return views, sum(lengths) * (comm.world_size - 1)
+
+    def _exchange_mask_halos(self, names: list[str], views: dict[str, ShardedRows],
+                             outgoing: dict[str, torch.Tensor], local_masks: dict[str, torch.Tensor]) -> int:
+        """Mask rows of straddling blocks go to the shards holding them: one all-gather of
+        every rank's bit-packed rows ``[e, b)`` (padded), from which each rank takes rows
+        ``[s, a)``. Returns bytes sent."""
+        comm = self._comm
+        need = [n for n in names if views[n].layout.needs_halo(views[n].block[0])]
+        if not need:
+            return 0
+        lengths = [views[n].mask_halo_nbytes for n in need]
+        parts = []
+        for name, length in zip(need, lengths):
+            rows = outgoing.get(name)
+            packed = pack_bits(rows) if rows is not None and rows.numel() else torch.zeros(0, dtype=torch.uint8)
+            parts.append(torch.cat([packed.cpu(), torch.zeros(length - packed.numel(), dtype=torch.uint8)]))
+        gathered = comm.all_gather_tensor(torch.cat(parts), [sum(lengths)] * comm.world_size,
+                                          "all_gather (mask halos)")
+        offset = 0
+        for name, length in zip(need, lengths):
+            views[name].take_mask_halo([g[offset : offset + length] for g in gathered], as_matrix(local_masks[name]))
+            offset += length
+        return sum(lengths) * (comm.world_size - 1)
 
     def _exchange_masks(self, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: dict[str, torch.Tensor],
                         errors: list[str], first_error: BaseException | None,
@@ -563,7 +771,7 @@ class BaseDataSparsifier(abc.ABC):
         work = [plan.work_of(r) for r in range(comm.world_size)]
 
         def cols_of(name: str) -> int:
-            data = self._groups[name].data
+            data = self._groups[name].local
             return int(as_matrix(data).shape[1]) if data.dim() else 1
 
         lengths = [1 + sum(packed_size((b - a) * cols_of(n)) for n, a, b in items) for items in work]
@@ -583,7 +791,7 @@ class BaseDataSparsifier(abc.ABC):
         for r, items in enumerate(work):
             offset = 1
             for name, a, b in items:
-                data = self._groups[name].data
+                data = self._groups[name].local
                 size = packed_size((b - a) * cols_of(name))
                 if r != comm.rank:
                     part = gathered[r][offset : offset + size]
@@ -615,6 +823,13 @@ class BaseDataSparsifier(abc.ABC):
 
         Values are tensors or JSON-able. Groups restored by ``load_state_dict`` but not yet
         added again are included. Local groups' masks are this rank's.
+
+        A *sharded* DTensor group (FSDP2 ``Shard(0)``, HSDP) holds only this rank's rows:
+        ``masks[name]`` has the local shape and its group entry adds ``"sharded":
+        {"dim0_offset": 501, "local_shape": [500, 64], "contributes": True, "placements":
+        [...], "mesh_shape": [2]}``. ``load_state_dict`` takes such a state back on a rank of
+        the same layout, and a *whole* mask (the global shape) on any layout — that is what
+        :func:`~distsparse.save_checkpoint` writes (it gathers the rows).
         """
         groups: dict[str, Any] = {}
         masks: dict[str, torch.Tensor] = {}
@@ -626,6 +841,10 @@ class BaseDataSparsifier(abc.ABC):
         for name, group in self._groups.items():
             groups[name] = {"config": _to_json_config(self.data_groups[name]),
                             "shape": list(group.data.shape), "replicated": group.replicated}
+            if group.sharded:
+                lay = group.layout
+                groups[name]["sharded"] = {"dim0_offset": lay.dim0_offset, "local_shape": list(lay.local_shape),
+                                           "contributes": lay.contributes, **lay.describe()}
             masks[name] = group.mask.clone()
         return {
             "format_version": STATE_FORMAT_VERSION,
@@ -662,8 +881,9 @@ class BaseDataSparsifier(abc.ABC):
         for name, (config, mask) in updates.items():
             group = self._groups[name]
             self.data_groups[name] = config
-            self._store_mask(name, mask.to(device=group.data.device, dtype=torch.bool, copy=True) if mask is not None
-                             else torch.ones(group.data.shape, dtype=torch.bool, device=group.data.device))
+            local = group.local
+            self._store_mask(name, _rows_of(mask, group.layout).to(device=local.device, dtype=torch.bool, copy=True)
+                             if mask is not None else torch.ones(local.shape, dtype=torch.bool, device=local.device))
         self._pending = pending if strict else {**self._pending, **pending}
         self.step_count = int(state_dict.get("step_count", self.step_count))
 
@@ -702,9 +922,13 @@ class BaseDataSparsifier(abc.ABC):
                 if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, torch.uint8, torch.int8):
                     raise TypeError(f"group {name!r}: mask must be a bool tensor, got {type(mask).__name__} "
                                     f"{getattr(mask, 'dtype', '')}")
-                if tuple(mask.shape) != shape:
+                rows_only = entry.get("sharded")
+                if tuple(mask.shape) != shape and not (
+                        isinstance(rows_only, Mapping) and list(mask.shape) == list(rows_only.get("local_shape", ()))):
                     raise ValueError(f"group {name!r}: mask has shape {_shape_text(mask.shape)}, "
                                      f"group shape is {_shape_text(shape)}")
+                if tuple(mask.shape) != shape:  # this rank's rows of a sharded group only
+                    self._check_rows_only(name, rows_only, self._groups.get(name))
             elif replicated:
                 raise ValueError(f"group {name!r}: state holds no mask for this replicated group")
             if not replicated and not same_world:
@@ -730,13 +954,28 @@ class BaseDataSparsifier(abc.ABC):
                                  "(pass strict=False to keep their current masks)")
         return defaults, updates, pending, fresh_local
 
+    @staticmethod
+    def _check_rows_only(name: str, saved: Mapping[str, Any], current: _Group | None) -> None:
+        """A state holding only one rank's rows of a sharded group loads only into a group
+        with the same layout and rows (a checkpoint file holds whole masks: use it)."""
+        lay = None if current is None else current.layout
+        if lay is None or not lay.sharded:
+            raise ValueError(f"group {name!r}: the state holds only rows of a sharded group (rows from dim-0 "
+                             f"offset {saved.get('dim0_offset')}); the group here is not sharded — load a "
+                             "checkpoint file (whole masks) instead")
+        mine = {"dim0_offset": lay.dim0_offset, "local_shape": list(lay.local_shape), **lay.describe()}
+        theirs = {k: saved.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(f"group {name!r}: the state holds the rows of another layout ({theirs}), this rank "
+                             f"holds {mine}; load a checkpoint file (whole masks) instead")
+
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}(rank {self.rank} of {self.world_size}, {len(self._groups)} groups"]
         for name in sorted(self._groups):
             group = self._groups[name]
             config = ", ".join(f"{k}={v!r}" for k, v in sorted(self.data_groups[name].items()))
             density = float(group.mask.float().mean()) if group.mask.numel() else math.nan
-            scope = "replicated" if group.replicated else "local"
+            scope = "sharded" if group.sharded else "replicated" if group.replicated else "local"
             lines.append(f"  {name!r}: {_shape_text(group.data.shape)} {scope}, {config}, "
                          f"kept {density:.1%}")
         for name in sorted(self._pending):

@@ -114,8 +114,9 @@ def slow_coordinator_schedule(sleep_seconds: float) -> dict:
 
 
 def tensor_subclass_refused(kind: str) -> dict:
-    """add_data of a DTensor (as FSDP2 makes) is a TypeError naming the group on every
-    rank, registers nothing, and the next step() works."""
+    """add_data of a DTensor with an unsupported placement (``Shard(1)``: FSDP2's
+    ``Shard(0)`` is supported) or of another tensor subclass is a TypeError naming the group
+    on every rank, registers nothing, and the next step() works."""
     sp = distsparse.DataNormSparsifier(sparsity_level=0.5)
     sp.add_data("plain", nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(2))))
     if kind == "dtensor":
@@ -123,7 +124,7 @@ def tensor_subclass_refused(kind: str) -> dict:
         from torch.distributed.tensor import Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        data = nn.Parameter(distribute_tensor(torch.randn(10, 8), mesh, [Shard(0)]))
+        data = nn.Parameter(distribute_tensor(torch.randn(10, 8), mesh, [Shard(1)]))
     else:
         data = torch.Tensor._make_subclass(type("MyTensor", (torch.Tensor,), {}), torch.randn(4, 8))
     outcome = capture_error(sp.add_data, "sharded.weight", data)

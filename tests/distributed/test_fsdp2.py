@@ -1,0 +1,105 @@
+"""FSDP2 (``fully_shard``) and HSDP DTensor groups on real gloo processes: masks computed where
+the rows live equal the single-process mask of the whole weight bit for bit (uneven chunks,
+straddling blocks, ties), masks are DTensors, zeros reach the next forward, checkpoints
+reshard across FSDP2 / replicated / single-process runs, unsupported layouts are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fsdp2_fns
+from launcher import run_ranks
+
+JOB_TIMEOUT = 120
+
+
+def _check_masks(results):
+    for res in results:
+        assert res["returned_dtensor"] and res["get_data_masked_equal"], res
+        assert res["state_dict_rows"] and res["state_dict_round_trip"], res
+        for step in res["steps"]:
+            assert step["emb_equal"] and step["small_equal"], step
+            assert step["same_object"] and step["local_dtype"] == "torch.bool", step
+            # Besides the selection's counts (histograms: their size depends on the digit width,
+            # not on the table), only a few halo rows and status bytes travel — never a mask.
+            assert step["selection_bytes"] <= 256 * 1024, step
+            assert step["bytes_sent"] - step["selection_bytes"] < 2 * 1024, step
+
+
+CASES = [  # rows, cols, data, level, block, zeros_per_block
+    [1001, 18, "random", 0.5, [1, 4], None],
+    [1001, 18, "few_values", 0.37, [2, 2], 2],
+    [1001, 18, "few_values", 0.5, [3, 5], None],
+    [1001, 18, "constant", 0.61, [2, 2], None],
+]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4], ids=lambda ws: f"ws{ws}")
+def test_fsdp2_tables_give_the_single_process_mask_of_the_whole_weight(world_size):
+    # 1,001 rows: uneven chunks (501/500, 334/334/333, 251/250/250/250), blocks straddling
+    # shards; random data, heavy ties (few values) and constant data; (1,4), (2,2), (3,5).
+    results = run_ranks(fsdp2_fns.fsdp2_cases, world_size, CASES, [world_size], timeout=JOB_TIMEOUT)
+    for case in range(len(CASES)):
+        _check_masks([res[case] for res in results])
+        assert sum(res[case]["local_rows"][0] for res in results) == 1001
+
+
+def test_tiny_shards_smaller_than_a_block_give_the_single_process_mask():
+    # 5 rows on 4 ranks: shards of 2/2/1/0 rows, (3, 5) blocks span up to three shards.
+    results = run_ranks(fsdp2_fns.fsdp2_masks, 4, 5, 11, "few_values", 0.5, [3, 5], None, [4], timeout=JOB_TIMEOUT)
+    _check_masks(results)
+
+
+@pytest.mark.parametrize("world_size, mesh", [(2, [1, 2]), (2, [2, 1]), (4, [2, 2])], ids=["1x2", "2x1", "2x2"])
+def test_hsdp_replicas_agree_and_give_the_single_process_mask(world_size, mesh):
+    results = run_ranks(fsdp2_fns.fsdp2_masks, world_size, 1001, 18, "few_values", 0.37, [2, 2], 2, mesh,
+                        timeout=JOB_TIMEOUT)
+    _check_masks(results)
+    assert results[0]["steps"][0]["placements"] == "(Replicate(), Shard(dim=0))"
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_a_3d_dtensor_sharded_on_dim_0_gives_the_single_process_mask(world_size):
+    results = run_ranks(fsdp2_fns.three_d_shard0, world_size, 0.5, [2, 3], timeout=JOB_TIMEOUT)
+    assert all(r["equal"] for r in results), results
+
+
+def test_training_loop_zeros_reach_the_next_forward():
+    results = run_ranks(fsdp2_fns.training_loop, 2, [2], timeout=JOB_TIMEOUT)
+    for res in results:
+        assert all(res["zeros_reached_forward"]), res
+
+
+@pytest.mark.parametrize("kind", ["shard1", "one_dim", "mesh_not_the_group"])
+def test_unsupported_dtensor_layouts_are_refused_at_add_data_on_every_rank(kind):
+    results = run_ranks(fsdp2_fns.refusals, 2, kind, timeout=JOB_TIMEOUT)
+    for res in results:
+        assert res["raised"] and not res["registered"] and not res["step_raised"], res
+        assert "'t'" in res["message"] and res["seconds"] < 5, res
+    expected = "ValueError" if kind == "mesh_not_the_group" else "TypeError"
+    assert results[0]["error_type"] == expected, results[0]
+    if kind == "shard1":
+        assert "Shard(dim=1)" in results[0]["message"] and "Shard(dim=0)" in results[0]["message"]
+
+
+def test_ranks_disagreeing_on_a_sharded_groups_global_shape_fail_fast_on_every_rank():
+    results = run_ranks(fsdp2_fns.disagreeing_global_shapes, 2, timeout=JOB_TIMEOUT)
+    for res in results:
+        assert res["raised"] and res["error_type"] == "RankDisagreementError", res
+        assert "'t'" in res["message"] and "global_shape" in res["message"] and res["seconds"] < 5, res
+
+
+def test_checkpoints_reshard_fsdp2_2_to_replicated_3_to_single_to_fsdp2_4(tmp_path):
+    folder = str(tmp_path)
+    saved = run_ranks(fsdp2_fns.checkpoint_save_sharded, 2, folder, [2], 0.43, timeout=JOB_TIMEOUT)
+    ddp = run_ranks(fsdp2_fns.checkpoint_load_replicated, 3, folder, "sp.safetensors", "ddp.safetensors",
+                    timeout=JOB_TIMEOUT)
+    single = run_ranks(fsdp2_fns.checkpoint_load_replicated, 1, folder, "ddp.safetensors", "single.safetensors",
+                       timeout=JOB_TIMEOUT)
+    back = run_ranks(fsdp2_fns.checkpoint_load_sharded, 4, folder, "single.safetensors", [4], timeout=JOB_TIMEOUT)
+    hsdp = run_ranks(fsdp2_fns.checkpoint_load_sharded, 4, folder, "sp.safetensors", [2, 2], timeout=JOB_TIMEOUT)
+    reference = saved[0]
+    assert not reference["emb"].all() and reference["emb"].any()
+    for res in saved + ddp + single + back + hsdp:
+        assert torch.equal(res["emb"], reference["emb"]) and torch.equal(res["small"], reference["small"])

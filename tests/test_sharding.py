@@ -1,0 +1,157 @@
+"""The layout of DTensor groups and the sharded rows protocol, in one process.
+
+``layout_of`` reads only a DTensor's shape, mesh and placements, so a stand-in object
+exercises it without a process group. The sharded protocol (owned rows, row halos, scores,
+mask rows, mask halos) is simulated over many virtual shards with arbitrary boundaries —
+empty shards and shards thinner than a block included — and the concatenated mask must be
+the single-process mask bit for bit."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from distsparse import DataNormSparsifier
+from distsparse.masks import norm_block_mask, pack_bits
+from distsparse.selection import ShardSelection, blocks_to_prune
+from distsparse.sharding import ShardedRows, ShardLayout, layout_of, owned_rows
+
+
+def _fake_dtensor(shape, mesh_shape, placements, mesh_ranks=None):
+    n = 1
+    for m in mesh_shape:
+        n *= m
+    ranks = torch.arange(n) if mesh_ranks is None else torch.tensor(mesh_ranks)
+    mesh = SimpleNamespace(ndim=len(mesh_shape), shape=tuple(mesh_shape), mesh=ranks.reshape(mesh_shape))
+    return SimpleNamespace(device_mesh=mesh, placements=tuple(placements), shape=torch.Size(shape))
+
+
+# -- layout_of ---------------------------------------------------------------------------
+
+
+def test_uneven_fsdp2_chunks_give_each_ranks_rows_of_the_2d_view():
+    lay = layout_of("emb", _fake_dtensor((1001, 64), (2,), [Shard(0)]), [0, 1], 1)
+    assert lay.sharded and lay.shard_rows == ((0, 501), (501, 1001))
+    assert lay.row_range == (501, 1001) and lay.local_shape == (500, 64) and lay.dim0_offset == 501
+    assert lay.contributes and lay.source == (0, 1)
+
+
+def test_a_3d_tensor_counts_rows_of_the_flattened_leading_dims_and_trailing_shards_may_be_empty():
+    lay = layout_of("t", _fake_dtensor((7, 3, 10), (3,), [Shard(0)]), [0, 1, 2], 2)
+    assert lay.shard_rows == ((0, 9), (9, 18), (18, 21)) and lay.local_shape == (1, 3, 10)
+    assert lay.dim0_offset == 6
+    tiny = layout_of("t", _fake_dtensor((5, 4), (4,), [Shard(0)]), [0, 1, 2, 3], 3)
+    assert tiny.shard_rows == ((0, 2), (2, 4), (4, 5), (5, 5)) and tiny.local_shape == (0, 4)
+
+
+def test_hsdp_replicas_share_a_shard_and_only_replicate_coordinate_0_contributes():
+    data = _fake_dtensor((10, 4), (2, 2), [Replicate(), Shard(0)])
+    layouts = [layout_of("t", data, [0, 1, 2, 3], r) for r in range(4)]
+    assert layouts[0].rank_shard == (0, 1, 0, 1) and layouts[0].source == (0, 1)
+    assert [lay.contributes for lay in layouts] == [True, True, False, False]
+    assert layouts[3].row_range == (5, 10)
+
+
+def test_a_sparsifier_group_in_another_rank_order_maps_ranks_through_global_ranks():
+    data = _fake_dtensor((10, 4), (2,), [Shard(0)], mesh_ranks=[5, 3])
+    lay = layout_of("t", data, [3, 5], 0)  # group rank 0 is global rank 3: mesh coordinate 1
+    assert lay.rank_shard == (1, 0) and lay.row_range == (5, 10) and lay.source == (1, 0)
+
+
+def test_replicate_is_one_whole_shard():
+    lay = layout_of("t", _fake_dtensor((6, 4), (3,), [Replicate()]), [0, 1, 2], 1)
+    assert not lay.sharded and lay.row_range == (0, 6) and lay.local_shape == (6, 4)
+
+
+@pytest.mark.parametrize("shape, mesh, placements", [
+    ((10, 8), (2,), [Shard(1)]),
+    ((10, 8), (2,), [Partial()]),
+    ((16,), (2,), [Shard(0)]),
+    ((10, 8), (2, 1), [Shard(0), Replicate()]),
+    ((10, 8), (2, 1), [Replicate(), Replicate()]),
+], ids=["shard1", "partial", "one-dim", "shard-then-replicate", "2d-replicate"])
+def test_unsupported_placements_are_a_type_error_naming_group_placement_and_what_is_supported(shape, mesh,
+                                                                                             placements):
+    with pytest.raises(TypeError, match=r"group 'emb\.weight'.*not supported; supported:.*Shard\(dim=0\)"):
+        layout_of("emb.weight", _fake_dtensor(shape, mesh, placements), list(range(2)), 0)
+
+
+def test_a_mesh_over_other_ranks_than_the_sparsifiers_group_is_a_value_error():
+    with pytest.raises(ValueError, match=r"group 't'.*mesh holds global ranks \[0, 1, 2\].*holds \[0, 1\]"):
+        layout_of("t", _fake_dtensor((10, 8), (3,), [Shard(0)]), [0, 1], 0)
+
+
+def test_owned_rows_start_at_the_first_block_starting_inside_the_shard():
+    assert owned_rows(0, 501, 1001, 2) == (0, 502)
+    assert owned_rows(501, 1001, 1001, 2) == (502, 1001)
+    assert owned_rows(1, 2, 10, 4) == (4, 4)  # no block starts here
+    assert owned_rows(5, 5, 5, 3) == (5, 5)
+
+
+# -- the sharded protocol over virtual shards ------------------------------------------------
+
+
+def _layouts(rows, cols, bounds):
+    spans = tuple(zip(bounds, bounds[1:]))
+    n = len(spans)
+    return [ShardLayout(global_shape=(rows, cols), placements=("Shard(dim=0)",), mesh_shape=(n,), sharded=True,
+                        rows=rows, cols=cols, shard_rows=spans, rank_shard=tuple(range(n)), source=tuple(range(n)),
+                        rank=r, local_shape=(spans[r][1] - spans[r][0], cols)) for r in range(n)]
+
+
+def _simulate(data, bounds, block, level, zeros):
+    """Every virtual rank's part of one sharded step, the collectives replaced by lists/sums."""
+    rows, cols = data.shape
+    sp = DataNormSparsifier()
+    config = {"sparsity_level": level, "sparse_block_shape": block, "zeros_per_block": zeros}
+    layouts = _layouts(rows, cols, bounds)
+    views = [ShardedRows(lay, data[lay.row_range[0]:lay.row_range[1]], block) for lay in layouts]
+    if layouts[0].needs_halo(block[0]):
+        halos = [v.first_rows_bytes() for v in views]
+        assert len({h.numel() for h in halos}) == 1  # one size: no size exchange needed
+        for v in views:
+            v.take_halo(halos)
+    n_blocks = -(-rows // block[0]) * -(-cols // block[1])
+    k = blocks_to_prune(level, n_blocks)
+    sels = [ShardSelection(v.scores(sp, "t", config), n_blocks, k, 8) for v in views]
+    while not all(s.done for s in sels):
+        total = torch.stack([s.histogram() for s in sels]).sum(0) if not sels[0].done else None
+        for s in sels:
+            s.advance(total)
+    ties = [s.local_ties() if s.needs_tie_prefix else 0 for s in sels]
+    outs = [torch.empty(lay.local_shape, dtype=torch.bool) for lay in layouts]
+    sent = []
+    for r, (v, s) in enumerate(zip(views, sels)):
+        rows_out = v.build_mask(sp, "t", config, s.pruned(sum(ties[:r])), outs[r])
+        packed = pack_bits(rows_out) if rows_out is not None and rows_out.numel() else torch.zeros(0, dtype=torch.uint8)
+        sent.append(torch.cat([packed, torch.zeros(v.mask_halo_nbytes - packed.numel(), dtype=torch.uint8)]))
+    for v, out in zip(views, outs):
+        v.take_mask_halo(sent, out)
+    return torch.cat(outs)
+
+
+def _bounds(rows, n, rng):
+    cuts = sorted(rng.randint(0, rows) for _ in range(n - 1))
+    return [0, *cuts, rows]
+
+
+@pytest.mark.parametrize("block", [(1, 4), (2, 2), (3, 5), (4, 3)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("kind", ["random", "few_values", "constant"])
+def test_virtual_shards_with_any_boundaries_give_the_single_process_mask(block, kind):
+    rng = random.Random(hash((block, kind)) % 1000)
+    gen = torch.Generator().manual_seed(3)
+    for rows, n, level, zeros in itertools.product((1, 7, 23), (1, 2, 3, 7), (0.0, 0.3, 0.5, 1.0), (None, 1)):
+        cols = 9
+        data = {"random": torch.randn(rows, cols, generator=gen),
+                "few_values": torch.randint(1, 4, (rows, cols), generator=gen).float(),
+                "constant": torch.full((rows, cols), 2.0)}[kind]
+        bounds = _bounds(rows, n, rng)
+        mask = _simulate(data, bounds, block, level, zeros)
+        zeros_n = block[0] * block[1] if zeros is None else zeros
+        expected = norm_block_mask(data, level, block, zeros_n, "L1")
+        assert torch.equal(mask, expected), (rows, bounds, level, zeros)
