@@ -36,7 +36,7 @@ from .distributed import Comm
 from .masks import as_matrix, pack_bits, packed_size, unpack_bits
 from .planner import DEFAULT_MIN_SPLIT_ELEMENTS, GroupSpec, Plan
 from .planner import plan as plan_step
-from .selection import ShardSelection, choose_digit_bits
+from .selection import DIGIT_BITS_CHOICES, ShardSelection, choose_digit_bits
 from .sharding import ShardedRows, ShardLayout, is_dtensor, layout_of
 
 __all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION"]
@@ -183,6 +183,7 @@ class BaseDataSparsifier(abc.ABC):
         #: Replicated groups of at least this many elements may be split into row ranges
         #: computed by several ranks (see :meth:`assignment`); must be equal on every rank.
         self.min_split_elements = DEFAULT_MIN_SPLIT_ELEMENTS
+        self._selection_digit_bits: int | None = None
         self._plan_key: tuple | None = None
         self._plan_cache: Plan | None = None
         for name, data in data_list or ():
@@ -438,6 +439,21 @@ class BaseDataSparsifier(abc.ABC):
         backstop timeout); schedulers and checkpoints run their collectives through it."""
         return self._comm
 
+    @property
+    def selection_digit_bits(self) -> int | None:
+        """Radix digit width of the exact selection of split and sharded groups: ``None``
+        (default) lets :func:`~distsparse.selection.choose_digit_bits` minimise the modelled
+        time; 8, 11 or 16 fixes it — e.g. 11 for a sharded table on a slow network: 3
+        rounds of 16 KiB per group instead of 2 of 512 KiB. Must be equal on every rank
+        (the step checks it); masks are the same either way."""
+        return self._selection_digit_bits
+
+    @selection_digit_bits.setter
+    def selection_digit_bits(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or value not in DIGIT_BITS_CHOICES):
+            raise ValueError(f"selection_digit_bits must be None or one of {DIGIT_BITS_CHOICES}, got {value!r}")
+        self._selection_digit_bits = value
+
     # -- sharded protocol (optional) ----------------------------------------------------
     def _block_shape(self, name: str) -> tuple[int, int] | None:
         """The block shape of group ``name`` if this sparsifier can compute the group in
@@ -521,6 +537,8 @@ class BaseDataSparsifier(abc.ABC):
                 facts.update(group.layout.describe())
             out[name] = facts
         out["<sparsifier>"] = {"min_split_elements": self.min_split_elements}
+        if self._selection_digit_bits is not None:
+            out["<sparsifier>"]["selection_digit_bits"] = self._selection_digit_bits
         return out
 
     # -- step -------------------------------------------------------------------------
@@ -695,6 +713,8 @@ class BaseDataSparsifier(abc.ABC):
     def _digit_bits_for(self, names: list[str]) -> int:
         """The radix digit width of this step's selection (identical on every rank: it
         depends on global shapes, dtypes and the world size only)."""
+        if self._selection_digit_bits is not None:
+            return self._selection_digit_bits
         key_bits = max((torch.finfo(self._groups[n].data.dtype).bits for n in names), default=32)
         blocks = 0
         for name in names:

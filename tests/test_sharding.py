@@ -155,3 +155,14 @@ def test_virtual_shards_with_any_boundaries_give_the_single_process_mask(block, 
         zeros_n = block[0] * block[1] if zeros is None else zeros
         expected = norm_block_mask(data, level, block, zeros_n, "L1")
         assert torch.equal(mask, expected), (rows, bounds, level, zeros)
+
+
+def test_selection_digit_bits_accepts_none_8_11_16_and_refuses_other_values():
+    sp = DataNormSparsifier()
+    assert sp.selection_digit_bits is None
+    for bits in (8, 11, 16, None):
+        sp.selection_digit_bits = bits
+        assert sp.selection_digit_bits == bits
+    for bad in (12, 0, True, "11"):
+        with pytest.raises(ValueError, match="selection_digit_bits must be None or one of"):
+            sp.selection_digit_bits = bad

@@ -64,7 +64,8 @@ def _reference(weight, level: float, block: list, zeros) -> torch.Tensor:
     return norm_block_mask(weight.detach().full_tensor(), level, tuple(block), zeros_n, "L1")
 
 
-def fsdp2_masks(rows: int, cols: int, kind: str, level: float, block: list, zeros, mesh_shape: list) -> dict:
+def fsdp2_masks(rows: int, cols: int, kind: str, level: float, block: list, zeros, mesh_shape: list,
+                digit_bits=None) -> dict:
     """Step twice (level changes in between): the global mask equals the whole weight's,
     the mask is a DTensor of the data's layout whose local part stays the same object."""
     from torch.distributed.tensor import DTensor
@@ -72,6 +73,7 @@ def fsdp2_masks(rows: int, cols: int, kind: str, level: float, block: list, zero
     model = _sharded_model(rows, cols, kind, mesh_shape)
     sp = distsparse.DataNormSparsifier(sparsity_level=level, sparse_block_shape=tuple(block),
                                        zeros_per_block=zeros)
+    sp.selection_digit_bits = digit_bits
     masked = sp.add_data("emb.weight", model.emb.weight)
     sp.add_data("small.weight", model.small)
     out = {"returned_dtensor": isinstance(masked, DTensor), "steps": [],
@@ -108,10 +110,10 @@ def fsdp2_masks(rows: int, cols: int, kind: str, level: float, block: list, zero
     return out
 
 
-def fsdp2_cases(cases: list, mesh_shape: list) -> list:
+def fsdp2_cases(cases: list, mesh_shape: list, digit_bits=None) -> list:
     """:func:`fsdp2_masks` for each ``[rows, cols, kind, level, block, zeros]`` in one job
     (process start-up dominates a case's time)."""
-    return [fsdp2_masks(*case, mesh_shape) for case in cases]
+    return [fsdp2_masks(*case, mesh_shape, digit_bits) for case in cases]
 
 
 def three_d_shard0(level: float, block: list) -> dict:

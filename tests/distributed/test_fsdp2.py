@@ -45,6 +45,16 @@ def test_fsdp2_tables_give_the_single_process_mask_of_the_whole_weight(world_siz
         assert sum(res[case]["local_rows"][0] for res in results) == 1001
 
 
+def test_narrow_selection_digits_send_under_64_kib_per_step_and_give_the_same_masks():
+    cases = [[4001, 64, "random", 0.5, [1, 4], None], [4001, 64, "few_values", 0.5, [2, 2], None]]
+    results = run_ranks(fsdp2_fns.fsdp2_cases, 2, cases, [2], 11, timeout=JOB_TIMEOUT)
+    for case in range(len(cases)):
+        _check_masks([res[case] for res in results])
+        for res in results:
+            # Two sharded tables (the embedding and the bag): under 64 KiB each.
+            assert all(step["bytes_sent"] < 2 * 64 * 1024 for step in res[case]["steps"]), res[case]["steps"]
+
+
 def test_tiny_shards_smaller_than_a_block_give_the_single_process_mask():
     # 5 rows on 4 ranks: shards of 2/2/1/0 rows, (3, 5) blocks span up to three shards.
     results = run_ranks(fsdp2_fns.fsdp2_masks, 4, 5, 11, "few_values", 0.5, [3, 5], None, [4], timeout=JOB_TIMEOUT)
