@@ -689,22 +689,28 @@ class BaseDataSparsifier(abc.ABC):
         _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)
         for (name, matrix, row_start, row_stop, config), sel, before in zip(shards, selections, ties_before):
             local = self._groups[name].local
-            pieces[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)  # the whole new mask
-            if row_stop == row_start:
-                continue
             try:
-                self._shard_mask(name, matrix, row_start, row_stop, sel.pruned(before), config,
-                                 as_matrix(pieces[name])[row_start:row_stop])
+                # The keys (the scores' memory) go before the new mask is allocated.
+                pruned = sel.pruned(before) if row_stop > row_start else None
+                sel.release()
+                pieces[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)  # the whole new mask
+                if pruned is not None:
+                    self._shard_mask(name, matrix, row_start, row_stop, pruned, config,
+                                     as_matrix(pieces[name])[row_start:row_stop])
             except Exception as exc:  # noqa: BLE001
+                pieces.setdefault(name, torch.empty(local.shape, dtype=torch.bool, device=local.device))
                 fail(name, exc)
         outgoing: dict[str, torch.Tensor] = {}
         for name, sel, before in zip(sharded, selections[len(split):], ties_before[len(split):]):
             local = self._groups[name].local
-            local_masks[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)
             try:
-                outgoing[name] = views[name].build_mask(self, name, self.data_groups[name], sel.pruned(before),
+                pruned = sel.pruned(before)
+                sel.release()  # the keys (the scores' memory) go before the new mask is allocated
+                local_masks[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)
+                outgoing[name] = views[name].build_mask(self, name, self.data_groups[name], pruned,
                                                         as_matrix(local_masks[name]))
             except Exception as exc:  # noqa: BLE001
+                local_masks.setdefault(name, torch.empty(local.shape, dtype=torch.bool, device=local.device))
                 fail(name, exc)
         if sharded:
             halo_bytes += self._exchange_mask_halos(sharded, views, outgoing, local_masks)
