@@ -187,6 +187,14 @@ def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifie
             description[name] = {"shape": list(data.shape), "dtype": str(data.dtype),
                                  "scope": "replicated" if sparsifier._groups[name].replicated else "local",
                                  "block_shape": list(_block_shape(sparsifier, name))}
+        from .sharding import is_dtensor
+
+        dtensors = [n for n in selected if is_dtensor(sparsifier._groups[n].data)]
+        if dtensors:
+            raise ValueError(
+                f"groups {dtensors} hold DTensors (FSDP2 / HSDP / Replicate() placements); exporting "
+                "them is not supported yet: pass names= without them, or export "
+                "get_data(name, return_original=False).full_tensor() yourself")
         local = [n for n in selected if description[n]["scope"] == "local"]
         if local and comm.world_size > 1:
             raise ValueError(

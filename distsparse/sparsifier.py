@@ -443,7 +443,8 @@ class BaseDataSparsifier(abc.ABC):
     def selection_digit_bits(self) -> int | None:
         """Radix digit width of the exact selection of split and sharded groups: ``None``
         (default) lets :func:`~distsparse.selection.choose_digit_bits` minimise the modelled
-        time; 8, 11 or 16 fixes it — e.g. 11 for a sharded table on a slow network: 3
+        time, except that a step with sharded (FSDP2) groups uses 11 bits (3 rounds of 16 KiB
+        per group, so nothing near table-sized is sent); 8, 11 or 16 fixes it — e.g. 11 for a sharded table on a slow network: 3
         rounds of 16 KiB per group instead of 2 of 512 KiB. Must be equal on every rank
         (the step checks it); masks are the same either way."""
         return self._selection_digit_bits
@@ -721,6 +722,10 @@ class BaseDataSparsifier(abc.ABC):
         depends on global shapes, dtypes and the world size only)."""
         if self._selection_digit_bits is not None:
             return self._selection_digit_bits
+        if any(self._groups[n].sharded for n in names):
+            # Sharded tables exist so that nothing table-sized travels: 3 rounds of 16 KiB
+            # per group instead of 2 of 512 KiB keep a step's traffic under 64 KiB per table.
+            return 11
         key_bits = max((torch.finfo(self._groups[n].data.dtype).bits for n in names), default=32)
         blocks = 0
         for name in names:
