@@ -1,7 +1,15 @@
 """Shared fixtures of the single-process tests (kept minimal)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# Helpers shared with the multi-process tests (launcher, fake_accelerator) live in tests/distributed.
+_DISTRIBUTED = str(Path(__file__).resolve().parent / "distributed")
+if _DISTRIBUTED not in sys.path:
+    sys.path.insert(0, _DISTRIBUTED)
 
 
 @pytest.fixture(scope="module")

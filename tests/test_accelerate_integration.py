@@ -9,47 +9,18 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
-from torch.utils.hooks import RemovableHandle
 
 from _checkpoint_util import build, snapshot
+from fake_accelerator import FakeAccelerator
 from distsparse import register_for_checkpointing
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 JOB = HERE / "_accelerate_job.py"
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-
-
-class FakeAccelerator:
-    """Just the two hook registries of accelerate.Accelerator (1.15), run the same way."""
-
-    def __init__(self, num_processes: int = 1) -> None:
-        self.num_processes = num_processes
-        self._save_model_state_pre_hook: OrderedDict = OrderedDict()
-        self._load_model_state_pre_hook: OrderedDict = OrderedDict()
-
-    def register_save_state_pre_hook(self, hook):
-        handle = RemovableHandle(self._save_model_state_pre_hook)
-        self._save_model_state_pre_hook[handle.id] = hook
-        return handle
-
-    def register_load_state_pre_hook(self, hook):
-        handle = RemovableHandle(self._load_model_state_pre_hook)
-        self._load_model_state_pre_hook[handle.id] = hook
-        return handle
-
-    def save_state(self, output_dir):
-        os.makedirs(output_dir, exist_ok=True)
-        for hook in self._save_model_state_pre_hook.values():
-            hook([], [], output_dir)
-
-    def load_state(self, input_dir):
-        for hook in self._load_model_state_pre_hook.values():
-            hook([], input_dir)
 
 
 def _env() -> dict:

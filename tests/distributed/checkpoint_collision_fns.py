@@ -5,44 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 import distsparse
 from distsparse.masks import pack_bits
-
-
-class FakeAccelerator:
-    """The two hook registries of accelerate.Accelerator, run the same way (as in
-    tests/test_accelerate_integration.py), for a world of ``num_processes``."""
-
-    def __init__(self, num_processes: int) -> None:
-        self.num_processes = num_processes
-        self._save_model_state_pre_hook: OrderedDict = OrderedDict()
-        self._load_model_state_pre_hook: OrderedDict = OrderedDict()
-
-    def register_save_state_pre_hook(self, hook):
-        handle = RemovableHandle(self._save_model_state_pre_hook)
-        self._save_model_state_pre_hook[handle.id] = hook
-        return handle
-
-    def register_load_state_pre_hook(self, hook):
-        handle = RemovableHandle(self._load_model_state_pre_hook)
-        self._load_model_state_pre_hook[handle.id] = hook
-        return handle
-
-    def save_state(self, output_dir):
-        os.makedirs(output_dir, exist_ok=True)
-        for hook in self._save_model_state_pre_hook.values():
-            hook([], [], output_dir)
-
-    def load_state(self, input_dir):
-        for hook in self._load_model_state_pre_hook.values():
-            hook([], input_dir)
+from fake_accelerator import FakeAccelerator
 
 
 def _digest(sp) -> str:
