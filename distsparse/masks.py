@@ -29,8 +29,11 @@ __all__ = [
 ]
 
 # Elements scored per chunk: big enough to amortise kernel launches, small enough that
-# the |x| temporary stays a rounding error next to the data.
+# the |x| temporary stays a rounding error next to the data. On CPU a chunk also stays in
+# cache; a GPU needs far bigger ones to amortise its launches (H100, 1M x 64 table:
+# block_scores 4.4 ms with 2**20-element chunks, 0.8 ms with 2**24).
 _CHUNK_ELEMENTS = 1 << 20
+_DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 def as_matrix(data: torch.Tensor) -> torch.Tensor:
@@ -49,8 +52,9 @@ def _magnitude(chunk: torch.Tensor, norm: str) -> torch.Tensor:
     return chunk.abs() if norm == "L1" else chunk * chunk
 
 
-def _row_chunks(rows: int, cols: int, block_rows: int) -> range:
-    per_chunk = max(1, _CHUNK_ELEMENTS // max(cols, 1) // block_rows) * block_rows
+def _row_chunks(rows: int, cols: int, block_rows: int, device: torch.device) -> range:
+    budget = _CHUNK_ELEMENTS if device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    per_chunk = max(1, budget // max(cols, 1) // block_rows) * block_rows
     return range(0, rows, per_chunk)
 
 
@@ -67,7 +71,7 @@ def block_scores(matrix: torch.Tensor, block_shape: tuple[int, int], norm: str) 
     bh, bw = block_shape
     n_br, n_bc = -(-rows // bh), -(-cols // bw)
     out = torch.empty(n_br, n_bc, dtype=matrix.dtype, device=matrix.device)
-    step = _row_chunks(rows, cols, bh).step
+    step = _row_chunks(rows, cols, bh, matrix.device).step
     tiled = rows % bh == 0 and cols % bw == 0 and matrix.dtype in (torch.float32, torch.float64)
     for start in range(0, rows, step):
         chunk = _magnitude(matrix[start : start + step], norm)
@@ -91,7 +95,19 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16):
         # numpy's introselect is several times faster than torch.kthvalue on CPU.
         return torch.as_tensor(np.partition(flat.numpy(), k - 1)[k - 1])
+    if flat.device.type != "cpu":
+        return _kth_smallest_by_topk(flat, k)
     return flat.kthvalue(k).values
+
+
+def _kth_smallest_by_topk(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value as the edge of the smaller side of a ``topk``: on CUDA,
+    ``kthvalue`` sorts (H100, 16M scores: 118 ms) while ``topk`` selects (1.2 ms); the
+    temporary holds at most half the scores."""
+    n = flat.numel()
+    if k <= n - k + 1:
+        return torch.topk(flat, k, largest=False, sorted=False).values.max()
+    return torch.topk(flat, n - k + 1, largest=True, sorted=False).values.min()
 
 
 def lowest_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -184,7 +200,7 @@ def _within_block_keep(
     rows, cols = matrix.shape
     bh, bw = block_shape
     n_br, n_bc = pruned.shape
-    step_br = _row_chunks(rows, cols, bh).step // bh
+    step_br = _row_chunks(rows, cols, bh, matrix.device).step // bh
     for br0 in range(0, n_br, step_br):
         br1 = min(n_br, br0 + step_br)
         chunk_pruned = pruned[br0:br1]

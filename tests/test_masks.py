@@ -240,3 +240,12 @@ def test_the_radix_path_for_big_score_tensors_equals_lowest_blocks_bit_for_bit(d
     scores = scores.reshape(-1, 5) if n % 5 == 0 else scores
     for k in (1, n // 3, n // 2, n - 1):
         assert torch.equal(_lowest_blocks_consuming(scores.clone(), k), lowest_blocks(scores, k)), k
+
+
+def test_kth_smallest_by_topk_is_exact_on_either_side_and_with_ties():
+    """The CUDA selection path (topk of the smaller side), run here on CPU: equal to sorting."""
+    g = torch.Generator().manual_seed(5)
+    for values in (torch.randn(1001, generator=g), torch.randint(0, 7, (1000,), generator=g).float()):
+        ordered = values.sort().values
+        for k in (1, 2, 499, 500, 501, 502, 999, values.numel()):
+            assert masks._kth_smallest_by_topk(values, k) == ordered[k - 1], k
