@@ -238,3 +238,82 @@ def checkpoint_load_sharded(folder: str, src: str, world_mesh: list) -> dict:
     distsparse.load_checkpoint(f"{folder}/{src}", sp)
     sp.add_data("small.weight", model.small.weight)  # restored pending: takes its rows when added
     return {"emb": sp.get_mask("emb.weight").full_tensor(), "small": sp.get_mask("small.weight").full_tensor()}
+
+
+class _KillingOs:
+    """Stands in for ``os`` inside ``distsparse.checkpoint`` and SIGKILLs this process at one
+    point of the atomic write: ``"mid_write"`` (half of the file's bytes are in the temporary
+    file) or ``"before_rename"`` (the temporary file is whole and fsynced, not yet renamed)."""
+
+    def __init__(self, real, at: str) -> None:
+        self._real, self._at = real, at
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+    def _die(self) -> None:
+        import signal
+        import time
+
+        self._real.kill(self._real.getpid(), signal.SIGKILL)
+        time.sleep(60)  # never reached: SIGKILL cannot be caught
+        raise AssertionError("still alive after SIGKILL")
+
+    def write(self, fd: int, data) -> int:
+        if self._at == "mid_write":
+            self._real.write(fd, data[: len(data) // 2])
+            self._die()
+        return self._real.write(fd, data)
+
+    def replace(self, src, dst) -> None:
+        if self._at == "before_rename":
+            self._die()
+        return self._real.replace(src, dst)
+
+
+def kill_during_save(folder: str, at: str, first_level: float, second_level: float) -> dict:
+    """FSDP2 run: a complete save at ``first_level``, then new masks at ``second_level`` and a
+    save during which the writing rank (0) is SIGKILLed at ``at`` (see :class:`_KillingOs`).
+    Rank 0 never returns; rank 1 writes what it saw to ``<folder>/rank1.json`` (the previous
+    file's sha256, the error its save raised and how long that took) and returns it."""
+    import hashlib
+    import json
+
+    import distsparse.checkpoint as ckpt
+    from rank_fns import capture_error
+
+    model = _sharded_model(1001, 12, "few_values", [dist.get_world_size()])
+    sp = distsparse.DataNormSparsifier(sparsity_level=first_level, sparse_block_shape=(3, 5))
+    sp.add_data("emb.weight", model.emb.weight)
+    sp.step()
+    path = f"{folder}/ckpt/sp.safetensors"
+    distsparse.save_checkpoint(path, sp)
+    with open(path, "rb") as f:
+        good_sha = hashlib.sha256(f.read()).hexdigest()
+    sp.data_groups["emb.weight"]["sparsity_level"] = second_level
+    sp.step()
+    if dist.get_rank() == 0:
+        ckpt.os = _KillingOs(ckpt.os, at)
+    out = {"good_sha": good_sha, "save": capture_error(distsparse.save_checkpoint, path, sp)}
+    with open(f"{folder}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(out, f)
+    return out
+
+
+def load_then_save(folder: str, level: float) -> dict:
+    """After a killed save: load the previous file on this FSDP2 layout, step at ``level`` and
+    save to the same path (the killed writer's temporary file is still beside it); returns
+    the loaded and the new global masks and the folder's files after the save."""
+    import os
+
+    path = f"{folder}/ckpt/sp.safetensors"
+    model = _sharded_model(1001, 12, "few_values", [dist.get_world_size()])
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.1, sparse_block_shape=(3, 5))
+    sp.add_data("emb.weight", model.emb.weight)
+    distsparse.load_checkpoint(path, sp)
+    loaded = sp.get_mask("emb.weight").full_tensor()
+    sp.data_groups["emb.weight"]["sparsity_level"] = level
+    sp.step()
+    distsparse.save_checkpoint(path, sp)
+    return {"loaded": loaded, "saved": sp.get_mask("emb.weight").full_tensor(),
+            "files": sorted(os.listdir(f"{folder}/ckpt"))}

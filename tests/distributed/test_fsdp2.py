@@ -1,15 +1,22 @@
 """FSDP2 (``fully_shard``) and HSDP DTensor groups on real gloo processes: masks computed where
 the rows live equal the single-process mask of the whole weight bit for bit (uneven chunks,
 straddling blocks, ties), masks are DTensors, zeros reach the next forward, checkpoints
-reshard across FSDP2 / replicated / single-process runs, unsupported layouts are refused."""
+reshard across FSDP2 / replicated / single-process runs, a writer killed during a save leaves
+the previous file whole, unsupported layouts are refused."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import re
 
 import pytest
 import torch
 
+import distsparse
 import fsdp2_fns
-from launcher import run_ranks
+from distsparse.masks import norm_block_mask
+from launcher import RankFailure, run_ranks
 
 JOB_TIMEOUT = 120
 
@@ -113,3 +120,47 @@ def test_checkpoints_reshard_fsdp2_2_to_replicated_3_to_single_to_fsdp2_4(tmp_pa
     assert not reference["emb"].all() and reference["emb"].any()
     for res in saved + ddp + single + back + hsdp:
         assert torch.equal(res["emb"], reference["emb"]) and torch.equal(res["small"], reference["small"])
+
+
+@pytest.mark.parametrize("at", ["mid_write", "before_rename"])
+def test_a_writer_killed_during_a_save_leaves_the_previous_file_whole_and_the_next_save_works(tmp_path, at):
+    """SIGKILL of the writing rank with half the new file written, or with all of it written
+    and fsynced but not renamed: the previous file is byte-for-byte unchanged and loads
+    bit-exact (FSDP2 on 3 ranks and a single process); the other rank raises instead of
+    hanging; the killed writer's temporary file does not break the next save, which
+    removes it."""
+    (tmp_path / "ckpt").mkdir()
+    path = tmp_path / "ckpt" / "sp.safetensors"
+    with pytest.raises(RankFailure) as failure:
+        run_ranks(fsdp2_fns.kill_during_save, 2, str(tmp_path), at, 0.43, 0.71, timeout=JOB_TIMEOUT, grace=30)
+    report = str(failure.value)
+    assert "rank 0: killed by signal 9 (SIGKILL)" in report and "--- rank 1: ok" in report, report
+    survivor = json.loads((tmp_path / "rank1.json").read_text())
+    # The other rank learns of the dead writer from gloo at once ("Connection closed by peer").
+    assert survivor["save"]["raised"] and survivor["save"]["seconds"] < 20, survivor
+    assert "save_checkpoint" in survivor["save"]["message"], survivor
+    assert not (tmp_path / "rank0.json").exists()
+
+    # The previous file, untouched; the killed save's temporary file beside it.
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == survivor["good_sha"]
+    leftovers = [p for p in path.parent.iterdir() if p != path]
+    assert len(leftovers) == 1 and re.fullmatch(r"\.sp\.safetensors\.tmp-\d+-[0-9a-f]{8}", leftovers[0].name), leftovers
+    whole_size = path.stat().st_size  # the new file has the same size: same groups, same shape
+    assert (0 < leftovers[0].stat().st_size < whole_size) if at == "mid_write" else \
+        leftovers[0].stat().st_size == whole_size
+
+    weight = fsdp2_fns._values("few_values", 1001, 12, 1)
+    first = norm_block_mask(weight, 0.43, (3, 5), 15, "L1")
+    second = norm_block_mask(weight, 0.71, (3, 5), 15, "L1")
+    single = distsparse.DataNormSparsifier(sparse_block_shape=(3, 5))
+    single.add_data("emb.weight", torch.nn.Parameter(weight.clone()))
+    distsparse.load_checkpoint(str(path), single)
+    assert torch.equal(single.get_mask("emb.weight"), first)
+
+    # Next run (another world size): loads the previous masks, saves new ones over them.
+    results = run_ranks(fsdp2_fns.load_then_save, 3, str(tmp_path), 0.71, timeout=JOB_TIMEOUT)
+    for res in results:
+        assert torch.equal(res["loaded"], first) and torch.equal(res["saved"], second)
+        assert res["files"] == ["sp.safetensors"], res["files"]
+    distsparse.load_checkpoint(str(path), single)
+    assert torch.equal(single.get_mask("emb.weight"), second)
