@@ -1,0 +1,412 @@
+#!/usr/bin/env python
+"""distsparse on one big table: TorchRec row-wise sharded vs replicated (DDP-style) vs whole.
+
+    python benchmarks/bench_torchrec.py           # one 2,000,000 x 64 float32 table (~2-3 min)
+    python benchmarks/bench_torchrec.py --quick   # 200,000 x 64
+
+Needs TorchRec (CPU recipe in the README). Three runs of the same table (seeded
+``torch.randn``), block (1, 4), sparsity 0.5, L1, each a fresh set of gloo processes on
+127.0.0.1 with one thread each:
+
+* ``whole``: world 1, the table a plain tensor (``add_data(..., replicated=True)``);
+* ``replicated``: world 2, every rank holds the whole table as a plain tensor added with
+  ``replicated=True`` (what a DDP job does): distsparse splits it in row ranges over the
+  ranks and all-gathers the bit-packed mask rows, so every rank ends with the whole mask;
+* ``sharded``: world 2, the table is the only table of a TorchRec ``EmbeddingBagCollection``
+  sharded row-wise by ``DistributedModelParallel`` (``construct_module_sharding_plan`` with
+  ``row_wise()``, fused SGD kernel), each rank holding half the rows in FBGEMM's buffer, added
+  with ``distsparse.integrations.torchrec.add_torchrec_tables``: every rank scores its own
+  rows, only the selection's counts (and rows of blocks straddling a shard boundary) travel.
+
+Measured per run, per rank (one warm-up step, then ``--steps`` timed steps, each after a
+barrier), as ``bench_distributed.py`` / ``bench_fsdp2.py`` do:
+
+* ``step()`` wall time: max over ranks per step, median over steps; each rank's process CPU
+  time (median);
+* bytes sent / received per rank per step: ``sp.last_step_stats`` (``bytes_sent``,
+  ``selection_bytes``, ``bytes_received``; every all-gather and all-reduce payload this rank
+  sends, ring model: the method of ``bench_distributed.py``), median over steps;
+* ``squash_mask()`` wall time (a TorchRec run with a fused optimizer calls it every step);
+* peak RSS growth during ``step()`` (``_common.timed_step``), max over steps;
+* the masks: sha256 of each world-2 chunk of rows (TorchRec's row-wise shards), which must be
+  identical in all three runs;
+* for context, the sharded run's training step (forward + backward with the fused update) on
+  ``--batch`` ids per rank;
+* the load average when each run starts.
+
+Beside the ratios the report prints the no-communication floor
+(``bench_distributed.parallel_floor``: one process scoring the whole table vs two concurrent
+processes scoring half each): this machine's two vCPUs do not run two processes at full speed
+side by side. Results go to ``benchmarks/results/torchrec.md`` (``torchrec_quick.md`` with
+``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _common  # noqa: E402
+import bench_distributed as _bd  # noqa: E402  (ms, human_bytes, parallel_floor)
+
+SEED = 777
+RUNS = (("whole", 1), ("replicated", 2), ("sharded", 2))
+STAT_KEYS = ("bytes_sent", "selection_bytes", "bytes_received", "comm_seconds", "compute_seconds")
+
+
+# --------------------------------------------------------------------------- child
+
+
+def _sharded_table(rows: int, cols: int, rank: int, world: int, table):
+    """A TorchRec DMP holding `table` row-wise over the ranks: (dmp, ShardedTensor, row offset,
+    local rows). The EBC is built on the meta device, so no rank allocates the whole table
+    for TorchRec; each rank copies its rows of `table` into its shard."""
+    import torch
+    import torch.distributed as dist
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="table", embedding_dim=cols, num_embeddings=rows,
+                                                            feature_names=["f"])], device=torch.device("meta"))
+    apply_optimizer_in_backward(torch.optim.SGD, ebc.parameters(), {"lr": 0.01})  # the fused kernel
+    plan = construct_module_sharding_plan(ebc, {"table": row_wise()}, world_size=world, local_size=world,
+                                          device_type="cpu")
+    dmp = DistributedModelParallel(ebc, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                   device=torch.device("cpu"), plan=ShardingPlan({"": plan}))
+    st = dmp.state_dict()["embedding_bags.table.weight"]
+    (shard,) = st.local_shards()
+    offset, local_rows = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+    with torch.no_grad():
+        shard.tensor.copy_(table[offset:offset + local_rows])
+    return dmp, st, offset, local_rows
+
+
+def _local_mask(mask):
+    """This rank's rows of a group's mask (plain tensor, DTensor or ShardedTensor)."""
+    if hasattr(mask, "local_shards"):
+        (shard,) = mask.local_shards()
+        return shard.tensor
+    if hasattr(mask, "to_local"):
+        return mask.to_local()
+    return mask
+
+
+def _train_step_times(dmp, rows: int, batch: int, steps: int) -> list[float]:
+    """Forward + backward (the fused update inside) of `batch` single-id bags per rank."""
+    import torch
+    import torch.distributed as dist
+    from torchrec import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(SEED + dist.get_rank())
+    times = []
+    for _ in range(steps + 1):
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.randint(0, rows, (batch,), generator=g),
+                                                  lengths=torch.ones(batch, dtype=torch.long))
+        dist.barrier()
+        t0 = time.perf_counter()
+        dmp(kjt).values().sum().backward()
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def run_child(cfg: dict) -> dict:
+    import gc
+    import hashlib
+    import warnings
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # TorchRec / ShardedTensor deprecation chatter
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=cfg["pg_timeout"]))
+    import distsparse
+
+    rows, cols = cfg["rows"], cfg["cols"]
+    table = torch.randn(rows, cols, generator=torch.Generator().manual_seed(SEED))
+    half = -(-rows // 2)  # TorchRec's row-wise block for 2 ranks: the rows of rank 0
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), norm="L1")
+    dmp = None
+    if cfg["mode"] == "sharded":
+        from distsparse.integrations.torchrec import add_torchrec_tables
+
+        dmp, st, offset, local_rows = _sharded_table(rows, cols, rank, world, table)
+        del table
+        assert offset == rank * half and local_rows == min(half, rows - offset), (offset, local_rows)
+        names = add_torchrec_tables(sp, dmp)
+        assert names == ["table"], names
+        layout = f"TorchRec row_wise ShardedTensor, rows {offset}..{offset + local_rows}"
+    else:
+        sp.add_data("table", table, replicated=True)
+        offset, local_rows = 0, rows
+        layout = "plain tensor, replicated=True"
+    gc.collect()
+    data_bytes_rank = local_rows * cols * 4
+    rss_after_add_kb = _common.proc_status_kb("VmRSS")
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    sp.step()
+    warm_s = time.perf_counter() - t0
+
+    step_s, cpu_s, growth_kb, stats, squash_s = [], [], [], [], []
+    for _ in range(cfg["steps"]):
+        gc.collect()
+        dist.barrier()
+        dt, dc, grown = _common.timed_step(sp)
+        step_s.append(dt)
+        cpu_s.append(dc)
+        growth_kb.append(grown)
+        stats.append({k: float(v) for k, v in sp.last_step_stats.items()})
+        dist.barrier()
+        t0 = time.perf_counter()
+        sp.squash_mask()
+        squash_s.append(time.perf_counter() - t0)
+
+    # sha256 of each world-2 chunk of mask rows this rank holds (no gathering)
+    local = _local_mask(sp.get_mask("table"))
+    hashes = {}
+    for start, stop in ((0, half), (half, rows)):
+        a, b = max(start, offset), min(stop, offset + local_rows)
+        if (a, b) != (start, stop):
+            continue
+        hashes[f"{start}:{stop}"] = hashlib.sha256(local[a - offset:b - offset].to(torch.bool)
+                                                   .contiguous().numpy().tobytes()).hexdigest()
+    # the zeros reached the table TorchRec reads from (the shard is a view into FBGEMM's buffer)
+    if dmp is not None:
+        (shard,) = dmp.state_dict()["embedding_bags.table.weight"].local_shards()
+        zeros_ok = bool(torch.equal(shard.tensor == 0, ~local.to(torch.bool)))
+        train_s = _train_step_times(dmp, rows, cfg["batch"], cfg["train_steps"])
+    else:
+        zeros_ok, train_s = None, []
+    global_sparsity = sp.sparsity()["table"]
+
+    dist.barrier()
+    dist.destroy_process_group()
+    return dict(rank=rank, world=world, local_rows=local_rows, data_bytes_rank=data_bytes_rank,
+                rss_after_add_kb=rss_after_add_kb, warmup_s=warm_s, step_s=step_s, step_cpu_s=cpu_s,
+                step_growth_kb=growth_kb, stats=stats, squash_s=squash_s, hashes=hashes, layout=layout,
+                zeros_ok=zeros_ok, train_s=train_s, sparsity=global_sparsity)
+
+
+# -------------------------------------------------------------------------- parent
+
+
+def launch(mode: str, world: int, cfg: dict, timeout: float) -> list[dict]:
+    """``world`` fresh processes running :func:`run_child`; hard ``timeout`` for all."""
+    port = _common.free_port()
+    tmp = tempfile.mkdtemp(prefix=f"distsparse_bench_torchrec_{mode}_")
+    procs = []
+    for rank in range(world):
+        env = _common.child_env()
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps({**cfg, "mode": mode})]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), out))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for p, _ in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    for p, _ in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    results = []
+    for rank, (p, out) in enumerate(procs):
+        out.seek(0)
+        text = out.read()
+        out.close()
+        lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+        if lines:
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+        else:
+            why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {p.returncode}"
+            results.append(dict(rank=rank, error=f"{why}: " + " / ".join(text.strip().splitlines()[-12:])))
+        os.remove(os.path.join(tmp, f"rank{rank}.out"))
+    os.rmdir(tmp)
+    return results
+
+
+def summarize(results: list[dict]) -> dict:
+    n = len(results[0]["step_s"])
+    per_step = [max(r["step_s"][i] for r in results) for i in range(n)]
+    s = dict(step_median=statistics.median(per_step), step_all=per_step,
+             warmup=max(r["warmup_s"] for r in results),
+             cpu={r["rank"]: statistics.median(r["step_cpu_s"]) for r in results},
+             growth_kb={r["rank"]: max(r["step_growth_kb"]) for r in results},
+             data_bytes={r["rank"]: r["data_bytes_rank"] for r in results},
+             rss_after_add_kb={r["rank"]: r["rss_after_add_kb"] for r in results},
+             squash=statistics.median(max(r["squash_s"][i] for r in results) for i in range(n)),
+             layout=results[0]["layout"], hashes={},
+             zeros_ok=[r["zeros_ok"] for r in results],
+             sparsity={r["rank"]: r["sparsity"] for r in results})
+    if results[0]["train_s"]:
+        k = len(results[0]["train_s"])
+        s["train"] = statistics.median(max(r["train_s"][i] for r in results) for i in range(k))
+    s["stats"] = {r["rank"]: {k: statistics.median(x.get(k, 0.0) for x in r["stats"]) for k in STAT_KEYS}
+                  for r in results}
+    for r in results:
+        s["hashes"].update(r["hashes"])
+    return s
+
+
+def _per_rank(d: dict, fmt) -> str:
+    return " / ".join(f"r{rk}: {fmt(v)}" for rk, v in sorted(d.items()))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10x fewer rows (200,000)")
+    ap.add_argument("--rows", type=int, default=None, help="rows of the table (2,000,000)")
+    ap.add_argument("--cols", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5, help="timed step() calls after a warm-up")
+    ap.add_argument("--batch", type=int, default=16384, help="ids per rank in the context training step")
+    ap.add_argument("--train-steps", type=int, default=5, help="timed training steps (context)")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child is not None:
+        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return 0
+
+    rows = args.rows or (200_000 if args.quick else 2_000_000)
+    cfg = dict(rows=rows, cols=args.cols, steps=args.steps, batch=args.batch, train_steps=args.train_steps,
+               pg_timeout=max(60.0, args.timeout / 2))
+    out = args.out or os.path.join(HERE, "results", "torchrec_quick.md" if args.quick else "torchrec.md")
+    info = _common.machine_info()
+    t_start = time.perf_counter()
+    summaries, errors, loads = {}, [], {}
+    for mode, world in RUNS:
+        loads[mode] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"[{mode}, world {world}] launching (load {loads[mode]}) ...", file=sys.stderr, flush=True)
+        res = launch(mode, world, cfg, args.timeout)
+        bad = [r for r in res if "error" in r]
+        if bad:
+            errors += [f"{mode} rank {r['rank']}: {r['error']}" for r in bad]
+            print("  ERROR: " + "; ".join(r["error"][:2000] for r in bad), file=sys.stderr)
+            continue
+        summaries[mode] = summarize(res)
+        print(f"  step median {_bd.ms(summaries[mode]['step_median'])}", file=sys.stderr, flush=True)
+    loads["floor"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    floor = _bd.parallel_floor(argparse.Namespace(tables=1, rows=rows, cols=args.cols, steps=args.steps,
+                                                   timeout=args.timeout, quick=False))
+
+    modes = [m for m, _ in RUNS]
+    whole = summaries.get("whole")
+
+    def cell(mode, f):
+        return f(summaries[mode]) if mode in summaries else "error"
+
+    def ratio(s, key):
+        return f"{s[key] / whole[key]:.2f}" if whole else "n/a"
+
+    packed = rows * args.cols / 8
+    table = [
+        ["run"] + [f"{m}, world {w}" for m, w in RUNS],
+        ["data layout per rank"] + [cell(m, lambda s: f"{s['layout']}; "
+                                         + _per_rank(s["data_bytes"], lambda b: f"{b / 1e6:.0f} MB"))
+                                    for m in modes],
+        ["load average (1/5/15 min) when the run started"] + [loads.get(m, "?") for m in modes],
+        [f"step() wall time (median of {args.steps}; max over ranks)"]
+        + [cell(m, lambda s: _bd.ms(s["step_median"])) for m in modes],
+        ["step() all timed calls"] + [cell(m, lambda s: " / ".join(_bd.ms(x) for x in s["step_all"]))
+                                      for m in modes],
+        ["step() wall ratio to world 1"] + [cell(m, lambda s: ratio(s, "step_median")) for m in modes],
+        ["step() process CPU time per rank (median)"] + [cell(m, lambda s: _per_rank(s["cpu"], _bd.ms))
+                                                         for m in modes],
+        ["CPU-time ratio to world 1 (busiest rank)"]
+        + [cell(m, lambda s: f"{max(s['cpu'].values()) / max(whole['cpu'].values()):.2f}" if whole else "n/a")
+           for m in modes],
+        ["bytes sent per rank per step (median)"]
+        + [cell(m, lambda s: _per_rank({rk: v["bytes_sent"] for rk, v in s["stats"].items()},
+                                       lambda b: f"{b:,.0f} B")) for m in modes],
+        ["  of which selection counts"]
+        + [cell(m, lambda s: _per_rank({rk: v["selection_bytes"] for rk, v in s["stats"].items()},
+                                       lambda b: f"{b:,.0f} B")) for m in modes],
+        ["bytes received per rank per step (median)"]
+        + [cell(m, lambda s: _per_rank({rk: v["bytes_received"] for rk, v in s["stats"].items()},
+                                       lambda b: f"{b:,.0f} B")) for m in modes],
+        ["communication / compute time per rank (median, last_step_stats)"]
+        + [cell(m, lambda s: _per_rank(s["stats"], lambda v: f"{_bd.ms(v['comm_seconds'])} / "
+                                                             f"{_bd.ms(v['compute_seconds'])}")) for m in modes],
+        ["squash_mask() wall time (median; max over ranks)"] + [cell(m, lambda s: _bd.ms(s["squash"])) for m in modes],
+        ["peak RSS growth during step(), per rank (max over steps)"]
+        + [cell(m, lambda s: _per_rank(s["growth_kb"], lambda kb: f"{kb * 1024 / 1e6:.0f} MB")) for m in modes],
+        ["RSS after add_data, per rank"]
+        + [cell(m, lambda s: _per_rank(s["rss_after_add_kb"], lambda kb: f"{kb * 1024 / 1e6:.0f} MB"))
+           for m in modes],
+        ["sparsity() per rank (global figure)"]
+        + [cell(m, lambda s: _per_rank(s["sparsity"], lambda v: f"{v:.4f}")) for m in modes],
+        ["masks: every world-2 chunk of rows identical in all runs"]
+        + [cell(m, lambda s: "yes" if all(o["hashes"].get(k, v) == v for o in summaries.values()
+                                           for k, v in s["hashes"].items()) else "NO") for m in modes],
+        ["zeros written into TorchRec's shard = pruned elements"]
+        + [cell(m, lambda s: "n/a" if s["zeros_ok"][0] is None else ("yes" if all(s["zeros_ok"]) else "NO"))
+           for m in modes],
+        ["step() warm-up call (max over ranks)"] + [cell(m, lambda s: _bd.ms(s["warmup"])) for m in modes],
+        [f"context: TorchRec forward + backward (fused SGD), {args.batch:,} ids per rank (median)"]
+        + [cell(m, lambda s: _bd.ms(s["train"]) if "train" in s else "") for m in modes],
+    ]
+    notes = []
+    if "sharded" in summaries and "replicated" in summaries:
+        sh = max(v["bytes_sent"] for v in summaries["sharded"]["stats"].values())
+        rep = max(v["bytes_sent"] for v in summaries["replicated"]["stats"].values())
+        notes.append(f"bytes sent per rank per step: sharded {sh:,.0f} B vs replicated {rep:,.0f} B "
+                     f"({rep / max(sh, 1):.0f}x less; the whole mask bit-packed is {packed:,.0f} B)")
+        notes.append(f"step() wall time: sharded {_bd.ms(summaries['sharded']['step_median'])} vs replicated "
+                     f"{_bd.ms(summaries['replicated']['step_median'])} (ratio "
+                     f"{summaries['sharded']['step_median'] / summaries['replicated']['step_median']:.2f})")
+    if floor is not None:
+        solo, pair = floor
+        notes.append(f"no-communication floor (load {loads['floor']}): one process scores the whole table in "
+                     f"{_bd.ms(solo)}, two concurrent processes half each in {_bd.ms(pair)} (ratio "
+                     f"{pair / solo:.2f}): the best world-2 wall ratio this machine allows")
+    else:
+        notes.append("no-communication floor: failed or timed out")
+    noisy = [m for m, l in loads.items() if float(l.split(" / ")[0]) > 1.5]
+    if noisy:
+        notes.append(f"load average above 1.5 when {', '.join(noisy)} started: wall times are noisy, "
+                     "CPU times and bytes are not")
+    notes += errors
+
+    total = time.perf_counter() - t_start
+    cmd = "python benchmarks/bench_torchrec.py" + (" --quick" if args.quick else "")
+    md = [f"# distsparse step(): one {rows:,} x {args.cols} table, TorchRec row-wise sharded vs replicated vs whole"
+          f"{' (--quick)' if args.quick else ''}\n",
+          f"Rerun (from the repository root, on a quiet machine): `{cmd}`\n",
+          f"Generated on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One float32 table of "
+          f"{rows:,} x {args.cols} ({rows * args.cols * 4 / 1e6:.0f} MB; its mask bit-packed "
+          f"{packed / 1e6:.1f} MB), block (1,4), sparsity 0.5, L1; gloo on 127.0.0.1, 1 thread per "
+          f"process; {args.steps} timed steps after a warm-up. Every world-2 ratio must be read beside the "
+          "no-communication floor and the per-rank CPU times: this machine's 2 vCPUs do not run two "
+          "processes at full speed side by side.\n",
+          _common.machine_info_md(info),
+          _common.md_table(table[0], table[1:]),
+          "\n" + "\n".join(f"- {c}" for c in notes) + "\n"]
+    _common.write_report(md, out, total)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
