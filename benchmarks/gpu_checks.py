@@ -94,7 +94,7 @@ def masks_match(device, quick):
     shapes = [(257, 64), (1000, 37), (64, 64, 8)] if quick else [(4097, 64), (10_000, 37), (300, 64, 8), (65_536, 128)]
     cases = [((1, 4), None), ((2, 2), None), ((3, 5), None), ((1, 4), 2), ((4, 1), 3)]
     dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-    bad, bad_ao, n = [], [], 0
+    bad, bad_ao, n, n_ao = [], [], 0, 0
     for shape in shapes:
         for dtype in dtypes:
             for kind in ("randn", "ties"):
@@ -111,11 +111,13 @@ def masks_match(device, quick):
                         elif not torch.equal(cpu, gpu.cpu()):
                             bad.append(dict(where, differing=int((cpu != gpu.cpu()).sum())))
                         if len(shape) == 2 and dtype in (torch.float32, torch.float64) and zeros is None:
+                            n_ao += 1
                             ao_cpu, ao_gpu = _ao_mask(x, 0.5, block, zeros_, norm), _ao_mask(x.to(device), 0.5, block, zeros_, norm)
                             if not torch.equal(ao_cpu, ao_gpu.cpu()):
                                 bad_ao.append(dict(where, differing=int((ao_cpu != ao_gpu.cpu()).sum())))
     record("masks: CUDA == CPU (distsparse)", not bad, cases=n, mismatches=bad[:8], n_mismatch=len(bad))
-    record("masks: torch.ao CUDA vs CPU (information)", True, n_mismatch=len(bad_ao), examples=bad_ao[:4])
+    record("masks: torch.ao CUDA vs CPU (information)", True, n_mismatch=len(bad_ao), cases=n_ao,
+           by_kind={k: sum(b["kind"] == k for b in bad_ao) for k in ("randn", "ties")}, examples=bad_ao[:4])
 
 
 def device_residency(device, quick):
