@@ -17,7 +17,10 @@ bit per element in row-major order, most significant bit first, last byte zero-p
   all ranks; written from rank 0). A *sharded* DTensor group (FSDP2, HSDP) is stored the
   same way, as its whole mask: the contributing ranks send their bit-packed rows with the
   save's all-gather and the writer assembles them; on load every rank takes its own rows.
-  So a file loads on any sharding, world size, DDP or a single process.
+  A table sharded in rectangles (TorchRec) likewise: every rank sends its shards' masks
+  with their offsets, the writer checks that they tile the table and assembles it; on load
+  every rank takes its shards' parts. So a file loads on any sharding, world size, DDP or
+  a single process.
 * ``local/<rank>/<group name>`` — every *local* group's mask on rank ``<rank>``, gathered
   from all ranks (absent when that rank holds the group without a mask yet).
 
@@ -202,6 +205,16 @@ def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool) -> tuple[bytes, 
         entry = sd["groups"][name]
         mask = sd["masks"].get(name)
         sharded = entry.get("sharded")
+        rects = entry.get("rects")
+        if rects is not None:
+            # A table sharded in rectangles (TorchRec): whole in the file too; this rank's
+            # shards' masks (flat, one after the other) go to the writer.
+            shared_groups[name] = {"scope": "replicated", "config": entry["config"],
+                                   "shape": [int(s) for s in entry["shape"]]}
+            packed = _tensor_bytes(_pack(mask))
+            rows[name] = {"rects": rects["shards"], "nbytes": len(packed)}
+            row_chunks.append(packed)
+            continue
         if sharded is not None:
             # A sharded DTensor group: the file holds its whole mask, assembled on the writer
             # from the contributing ranks' rows (see _assemble_sharded).
@@ -265,6 +278,9 @@ def _assemble_sharded(payloads: list[bytes], replicated_masks: dict[str, torch.T
     names = sorted({n for facts, _ in gathered for n in facts.get("rows", {})})
     for name in names:
         shape = tuple(gathered[0][0]["shared"]["groups"][name]["shape"])
+        if "rects" in gathered[0][0]["rows"][name]:
+            replicated_masks[name] = _pack(_assemble_rects(name, shape, gathered))
+            continue
         pieces = []
         for facts, masks in gathered:
             info = facts["rows"][name]
@@ -283,6 +299,27 @@ def _assemble_sharded(payloads: list[bytes], replicated_masks: dict[str, torch.T
             raise ValueError(f"group {name!r}: the ranks' rows cover {at} of {shape[0]} rows along dimension 0")
         whole = torch.cat([p for _, p in pieces]) if pieces else torch.ones(shape, dtype=torch.bool)
         replicated_masks[name] = _pack(whole.reshape(shape))
+
+
+def _assemble_rects(name: str, shape: tuple[int, ...], gathered: list[tuple[dict[str, Any], dict[Any, bytes]]]
+                    ) -> torch.Tensor:
+    """The whole mask of a table sharded in rectangles, from every rank's shards (checked
+    to tile the table exactly)."""
+    from .rects import layout_from_gathered
+
+    per_rank = [facts["rows"][name]["rects"] for facts, _ in gathered]
+    layout_from_gathered(name, shape, per_rank, 0)  # ValueError naming the group unless they tile it
+    whole = torch.empty(shape, dtype=torch.bool)
+    for (facts, masks), rects in zip(gathered, per_rank):
+        numel = sum(rows * cols for _, _, rows, cols in rects)
+        raw = masks[("rows", name)]
+        flat = _unpack(torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else
+                       torch.empty(0, dtype=torch.uint8), (numel,))
+        at = 0
+        for r, c, rows, cols in rects:
+            whole[r : r + rows, c : c + cols] = flat[at : at + rows * cols].view(rows, cols)
+            at += rows * cols
+    return whole
 
 
 def _disagreement(shared: list[dict[str, Any]]) -> str | None:

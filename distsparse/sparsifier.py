@@ -10,6 +10,10 @@ of the same shape on the same device, a config dict and a scope:
   each rank scores the blocks starting in its rows, the exact global selection picks the
   k lowest, each rank keeps its own mask rows (see :mod:`distsparse.sharding`). A
   ``Replicate()`` DTensor is an ordinary replicated group.
+* *rectangle-sharded* — a table whose ranks hold rectangles of it (TorchRec's row-, column-,
+  table- and table-row-wise shards, as a ``ShardedTensor``, a ``DTensor`` over a
+  ``LocalShardsWrapper`` or a :class:`~distsparse.rects.RectShards`): the same protocol
+  over rectangles, with row and column halos (see :mod:`distsparse.rects`).
 
 Subclasses implement :meth:`update_mask` (one group's mask from its data and config) and
 may validate configs and data. All communication goes through :class:`~distsparse.distributed.Comm`,
@@ -32,10 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import Comm
+from .distributed import Comm, mark_raised_everywhere
 from .masks import as_matrix, pack_bits, packed_size, unpack_bits
 from .planner import DEFAULT_MIN_SPLIT_ELEMENTS, GroupSpec, Plan
 from .planner import plan as plan_step
+from .rects import RectLayout, RectShards, RectView, as_rect_shards, flat_views, layout_from_gathered
 from .selection import DIGIT_BITS_CHOICES, ShardSelection, choose_digit_bits
 from .sharding import ShardedRows, ShardLayout, is_dtensor, layout_of
 
@@ -54,7 +59,15 @@ class _Group:
     replicated: bool
     #: DTensor groups: where the rows live (None for plain tensors).
     layout: ShardLayout | None = None
-    _mask_dtensor: Any = None  # get_mask's DTensor, built once over ``mask``
+    _mask_dtensor: Any = None  # get_mask's DTensor (or RectShards), built once over ``mask``
+    #: Rectangle-sharded groups (TorchRec): this rank's shards; ``mask`` is then 1-D, every
+    #: shard's mask one after the other (see :meth:`shard_masks`).
+    rects: RectShards | None = None
+    #: Their global layout, learnt at the first step (None until then).
+    rect_layout: RectLayout | None = None
+    #: Sharded and rectangle-sharded groups: pruned elements over all ranks, recorded when a
+    #: step or a load commits (``sparsity()`` needs no collective).
+    global_zeros: int | None = None
 
     @property
     def local(self) -> torch.Tensor:
@@ -65,6 +78,16 @@ class _Group:
     @property
     def sharded(self) -> bool:
         return self.layout is not None and self.layout.sharded
+
+    @property
+    def distributed_rows(self) -> bool:
+        """Whether this rank holds only part of the group (FSDP2 rows or TorchRec rectangles)."""
+        return self.sharded or self.rects is not None
+
+    def shard_masks(self, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """A rectangle-sharded group's per-shard 2-D masks: views into ``flat`` (default: the mask)."""
+        assert self.rects is not None
+        return flat_views(self.mask if flat is None else flat, [tuple(t.shape) for t in self.rects.tensors])
 
     def as_dtensor(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` (this rank's part, the local shape) as a DTensor of the data's layout;
@@ -99,13 +122,23 @@ def _layout_text(layout: ShardLayout | None) -> str:
     return f"placements {', '.join(layout.placements)} on mesh {tuple(layout.mesh_shape)}, rows {layout.row_range}"
 
 
-def _rows_of(mask: torch.Tensor, layout: ShardLayout | None) -> torch.Tensor:
+def _rows_of(mask: torch.Tensor, layout: ShardLayout | None, rects: RectShards | None = None) -> torch.Tensor:
     """This rank's part of a whole mask (``mask`` itself for an unsharded group, or when it
-    already has the local shape: a state_dict saved by a rank of the same layout)."""
+    already has the local shape: a state_dict saved by a rank of the same layout). For a
+    rectangle-sharded group: its shards' parts, flattened one after the other."""
+    if rects is not None:
+        if tuple(mask.shape) != tuple(rects.shape):  # already this rank's flat parts
+            return mask
+        parts = [mask[r : r + t.shape[0], c : c + t.shape[1]].reshape(-1) for (r, c), t in rects.local_shards()]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=mask.dtype, device=mask.device)
     if layout is None or not layout.sharded or tuple(mask.shape) == layout.local_shape:
         return mask
     start = layout.dim0_offset
     return mask.narrow(0, start, layout.local_shape[0])
+
+
+def _zeros(mask: torch.Tensor) -> int:
+    return int(mask.numel() - int(mask.count_nonzero()))
 
 
 def _apply(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -218,13 +251,17 @@ class BaseDataSparsifier(abc.ABC):
     # -- groups -----------------------------------------------------------------------
     @staticmethod
     def _extract_tensor(name: str, data: Any) -> tuple[torch.Tensor, bool]:
+        shards = as_rect_shards(data)
+        if shards is not None:  # TorchRec tables: a ShardedTensor or a DTensor over local shards
+            return shards, True  # type: ignore[return-value]
         if isinstance(data, _EMBEDDING_TYPES):
             return BaseDataSparsifier._extract_tensor(name, data.weight)[0], True
         if isinstance(data, nn.Module):
             raise TypeError(
                 f"group {name!r}: unsupported data type {type(data).__name__}; pass a tensor, "
                 "nn.Parameter, nn.Embedding or nn.EmbeddingBag (for other modules, add their "
-                "weight parameters)"
+                "weight parameters; for TorchRec collections and models use "
+                "distsparse.integrations.torchrec.add_torchrec_tables)"
             )
         if isinstance(data, torch.Tensor):
             if is_dtensor(data):  # FSDP2 parameters and other DTensors: layout checked in add_data
@@ -266,6 +303,8 @@ class BaseDataSparsifier(abc.ABC):
     def _add_data(self, name: str, data: Any, reuse_mask: bool, replicated: bool | None,
                   config: dict[str, Any]) -> torch.Tensor:
         tensor, default_replicated = self._extract_tensor(name, data)
+        if isinstance(tensor, RectShards):
+            return self._add_rects(name, tensor, reuse_mask, replicated, config)
         layout = self._layout_of(name, tensor, replicated)
         local = tensor.to_local() if layout is not None else tensor
         self._check_data(name, local)
@@ -315,8 +354,68 @@ class BaseDataSparsifier(abc.ABC):
         group = _Group(data=tensor, mask=mask, replicated=scope, layout=layout)
         if old is not None and mask is old.mask and layout is not None:
             group._mask_dtensor = old._mask_dtensor  # the same mask: get_mask stays the same object
+        if group.sharded:  # the global count sparsity() reports
+            group.global_zeros = (old.global_zeros if old is not None and mask is old.mask
+                                  else _zeros(pending.mask) if old is None and pending is not None
+                                  and pending.mask is not None else 0)
         masked = group.as_dtensor(_apply(local, mask))
         # Everything validated and built: commit.
+        self._groups[name] = group
+        self.state[name]["mask"] = mask
+        self.data_groups[name] = merged
+        self._pending.pop(name, None)
+        return masked
+
+    def _add_rects(self, name: str, shards: RectShards, reuse_mask: bool, replicated: bool | None,
+                   config: dict[str, Any]) -> RectShards:
+        """``add_data`` of a table sharded in rectangles (TorchRec): its mask is this rank's
+        shards' masks, flat; the global layout is learnt at the first step (single process:
+        now). Returns the shards with the current mask applied (a :class:`RectShards`)."""
+        if replicated is False:
+            raise ValueError(f"group {name!r}: a sharded table is shared by the ranks holding its shards; "
+                             "replicated=False (per-rank data) does not apply to it")
+        self._check_data(name, torch.empty(0, 0, dtype=shards.dtype))
+        old = self._groups.get(name)
+        pending = self._pending.get(name)
+        local_shape = (shards.local_numel(),)
+        device = shards.device
+        rects = [[r, c, int(t.shape[0]), int(t.shape[1])] for (r, c), t in shards.local_shards()]
+        zeros: int | None = 0
+        layout = None
+        if old is not None:
+            merged = self._canonical_config(name, {**self.data_groups[name], **config})
+            if not reuse_mask:
+                mask = torch.ones(local_shape, dtype=torch.bool, device=device)
+            else:
+                old_rects = None if old.rects is None else [
+                    [r, c, int(t.shape[0]), int(t.shape[1])] for (r, c), t in old.rects.local_shards()]
+                if tuple(shards.shape) != tuple(old.data.shape) or old_rects != rects:
+                    raise ValueError(
+                        f"group {name!r}: new data (shape {_shape_text(shards.shape)}, local shards {rects}) has "
+                        f"another shape or layout than the mask to reuse (shape {_shape_text(old.data.shape)}, "
+                        f"{'local shards ' + str(old_rects) if old_rects is not None else _layout_text(old.layout)}); "
+                        "pass reuse_mask=False")
+                mask, zeros, layout = old.mask, old.global_zeros, old.rect_layout
+        elif pending is not None:
+            merged = self._canonical_config(name, {**self.defaults, **pending.config, **config})
+            if not pending.replicated or tuple(shards.shape) != pending.shape:
+                raise ValueError(
+                    f"group {name!r}: data is a sharded table of shape {_shape_text(shards.shape)} but the loaded "
+                    f"state holds this group as {'replicated' if pending.replicated else 'local'} with shape "
+                    f"{_shape_text(pending.shape)}")
+            assert pending.mask is not None
+            zeros = _zeros(pending.mask)
+            mask = _rows_of(pending.mask.to(device), None, shards).to(torch.bool).clone()
+        else:
+            merged = self._canonical_config(name, {**self.defaults, **config})
+            mask = torch.ones(local_shape, dtype=torch.bool, device=device)
+        if layout is None and not (self._comm.is_distributed and self._comm.world_size > 1):
+            layout = layout_from_gathered(name, shards.shape, [rects], 0)  # one process holds every shard
+        group = _Group(data=shards, mask=mask, replicated=True, rects=shards, rect_layout=layout,
+                       global_zeros=zeros)
+        if old is not None and mask is old.mask:
+            group._mask_dtensor = old._mask_dtensor
+        masked = shards.with_tensors([_apply(t, m) for t, m in zip(shards.tensors, group.shard_masks())])
         self._groups[name] = group
         self.state[name]["mask"] = mask
         self.data_groups[name] = merged
@@ -352,6 +451,10 @@ class BaseDataSparsifier(abc.ABC):
     def get_data(self, name: str, return_original: bool = True) -> torch.Tensor:
         """The user's own tensor (``return_original=True``, shared storage) or ``data * mask``."""
         group = self._group(name)
+        if group.rects is not None:
+            if return_original:
+                return group.rects.source if group.rects.source is not None else group.rects
+            return group.rects.with_tensors([_apply(t, m) for t, m in zip(group.rects.tensors, group.shard_masks())])
         return group.data if return_original else group.as_dtensor(_apply(group.local, group.mask))
 
     def get_mask(self, name: str) -> torch.Tensor:
@@ -364,8 +467,17 @@ class BaseDataSparsifier(abc.ABC):
         A DTensor group's mask is a DTensor with the data's mesh and placements, built once
         over this rank's local ``bool`` mask (``.to_local()``; ``.full_tensor()`` is the
         global mask, a collective) and kept current the same way.
+
+        A table sharded in rectangles (TorchRec) has a :class:`~distsparse.rects.RectShards`
+        of ``bool`` masks: ``local_shards()`` gives ``[((row, col), mask), ...]``, one per
+        local shard of the table with its global offset (views of one flat mask, updated in
+        place by every step).
         """
         group = self._group(name)
+        if group.rects is not None:
+            if group._mask_dtensor is None:
+                group._mask_dtensor = group.rects.with_tensors(group.shard_masks())
+            return group._mask_dtensor
         if group.layout is None:
             return group.mask
         if group._mask_dtensor is None:
@@ -375,14 +487,20 @@ class BaseDataSparsifier(abc.ABC):
     def sparsity(self, names: Iterable[str] | str | None = None) -> dict[str, float]:
         """``{name: fraction of the group's elements its mask prunes}`` (every group by
         default). Masks are ``bool``: torch.ao code computing ``1 - mask.mean()`` needs
-        ``1 - mask.float().mean()``, or this. A sharded group's figure is this rank's rows
-        (no collective here)."""
+        ``1 - mask.float().mean()``, or this. A sharded group's figure (FSDP2, TorchRec) is
+        global and exact, with no collective here: the step (or load) that set the masks
+        recorded the global count of pruned elements."""
         if isinstance(names, str):
             names = [names]
         selected = sorted(self._groups) if names is None else list(names)
         out = {}
         for name in selected:
-            mask = self._group(name).mask
+            group = self._group(name)
+            if group.distributed_rows and group.global_zeros is not None:
+                numel = math.prod(group.data.shape)
+                out[name] = group.global_zeros / numel if numel else 0.0
+                continue
+            mask = group.mask
             out[name] = 1.0 - int(mask.count_nonzero()) / mask.numel() if mask.numel() else 0.0
         return out
 
@@ -391,7 +509,7 @@ class BaseDataSparsifier(abc.ABC):
         ``mask.data = new``): ``set_`` swaps the storage, no copy."""
         group = self._groups[name]
         current = group.mask
-        if group.layout is not None:  # get_mask's DTensor holds this very tensor: write into it
+        if group.layout is not None or group.rects is not None:  # get_mask's view holds this very tensor
             with torch.no_grad():
                 current.copy_(mask)
             return
@@ -420,6 +538,10 @@ class BaseDataSparsifier(abc.ABC):
         with torch.no_grad():
             for name in selected:
                 group = self._groups[name]
+                if group.rects is not None:  # TorchRec: views of the FBGEMM storage
+                    for tensor, mask in zip(group.rects.tensors, group.shard_masks()):
+                        tensor.masked_fill_(mask.logical_not(), 0)
+                    continue
                 # A DTensor's local part is a view of FSDP2's real storage: the next forward
                 # all-gathers the zeros.
                 group.local.masked_fill_(group.mask.logical_not(), 0)
@@ -485,7 +607,7 @@ class BaseDataSparsifier(abc.ABC):
         specs = []
         for name in sorted(self._groups):
             group = self._groups[name]
-            if group.sharded:  # computed where its rows live, never planned
+            if group.distributed_rows:  # computed where its rows live, never planned
                 continue
             rows, cols = as_matrix(group.local).shape if group.data.dim() else (1, 1)
             block = self._block_shape(name) if group.replicated else None
@@ -505,6 +627,10 @@ class BaseDataSparsifier(abc.ABC):
             return self.rank
         if group.sharded:  # the rank contributing its first rows
             return group.layout.source[0]
+        if group.rects is not None:  # the rank holding element (0, 0); 0 before the first step
+            lay = group.rect_layout
+            return 0 if lay is None else next(
+                (r.holder for r in lay.rects if r.row == 0 and r.col == 0 and r.rows and r.cols), 0)
         return self._plan().owner_of(name)
 
     def assignment(self, name: str) -> dict[int, tuple[int, int]]:
@@ -519,6 +645,15 @@ class BaseDataSparsifier(abc.ABC):
         if group.sharded:
             lay = group.layout
             return {lay.source[j]: rows for j, rows in enumerate(lay.shard_rows)}
+        if group.rects is not None:  # rows spanned by each rank's rectangles (this rank's before the first step)
+            rects = group.rect_layout.rects if group.rect_layout is not None else \
+                group.rects.local_rects(self.rank)
+            out: dict[int, tuple[int, int]] = {}
+            for r in rects:
+                if r.rows and r.cols:
+                    lo, hi = out.get(r.holder, (r.row, r.stop_row))
+                    out[r.holder] = (min(lo, r.row), max(hi, r.stop_row))
+            return dict(sorted(out.items()))
         return self._plan().assignment(name)
 
     def _describe(self) -> dict[str, dict[str, Any]]:
@@ -536,6 +671,8 @@ class BaseDataSparsifier(abc.ABC):
                 facts["dtype"] = str(group.data.dtype).replace("torch.", "")
             if group.layout is not None:
                 facts.update(group.layout.describe())
+            if group.rects is not None:
+                facts["rects"] = "learnt at this step" if group.rect_layout is None else group.rect_layout.describe()
             out[name] = facts
         out["<sparsifier>"] = {"min_split_elements": self.min_split_elements}
         if self._selection_digit_bits is not None:
@@ -578,11 +715,12 @@ class BaseDataSparsifier(abc.ABC):
             plan = self._plan() if distributed else None
             names = sorted(self._groups)
             sharded = [n for n in names if self._groups[n].sharded]
+            rects = [n for n in names if self._groups[n].rects is not None]
             if plan is None:
-                whole, split = [n for n in names if not self._groups[n].sharded], []
+                whole, split = [n for n in names if not self._groups[n].distributed_rows], []
             else:
                 whole = [n for n in names if not self._groups[n].replicated
-                         or (not self._groups[n].sharded and plan.groups[n].kind == "whole"
+                         or (not self._groups[n].distributed_rows and plan.groups[n].kind == "whole"
                              and plan.groups[n].owner == rank)]
                 split = plan.split_names
             new_masks: dict[str, torch.Tensor] = {}
@@ -604,22 +742,28 @@ class BaseDataSparsifier(abc.ABC):
             # aborted: some rank failed before the selection, which every rank then skipped.
             aborted, spread_bytes = False, 0
             reduced_before = comm.all_reduce_bytes_sent
-            if split or sharded:
-                aborted, spread_bytes = self._compute_split(plan, split, sharded, pieces, new_masks, fail, errors)
+            if split or sharded or rects:
+                aborted, spread_bytes = self._compute_split(plan, split, sharded, pieces, new_masks, fail, errors,
+                                                            rects)
             selection_bytes = comm.all_reduce_bytes_sent - reduced_before  # the selection's counts
             spread_bytes += selection_bytes
             computed = time.perf_counter()
             bytes_sent = bytes_received = spread_bytes
+            counted = sharded + rects  # their global zero counts ride along with the masks
             if not distributed:
                 if first_error is not None:
                     raise first_error
+                zeros = {n: _zeros(new_masks[n]) for n in counted}
             else:
-                sent, received = self._exchange_masks(plan, new_masks, pieces, errors, first_error, aborted)
+                sent, received, zeros = self._exchange_masks(plan, new_masks, pieces, errors, first_error, aborted,
+                                                             counted)
                 bytes_sent, bytes_received = bytes_sent + sent, bytes_received + received
             comm.finish(op)
             # Every rank succeeded: commit, in place (see get_mask).
             for name, mask in new_masks.items():
                 self._store_mask(name, mask)
+            for name, count in zeros.items():
+                self._groups[name].global_zeros = count
         self.step_count += 1
         finished = time.perf_counter()
         self.last_step_stats = {
@@ -633,7 +777,7 @@ class BaseDataSparsifier(abc.ABC):
 
     def _compute_split(self, plan: Plan | None, split: list[str], sharded: list[str],
                        pieces: dict[str, torch.Tensor], local_masks: dict[str, torch.Tensor],
-                       fail: Any, errors: list[str]) -> tuple[bool, int]:
+                       fail: Any, errors: list[str], rects: list[str] = ()) -> tuple[bool, int]:
         """Score this rank's rows of every split and sharded group, find each group's global
         k lowest blocks with the other ranks (:meth:`Comm.select_lowest`, all groups in the
         same rounds), and write this rank's mask rows: into a new whole mask per split
@@ -646,7 +790,7 @@ class BaseDataSparsifier(abc.ABC):
         slots: list[int] = []
         contributes: list[bool] = []
         shards: list[tuple[str, torch.Tensor, int, int, dict[str, Any]]] = []
-        digit_bits = self._digit_bits_for(split + sharded)
+        digit_bits = self._digit_bits_for(split + sharded + list(rects))
 
         def select(name: str, scores_of: Any, n_blocks: int, config: dict[str, Any], empty: torch.Tensor) -> None:
             try:
@@ -683,11 +827,30 @@ class BaseDataSparsifier(abc.ABC):
             select(name, lambda: view.scores(self, name, config), n_blocks, config, empty)
             slots.append(lay.shard)
             contributes.append(lay.contributes)
+        rect_views: dict[str, RectView] = {}
+        if rects:
+            self._learn_rect_layouts(rects)
+            rect_views, sent = self._rect_views(rects)
+            halo_bytes += sent
+        for name in rects:
+            view, config = rect_views[name], self.data_groups[name]
+            lay = self._groups[name].rect_layout
+            bh, bw = view.block
+            n_blocks = -(-lay.rows // bh) * -(-lay.cols // bw)
+
+            def scores(view: RectView = view, name: str = name, config: dict[str, Any] = config) -> torch.Tensor:
+                return view.scores(lambda m: self._shard_scores(name, m, 0, m.shape[0], config))
+
+            select(name, scores, n_blocks, config, torch.empty(0, dtype=view.dtype))
+            slots.append(lay.slot() if lay.row_ordered else 0)
+            contributes.append(True)
         failed = comm.all_reduce_sum(torch.tensor([1 if errors else 0], dtype=torch.int64),
                                      "all_reduce (status before selection)")
         if int(failed[0]):
             return True, halo_bytes
         _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)
+        n_rows = len(split) + len(sharded)
+        rect_flags = self._rect_flags(rects, rect_views, selections[n_rows:], ties_before[n_rows:], digit_bits)
         for (name, matrix, row_start, row_stop, config), sel, before in zip(shards, selections, ties_before):
             local = self._groups[name].local
             try:
@@ -715,14 +878,128 @@ class BaseDataSparsifier(abc.ABC):
                 fail(name, exc)
         if sharded:
             halo_bytes += self._exchange_mask_halos(sharded, views, outgoing, local_masks)
+        if rects:
+            halo_bytes += self._rect_masks(rects, rect_views, rect_flags, local_masks, fail)
         return False, halo_bytes
+
+    # -- rectangle-sharded groups (TorchRec), see distsparse.rects ------------------------
+    def _learn_rect_layouts(self, names: list[str]) -> None:
+        """Collective when some group's layout is not known yet (the same groups on every
+        rank: the step's agreement covers it): one all-gather of every rank's rectangles."""
+        unknown = [n for n in names if self._groups[n].rect_layout is None]
+        if not unknown:
+            return
+        mine = {n: [[r, c, int(t.shape[0]), int(t.shape[1])] for (r, c), t in self._groups[n].rects.local_shards()]
+                for n in unknown}
+        gathered = [json.loads(b) for b in self._comm.all_gather_bytes(json.dumps(mine, sort_keys=True).encode())]
+        for name in unknown:
+            group = self._groups[name]
+            try:
+                group.rect_layout = layout_from_gathered(name, group.rects.shape, [g[name] for g in gathered],
+                                                         self._comm.rank)
+            except ValueError as exc:  # the same lists on every rank: raised on every rank
+                raise mark_raised_everywhere(exc)
+
+    def _rect_views(self, names: list[str]) -> tuple[dict[str, RectView], int]:
+        """Each rectangle-sharded group's :class:`~distsparse.rects.RectView` with its halo
+        data: one all-gather of the rows/columns of blocks straddling shard boundaries (none
+        when every boundary lies on a block edge). Returns the views and bytes sent."""
+        comm = self._comm
+        views: dict[str, RectView] = {}
+        for name in names:
+            group = self._groups[name]
+            block = self._block_shape(name)
+            if block is None:
+                raise TypeError(f"group {name!r}: {type(self).__name__} computes whole tensors only "
+                                "(update_mask); a sharded table needs the sharded protocol")
+            views[name] = RectView(group.rect_layout, [t.detach() for t in group.rects.tensors], tuple(block))
+        lengths = {n: views[n].halo_lengths(comm.world_size) for n in names}
+        payload = [views[n].halo_payload() for n in names]  # also keeps pieces between this rank's own shards
+        totals = [sum(lengths[n][r] for n in names) for r in range(comm.world_size)]
+        if any(totals):
+            gathered = comm.all_gather_tensor(torch.cat(payload), totals, "all_gather (table halos)")
+        else:
+            gathered = [torch.zeros(0, dtype=torch.uint8)] * comm.world_size
+        offsets = [0] * comm.world_size
+        for name in names:
+            views[name].take_halo([g[offsets[r] : offsets[r] + lengths[name][r]] for r, g in enumerate(gathered)])
+            offsets = [o + lengths[name][r] for r, o in enumerate(offsets)]
+        return views, (max(totals) * (comm.world_size - 1) if any(totals) else 0)
+
+    def _rect_flags(self, names: list[str], views: dict[str, RectView], selections: list[ShardSelection],
+                    ties_before: list[int], digit_bits: int) -> dict[str, torch.Tensor]:
+        """Pruned flags of each group's local blocks. Where ties at the threshold are split
+        and the layout is not row-ordered (column-wise shards: a rank's blocks interleave
+        with others' in row-major order), the tied blocks' global indices go through a
+        second exact selection (collective, the same groups on every rank)."""
+        flags: dict[str, torch.Tensor] = {}
+        by_index = [i for i, n in enumerate(names)
+                    if selections[i].needs_tie_prefix and not self._groups[n].rect_layout.row_ordered]
+        tied: dict[int, torch.Tensor] = {}
+        index_selections = []
+        for i in by_index:
+            sel = selections[i]
+            tied[i] = (sel.keys == sel.threshold).nonzero().reshape(-1)
+            index_selections.append(ShardSelection(views[names[i]].global_indices(tied[i]), sel.tie_count,
+                                                   sel.ties, digit_bits))
+        if index_selections:
+            self._comm.select_lowest(index_selections, failed=False)
+        chosen = dict(zip(by_index, index_selections))
+        for i, name in enumerate(names):
+            sel = selections[i]
+            if i in chosen:
+                pruned = sel.keys < sel.threshold
+                pruned[tied[i][chosen[i].pruned(0).to(tied[i].device)]] = True
+            else:
+                pruned = sel.pruned(ties_before[i])
+            sel.release()
+            flags[name] = pruned
+        return flags
+
+    def _rect_masks(self, names: list[str], views: dict[str, RectView], flags: dict[str, torch.Tensor],
+                    local_masks: dict[str, torch.Tensor], fail: Any) -> int:
+        """Build each group's new flat local mask into ``local_masks``: this rank's owned
+        regions, then (one all-gather, when some block straddles a boundary) the halo masks
+        other ranks computed for its shards. Returns bytes sent."""
+        comm = self._comm
+        outgoing: dict[str, list[torch.Tensor]] = {}
+        targets: dict[str, dict[int, torch.Tensor]] = {}
+        for name in names:
+            group, view, config = self._groups[name], views[name], self.data_groups[name]
+            flat = torch.empty(group.rects.local_numel(), dtype=torch.bool, device=group.rects.device)
+            local_masks[name] = flat
+            targets[name] = dict(zip(view.mine, group.shard_masks(flat)))
+            try:
+                def build(matrix: torch.Tensor, pruned: torch.Tensor, out: torch.Tensor,
+                          name: str = name, config: dict[str, Any] = config) -> None:
+                    self._shard_mask(name, matrix, 0, matrix.shape[0], pruned, config, out)
+
+                outgoing[name] = view.build_masks(build, flags[name], targets[name])
+            except Exception as exc:  # noqa: BLE001 - reported through the status exchange
+                fail(name, exc)
+        lengths = {n: views[n].mask_lengths(comm.world_size, packed_size) for n in names}
+        totals = [sum(lengths[n][r] for n in names) for r in range(comm.world_size)]
+        if not any(totals):
+            return 0
+        parts = []
+        for name in names:
+            packed = [pack_bits(p).cpu() for p in outgoing.get(name, []) if p.numel()]
+            mine = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
+            parts.append(torch.cat([mine, torch.zeros(lengths[name][comm.rank] - mine.numel(), dtype=torch.uint8)]))
+        gathered = comm.all_gather_tensor(torch.cat(parts), totals, "all_gather (table mask halos)")
+        offsets = [0] * comm.world_size
+        for name in names:
+            views[name].take_masks([g[offsets[r] : offsets[r] + lengths[name][r]] for r, g in enumerate(gathered)],
+                                   targets[name], unpack_bits, packed_size)
+            offsets = [o + lengths[name][r] for r, o in enumerate(offsets)]
+        return max(totals) * (comm.world_size - 1)
 
     def _digit_bits_for(self, names: list[str]) -> int:
         """The radix digit width of this step's selection (identical on every rank: it
         depends on global shapes, dtypes and the world size only)."""
         if self._selection_digit_bits is not None:
             return self._selection_digit_bits
-        if any(self._groups[n].sharded for n in names):
+        if any(self._groups[n].distributed_rows for n in names):
             # Sharded tables exist so that nothing table-sized travels: 3 rounds of 16 KiB
             # per group instead of 2 of 512 KiB keep a step's traffic under 64 KiB per table.
             return 11
@@ -792,11 +1069,13 @@ class BaseDataSparsifier(abc.ABC):
 
     def _exchange_masks(self, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: dict[str, torch.Tensor],
                         errors: list[str], first_error: BaseException | None,
-                        aborted: bool = False) -> tuple[int, int]:
-        """One all-gather of every rank's status byte and bit-packed mask rows — its
-        whole groups and its row ranges of split groups, in name order — into
-        ``new_masks`` (whole masks of every replicated group). If any rank failed (or the
-        selection was ``aborted`` for it), every rank raises instead. Returns (bytes sent, bytes received) by this rank."""
+                        aborted: bool = False, counted: list[str] = ()) -> tuple[int, int, dict[str, int]]:
+        """One all-gather of every rank's status byte, the pruned-element counts of its
+        part of each ``counted`` (sharded) group, and bit-packed mask rows — its whole
+        groups and its row ranges of split groups, in name order — into ``new_masks``
+        (whole masks of every replicated group). If any rank failed (or the selection was
+        ``aborted`` for it), every rank raises instead. Returns (bytes sent, bytes received)
+        by this rank and the global zero count of each counted group."""
         comm = self._comm
         device = comm.device
         work = [plan.work_of(r) for r in range(comm.world_size)]
@@ -805,11 +1084,14 @@ class BaseDataSparsifier(abc.ABC):
             data = self._groups[name].local
             return int(as_matrix(data).shape[1]) if data.dim() else 1
 
-        lengths = [1 + sum(packed_size((b - a) * cols_of(n)) for n, a, b in items) for items in work]
+        head = 1 + 8 * len(counted)
+        lengths = [head + sum(packed_size((b - a) * cols_of(n)) for n, a, b in items) for items in work]
         if errors or aborted:
             payload = torch.ones(1, dtype=torch.uint8, device=device)  # status 1; masks unused
         else:
-            parts = [torch.zeros(1, dtype=torch.uint8, device=device)]
+            counts = torch.tensor([_zeros(new_masks[n]) if self._contributes(n) else 0 for n in counted],
+                                  dtype=torch.int64)
+            parts = [torch.zeros(1, dtype=torch.uint8, device=device), counts.view(torch.uint8).to(device)]
             for name, a, b in work[comm.rank]:
                 own = as_matrix(pieces[name])[a:b] if name in pieces else new_masks[name]
                 parts.append(pack_bits(own).to(device))
@@ -819,8 +1101,12 @@ class BaseDataSparsifier(abc.ABC):
         if any(failed):
             comm.raise_if_any_failed(errors, f"{type(self).__name__}.step()", local_error=first_error,
                                      failed=failed)
+        totals = torch.zeros(len(counted), dtype=torch.int64)
+        for part in gathered:
+            totals += part[1:head].cpu().clone().view(torch.int64)
+        zeros = dict(zip(counted, (int(t) for t in totals)))
         for r, items in enumerate(work):
-            offset = 1
+            offset = head
             for name, a, b in items:
                 data = self._groups[name].local
                 size = packed_size((b - a) * cols_of(name))
@@ -835,7 +1121,12 @@ class BaseDataSparsifier(abc.ABC):
         new_masks.update(pieces)
         # all-gather: this rank's (padded) buffer goes to every other rank, theirs come here.
         padded = max(lengths)
-        return padded * (comm.world_size - 1), padded * (comm.world_size - 1)
+        return padded * (comm.world_size - 1), padded * (comm.world_size - 1), zeros
+
+    def _contributes(self, name: str) -> bool:
+        """Whether this rank's part of a sharded group counts (an HSDP replica's does not)."""
+        group = self._groups[name]
+        return group.rects is not None or group.layout.contributes
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -861,6 +1152,11 @@ class BaseDataSparsifier(abc.ABC):
         [...], "mesh_shape": [2]}``. ``load_state_dict`` takes such a state back on a rank of
         the same layout, and a *whole* mask (the global shape) on any layout — that is what
         :func:`~distsparse.save_checkpoint` writes (it gathers the rows).
+
+        A table sharded in rectangles (TorchRec) likewise holds this rank's shards' masks,
+        flat (one after the other), and its entry adds ``"rects": {"shards": [[row, col,
+        rows, cols], ...], "global_zeros": n}``. Sharded entries record ``global_zeros``
+        (pruned elements over all ranks) for :meth:`sparsity`.
         """
         groups: dict[str, Any] = {}
         masks: dict[str, torch.Tensor] = {}
@@ -875,7 +1171,12 @@ class BaseDataSparsifier(abc.ABC):
             if group.sharded:
                 lay = group.layout
                 groups[name]["sharded"] = {"dim0_offset": lay.dim0_offset, "local_shape": list(lay.local_shape),
-                                           "contributes": lay.contributes, **lay.describe()}
+                                           "contributes": lay.contributes, **lay.describe(),
+                                           "global_zeros": group.global_zeros}
+            if group.rects is not None:
+                groups[name]["rects"] = {"shards": [[r, c, int(t.shape[0]), int(t.shape[1])]
+                                                    for (r, c), t in group.rects.local_shards()],
+                                         "global_zeros": group.global_zeros}
             masks[name] = group.mask.clone()
         return {
             "format_version": STATE_FORMAT_VERSION,
@@ -909,12 +1210,19 @@ class BaseDataSparsifier(abc.ABC):
                 stacklevel=2,
             )
         self.defaults = defaults
-        for name, (config, mask) in updates.items():
+        for name, (config, mask, zeros) in updates.items():
             group = self._groups[name]
             self.data_groups[name] = config
+            if group.rects is not None:
+                self._store_mask(name, _rows_of(mask, None, group.rects).to(device=group.rects.device,
+                                                                            dtype=torch.bool, copy=True))
+                group.global_zeros = zeros
+                continue
             local = group.local
             self._store_mask(name, _rows_of(mask, group.layout).to(device=local.device, dtype=torch.bool, copy=True)
                              if mask is not None else torch.ones(local.shape, dtype=torch.bool, device=local.device))
+            if group.sharded:
+                group.global_zeros = zeros
         self._pending = pending if strict else {**self._pending, **pending}
         self.step_count = int(state_dict.get("step_count", self.step_count))
 
@@ -954,11 +1262,15 @@ class BaseDataSparsifier(abc.ABC):
                     raise TypeError(f"group {name!r}: mask must be a bool tensor, got {type(mask).__name__} "
                                     f"{getattr(mask, 'dtype', '')}")
                 rows_only = entry.get("sharded")
+                rects_only = entry.get("rects")
                 if tuple(mask.shape) != shape and not (
-                        isinstance(rows_only, Mapping) and list(mask.shape) == list(rows_only.get("local_shape", ()))):
+                        isinstance(rows_only, Mapping) and list(mask.shape) == list(rows_only.get("local_shape", ()))
+                ) and not isinstance(rects_only, Mapping):
                     raise ValueError(f"group {name!r}: mask has shape {_shape_text(mask.shape)}, "
                                      f"group shape is {_shape_text(shape)}")
-                if tuple(mask.shape) != shape:  # this rank's rows of a sharded group only
+                if tuple(mask.shape) != shape and isinstance(rects_only, Mapping):  # this rank's shards only
+                    self._check_rects_only(name, rects_only, mask, self._groups.get(name))
+                elif tuple(mask.shape) != shape:  # this rank's rows of a sharded group only
                     self._check_rows_only(name, rows_only, self._groups.get(name))
             elif replicated:
                 raise ValueError(f"group {name!r}: state holds no mask for this replicated group")
@@ -977,7 +1289,14 @@ class BaseDataSparsifier(abc.ABC):
             if current.replicated != replicated:
                 raise ValueError(f"group {name!r}: state holds it as {'replicated' if replicated else 'local'}, "
                                  f"it was added as {'replicated' if current.replicated else 'local'}")
-            updates[name] = (config, mask)
+            zeros = None
+            if current.distributed_rows and mask is not None:
+                if tuple(mask.shape) == shape:  # a whole mask: count it
+                    zeros = _zeros(mask.to(torch.bool))
+                else:  # this rank's part: the count recorded with it
+                    saved = entry.get("rects") or entry.get("sharded") or {}
+                    zeros = saved.get("global_zeros") if isinstance(saved, Mapping) else None
+            updates[name] = (config, mask, zeros)
         if strict:
             missing = sorted(set(self._groups) - set(groups))
             if missing:
@@ -1000,13 +1319,25 @@ class BaseDataSparsifier(abc.ABC):
             raise ValueError(f"group {name!r}: the state holds the rows of another layout ({theirs}), this rank "
                              f"holds {mine}; load a checkpoint file (whole masks) instead")
 
+    @staticmethod
+    def _check_rects_only(name: str, saved: Mapping[str, Any], mask: torch.Tensor, current: _Group | None) -> None:
+        """A state holding only one rank's shards of a table loads only into a group with the
+        same local shards (a checkpoint file holds whole masks: use it)."""
+        mine = None if current is None or current.rects is None else [
+            [r, c, int(t.shape[0]), int(t.shape[1])] for (r, c), t in current.rects.local_shards()]
+        theirs = saved.get("shards")
+        if mine is None or theirs != mine or mask.dim() != 1 or mask.numel() != current.rects.local_numel():
+            raise ValueError(f"group {name!r}: the state holds this rank's shards {theirs} of a sharded table; the "
+                             f"group here holds {'no sharded table' if mine is None else 'shards ' + str(mine)} — "
+                             "load a checkpoint file (whole masks) instead")
+
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}(rank {self.rank} of {self.world_size}, {len(self._groups)} groups"]
         for name in sorted(self._groups):
             group = self._groups[name]
             config = ", ".join(f"{k}={v!r}" for k, v in sorted(self.data_groups[name].items()))
             density = float(group.mask.float().mean()) if group.mask.numel() else math.nan
-            scope = "sharded" if group.sharded else "replicated" if group.replicated else "local"
+            scope = "sharded" if group.distributed_rows else "replicated" if group.replicated else "local"
             lines.append(f"  {name!r}: {_shape_text(group.data.shape)} {scope}, {config}, "
                          f"kept {density:.1%}")
         for name in sorted(self._pending):
