@@ -1,6 +1,7 @@
 """Lightning callbacks (distsparse.integrations.lightning): torch.ao's arguments, the model
 being trained sparsified, checkpoints that load with weights_only=True and resume exactly,
-and 2 DDP processes on CPU (gloo) with identical masks."""
+2 DDP processes on CPU (gloo) with identical masks, and FSDP2 (ModelParallelStrategy +
+fully_shard) on 2 CPU processes: sharded groups, logging without collectives, exact resume."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as L
 import pytest
@@ -293,3 +295,148 @@ def test_a_second_fit_continues_the_same_model_and_starts_fresh_for_another(tmp_
     other = Module()
     make_trainer(tmp_path, [cb], max_epochs=1).fit(other, loader())
     assert cb.data_sparsifier is not first and cb.data_sparsifier.step_count == 1 and cb.sparsified is other.model
+
+
+# ----------------------------------------------------------------------------------------
+# FSDP2 (ModelParallelStrategy + fully_shard) on 2 CPU processes: sharded groups
+# ----------------------------------------------------------------------------------------
+# Lightning re-runs this file as a script for rank 1 (`python tests/test_lightning_integration.py
+# fsdp2-job OUT`); both ranks run `_fsdp2_job` and write what they saw to OUT/rank<r>.json.
+
+
+def test_fsdp2_model_parallel_strategy_sparsifies_the_sharded_tables_logs_without_collectives_and_resumes(
+        tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore",
+               DISTSPARSE_COLLECTIVE_TIMEOUT="60")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, __file__, "fsdp2-job", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for r in (r0, r1):
+        full, resumed = r["full"], r["resumed"]
+        # The callback holds FSDP2's DTensor parameter (built after configure_model), its rows
+        # pruned and squashed into the local shard, the global mask the single-process one.
+        assert full["group_is_the_trained_parameter"] and full["placements"] == "(Shard(dim=0),)"
+        assert full["mask_is_reference"] and full["zeros_squashed"], full
+        assert full["step_count"] == 4 and full["local_rows"] == [21, 20][r["rank"]]
+        # Logged: this rank's own sparsity() figures, and no DTensor collective in the logging path
+        # (while the old mask.float().mean() is one: the check can fail).
+        assert full["logged"] == full["sparsity"] and full["log_collectives"] == 0, full
+        assert full["old_way_collectives"] > 0
+        assert full["rank0_log_alone"] == ({f"sparsity/{n}": v for n, v in full["sparsity"].items()}
+                                           if r["rank"] == 0 else {})
+        assert resumed == full  # masks, weights, schedule, counters: resumed from a DCP checkpoint
+    assert r0["full"]["mask_digest"] == r1["full"]["mask_digest"]
+    assert r0["full"]["state_mask_whole"] and r0["full"]["state_has_no_rows_only_entry"]
+
+
+class _ShardedNet(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # same initial weights on every rank
+        self.emb = nn.Embedding(41, 8)  # 41 rows: shards of 21 / 20 rows
+        self.head = nn.Linear(8, 1)
+        self.logged: dict = {}
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        if isinstance(self.emb.weight, nn.Parameter) and type(self.emb.weight.data).__name__ == "DTensor":
+            return  # a second fit of the same module: already sharded
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.emb, mesh=mesh)  # the modules themselves: training_step bypasses forward
+        fully_shard(self.head, mesh=mesh)
+
+    def log(self, name, value, *args, **kwargs):
+        self.logged[name] = float(value)
+        super().log(name, value, *args, **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        ids, y = batch
+        return nn.functional.mse_loss(self.head(self.emb(ids).sum(1)).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fsdp2_job(out: str) -> None:
+    import hashlib
+
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from distsparse.masks import norm_block_mask
+
+    def sharded_loader() -> torch.utils.data.DataLoader:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 41, (32, 3), generator=g)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, torch.randn(32, generator=g)),
+                                           batch_size=4)  # 2 ranks x 4 batches per epoch
+
+    def trainer(epochs: int, callbacks: list, root: str) -> L.Trainer:
+        return L.Trainer(accelerator="cpu", devices=2, max_epochs=epochs, callbacks=callbacks,
+                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                                        process_group_backend="gloo"),
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=root)
+
+    def callback() -> TrainingAwareDataSparsity:
+        return TrainingAwareDataSparsity(distsparse.DataNormSparsifier, {"sparsity_level": 0.2,
+                                                                         "sparse_block_shape": (1, 4)},
+                                         distsparse.LinearScheduler, {"final_value": 0.6, "initial_value": 0.2,
+                                                                      "ramp_steps": 2},
+                                         every_n_train_steps=2, include="emb.weight")
+
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    def summary(cb: TrainingAwareDataSparsity, net: _ShardedNet) -> dict:
+        sp, weight = cb.data_sparsifier, net.emb.weight
+        mask = sp.get_mask("emb.weight")
+        full_weight, full_mask = weight.detach().full_tensor(), mask.full_tensor()
+        level = sp.data_groups["emb.weight"]["sparsity_level"]  # reached at the 2nd step: every step's
+        seen: dict = {}
+        with CommDebugMode() as comm:  # the callback's logging path, on one rank only
+            if dist.get_rank() == 0:
+                cb._log_sparsity(SimpleNamespace(_trainer=object(), log=seen.__setitem__))
+        with CommDebugMode() as old:  # what the callback used to do (a collective: every rank)
+            1 - float(mask.float().mean())
+        state = cb.state_dict()
+        return {
+            "group_is_the_trained_parameter": sp.get_data("emb.weight", return_original=True) is weight,
+            "placements": str(mask.placements), "local_rows": mask.to_local().shape[0],
+            "mask_is_reference": bool(torch.equal(full_mask, norm_block_mask(full_weight, level, (1, 4), 4, "L1"))),
+            "zeros_squashed": bool((weight.detach().to_local()[~mask.to_local()] == 0).all()),
+            "mask_digest": digest(full_mask), "weight_digest": digest(full_weight),
+            "step_count": sp.step_count, "scheduler": cb.data_scheduler.state_dict(),
+            "last_step_at": cb.last_step_at,
+            "logged": {k.removeprefix("sparsity/"): v for k, v in net.logged.items()},
+            "sparsity": sp.sparsity(),
+            "log_collectives": comm.get_total_counts(), "rank0_log_alone": seen, "old_way_collectives": old.get_total_counts(),
+            "state_mask_whole": bool(torch.equal(unpack_bits(state["masks"]["emb.weight"], (41, 8)), full_mask)),
+            "state_has_no_rows_only_entry": "sharded" not in state["sparsifier"]["groups"]["emb.weight"],
+        }
+
+    result: dict = {}
+    cb, net = callback(), _ShardedNet()
+    trainer(2, [cb], f"{out}/full").fit(net, sharded_loader())
+    result["full"] = summary(cb, net)
+    result["rank"] = dist.get_rank()
+
+    cb, net = callback(), _ShardedNet()
+    t = trainer(1, [cb], f"{out}/part")
+    t.fit(net, sharded_loader())
+    t.save_checkpoint(f"{out}/epoch1.ckpt")  # every rank calls it: a distributed checkpoint folder
+    cb, net = callback(), _ShardedNet()
+    trainer(2, [cb], f"{out}/resumed").fit(net, sharded_loader(), ckpt_path=f"{out}/epoch1.ckpt")
+    result["resumed"] = summary(cb, net)
+    with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["fsdp2-job"]:
+    warnings.simplefilter("ignore")
+    _fsdp2_job(sys.argv[2])

@@ -27,23 +27,31 @@ How it differs from torch.ao's (and why):
 * Which parameters: every parameter of the model, as torch.ao (``include`` and
   ``module_types`` select fewer). The model is ``pl_module.model`` when that attribute is
   an ``nn.Module`` (torch.ao's convention), otherwise the LightningModule itself.
-* Under Lightning's DDP the sparsifier is built in ``setup`` (after the process group
-  exists), so every mask is computed by one rank and every rank ends each step with the
+* The sparsifier is built in ``on_fit_start``, on every rank, after the process group
+  exists and after ``configure_model`` (where FSDP2 replaces parameters with DTensors). Under
+  Lightning's DDP every mask is computed by one rank and every rank ends each step with the
   identical mask; the schedule is decided on rank 0.
+* FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``): the sharded
+  parameters become *sharded* groups (masks computed where their rows live, squashed into
+  each rank's shard). Their masks are stored whole in the callback state (see
+  :meth:`TrainingAwareDataSparsity.state_dict`), so a distributed checkpoint resumes exactly.
 * The full state (masks bit-packed as ``uint8`` tensors, configs, step count, scheduler
   state, the callback's counters) travels in Lightning checkpoints through the callback's
   ``state_dict``/``load_state_dict``: plain tensors and JSON-able values only, so
   ``torch.load(ckpt, weights_only=True)`` loads it, and ``trainer.fit(ckpt_path=...)``
   resumes masks and schedule exactly. torch.ao keeps the state in memory only.
 * Per-group sparsity (fraction of pruned elements) is logged with ``pl_module.log`` as
-  ``sparsity/<name>``.
+  ``sparsity/<name>``, from ``sparsifier.sparsity()`` — each rank's own mask tensors, never a
+  collective (``mask.float().mean()`` of a DTensor mask is an all-reduce).
 
 Lightning is imported from ``lightning.pytorch`` when installed, else ``pytorch_lightning``
 (torch.ao's import); the callbacks subclass that package's ``Callback``.
 
 Limitations:
-    Replicated parameters only (DDP): a parameter sharded by FSDP/DeepSpeed is a tensor
-    subclass and refused by ``add_data``. Between two sparsifier steps the optimizer may
+    Replicated parameters (DDP) and FSDP2 ``Shard(0)`` DTensors; FSDP1 / DeepSpeed
+    parameters are refused by ``add_data``, and so are 1-D sharded parameters (biases): select
+    the tables with ``include``. A sharded group's logged figure is what ``sparsity()``
+    reports for it on that rank. Between two sparsifier steps the optimizer may
     regrow pruned weights (they are zeroed again at the next step); pass
     ``every_n_train_steps=1`` to keep them pruned after every optimizer step. A resume
     must use the same callback class, parameters and constructor arguments.
@@ -140,12 +148,11 @@ def _check_world(trainer: Any, sparsifier: Any, who: str) -> None:
 
 
 def _group_sparsity(sparsifier: Any) -> dict[str, float]:
-    """{name: fraction of pruned elements} of every group (``1 - mask.mean()``)."""
-    out = {}
-    for name in sparsifier.data_groups:
-        mask = sparsifier.get_mask(name)
-        out[name] = 1.0 - float(mask.float().mean()) if mask.numel() else 0.0
-    return out
+    """{name: fraction of pruned elements} of every group, from ``sparsifier.sparsity()``:
+    computed on each rank's own mask tensors, never a collective. (``mask.float().mean()`` on
+    a sharded group's DTensor mask would be one: an all-reduce that hangs or pairs with the
+    wrong collective when ranks do not all log.)"""
+    return sparsifier.sparsity()
 
 
 def _add_module(sparsifier: Any, module: nn.Module, include: ParamFilter,
@@ -202,8 +209,8 @@ class TrainingAwareDataSparsity(pl.Callback):
     """Sparsify the model being trained, on a schedule, under DDP, resumably.
 
     The sparsifier and scheduler are built from the classes and arguments (as torch.ao:
-    ``data_scheduler_args`` without ``data_sparsifier``) in ``setup`` — on every rank,
-    after Lightning created the process group — with the model's parameters added under
+    ``data_scheduler_args`` without ``data_sparsifier``) in ``on_fit_start`` — on every rank,
+    after Lightning created the process group and ran ``configure_model`` — with the model's parameters added under
     their own names. Then, every ``every_n_train_steps`` optimizer steps (or at the end of
     every training epoch when ``None``): ``data_sparsifier.step()`` (new masks from the
     current weights; collective), ``data_scheduler.step()`` (the next level, decided on
@@ -268,11 +275,15 @@ class TrainingAwareDataSparsity(pl.Callback):
             self._apply_state(state)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._restored = False  # set again if this fit restores a checkpoint
-        # A later fit of the same module continues with the same sparsifier; another model
-        # (the callback reused for a new module) gets a fresh one.
+        if stage == "fit":
+            self._restored = False  # set again if this fit restores a checkpoint
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # Built here, not in ``setup``: ``configure_model`` runs after ``setup`` and FSDP2
+        # (``fully_shard`` under ModelParallelStrategy) replaces the parameters with DTensors
+        # there; ``on_fit_start`` sees the parameters the model trains. A later fit of the same
+        # module continues with the same sparsifier; another model (the callback reused for a
+        # new module) gets a fresh one.
         if self.data_sparsifier is None or self.sparsified is not _target_module(pl_module, self.model_attr):
             self._build(trainer, pl_module)
 
@@ -293,9 +304,15 @@ class TrainingAwareDataSparsity(pl.Callback):
         self.data_scheduler.step()
         self.data_sparsifier.squash_mask()
         self.last_step_at = global_step
+        self._log_sparsity(pl_module)
+
+    def _log_sparsity(self, pl_module: Any) -> None:
+        """``pl_module.log("sparsity/<name>", ...)`` per group: each rank's own figures, no
+        collective (``sync_dist`` stays False), so ranks never wait on each other here;
+        identical on every rank for replicated groups."""
         if self.log_sparsity and getattr(pl_module, "_trainer", None) is not None:
             for name, level in _group_sparsity(self.data_sparsifier).items():
-                pl_module.log(f"sparsity/{name}", level)  # identical on every rank: no sync
+                pl_module.log(f"sparsity/{name}", level)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
@@ -323,11 +340,22 @@ class TrainingAwareDataSparsity(pl.Callback):
 
         The model's weights are not in it (they are in the checkpoint's ``state_dict``).
         Empty before the sparsifier is built.
+
+        A *sharded* group's mask (an FSDP2 ``DTensor`` parameter) is stored whole, gathered
+        with ``full_tensor()``: Lightning keeps rank 0's callback state only (ModelParallelStrategy
+        writes it beside the distributed weights), and a whole mask loads on any layout. So
+        with sharded groups this is a collective: Lightning calls it on every rank
+        (``trainer.save_checkpoint`` must run on all of them); it holds each whole mask
+        transiently, 1 byte per element, on every rank.
         """
         if self.data_sparsifier is None:
             return dict(self._pending_state) if self._pending_state is not None else {}
         sd = self.data_sparsifier.state_dict()
-        masks = {name: pack_bits(mask).cpu() for name, mask in sd.pop("masks").items()}
+        masks = {}
+        for name, mask in sd.pop("masks").items():
+            if sd["groups"][name].pop("sharded", None) is not None:  # this rank's rows only
+                mask = self.data_sparsifier.get_mask(name).full_tensor()
+            masks[name] = pack_bits(mask).cpu()
         scheduler = json.loads(json.dumps(self.data_scheduler.state_dict(), allow_nan=False))
         return {
             "format": STATE_FORMAT,
