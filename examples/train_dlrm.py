@@ -4,6 +4,8 @@
     accelerate launch --config_file launch/multi_gpu.yaml examples/train_dlrm.py     # N GPUs (NCCL)
     torchrun --nproc_per_node 2 examples/train_dlrm.py                                # same as the first line
     python examples/train_dlrm.py                                                     # 1 process, no launcher
+    torchrun --nproc_per_node 2 examples/train_dlrm.py --fsdp2                        # tables sharded by FSDP2 (CPU: gloo)
+    accelerate launch --config_file launch/fsdp2_gpu.yaml examples/train_dlrm.py --fsdp2  # N GPUs, accelerate's FSDP2 plugin
 
 Run from the repository root. By default the run trains the sparse model AND a dense
 baseline side by side and reports what sparsity cost; `--no-baseline` skips the baseline,
@@ -85,6 +87,42 @@ What it does
   table's final weights, of both models' weights and the last scheduled values.
 * `--crash-at-step N` ends every rank with `os._exit(1)` right after step N (after that
   step's checkpoint, if any): used to test crash/resume.
+
+FSDP2 mode (`--fsdp2`)
+----------------------
+The embedding tables (and the MLPs) are sharded by rows with PyTorch's FSDP2
+(`torch.distributed.fsdp.fully_shard`) instead of replicated by DDP: each table module is
+wrapped itself, then the root (a root-only wrap leaves the parameters unsharded after a
+`no_grad` forward, e.g. the evaluation, until `reshard()`), and the dense baseline is
+sharded the same way. Each table weight is then a `DTensor` (`Shard(0)`), which
+`sp.add_data(name, table)` takes as a *sharded* group: every rank computes the mask of
+its own rows and only the selection's counts travel (never the data or a mask).
+* Who calls `fully_shard`: accelerate's FSDP2 plugin when it is on
+  (`accelerator.distributed_type == FSDP`, i.e. `accelerate launch --config_file
+  launch/fsdp2_gpu.yaml`: `fsdp_version: 2`, each `Embedding`/`EmbeddingBag` wrapped by
+  `fsdp_transformer_layer_cls_to_wrap`; accelerate's `prepare()` shards); otherwise this
+  script, on a 1-D device mesh over all ranks (`torchrun`, or `accelerate launch` on CPU,
+  where accelerate 1.15 has no FSDP and its plugin falls back to DDP). `python
+  examples/train_dlrm.py --fsdp2` (no launcher) opens a 1-rank process group itself. Either
+  way the tables are checked to be sharded `Shard(0)` DTensors before training; a launch
+  config that turns FSDP on without `--fsdp2`, or FSDP1 (`fsdp_version: 1`), is refused.
+* Checkpoints: the same folder, files and format as the DDP mode, written by this script
+  (not by `accelerator.save_state`): `get_model_state_dict` / `get_optimizer_state_dict`
+  (full state dicts, gathered to rank 0's CPU) become `model.safetensors` and `optimizer.bin`
+  (torch's optimizer format, parameters by index) -- `model_1` / `optimizer_1` for the
+  baseline -- beside `distsparse_state.safetensors` (written by `distsparse.save_checkpoint`
+  as the DDP mode's hook does), accelerate's `random_states_<rank>.pkl`, `train_state.json`
+  (with `"mode"`) and `COMPLETE`. Loading: rank 0 reads and checks the files (names and
+  shapes against this run's model), then `set_model_state_dict` /
+  `set_optimizer_state_dict` (`broadcast_from_rank0`) give every rank its rows. So a
+  checkpoint of either mode resumes in the other (and on another number of ranks):
+  masks reshard, the model and optimizer go through full state dicts; the run says which
+  mode wrote it. A folder written by an unknown mode is refused, naming it.
+* The full model and optimizer state pass through rank 0's CPU memory at every save and
+  load (fine while one host holds the model; not a sharded, DCP-style checkpoint). The
+  summary at the end gathers the tables and masks (`full_tensor()`) for its figures,
+  digests and the export (`distsparse.save_sparse_data` does not take DTensor groups: the
+  masked tables are gathered and exported by rank 0 through a one-rank sparsifier).
 """
 
 from __future__ import annotations
@@ -101,6 +139,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -125,6 +164,7 @@ except ImportError:  # tqdm is optional: a no-op stand-in
         def write(s): print(s, flush=True)
 
 import distsparse
+from distsparse.integrations.accelerate import default_filename
 
 TABLES = ("user", "item", "item_category", "hour", "device", "region")
 N_DENSE = 4
@@ -306,6 +346,8 @@ def evaluate(model, data, device, batch=8192):
         b = {k: v[s:s + batch].to(device) for k, v in data.items() if k != "label"}
         logits.append(model(**b).float().cpu())
     model.train()
+    if hasattr(model, "reshard"):  # FSDP2: the root keeps its parameters unsharded after a no_grad forward
+        model.reshard()
     logits = torch.cat(logits)
     loss = F.binary_cross_entropy_with_logits(logits, data["label"]).item()
     return {"loss": loss, "auc": auc_score(logits, data["label"])}
@@ -358,8 +400,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, distrusted: set):
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, distrusted: set, write=None):
     """Write `root/step_NNNNNN` on every rank, mark it COMPLETE, then apply retention.
+
+    `write(path)` writes the files on every rank (default: `accelerator.save_state`; the
+    FSDP2 mode passes its own writer, same files).
 
     Retention counts only complete folders at or before `step` that are not `distrusted`
     (skipped as damaged when this run resumed): a folder newer than the run's position, or
@@ -374,7 +419,10 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
         path.mkdir(parents=True)
     distrusted.discard(path.name)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))  # every rank: model/optimizer (main), RNG (each), sparsity hook
+    if write is None:
+        accelerator.save_state(str(path))  # every rank: model/optimizer (main), RNG (each), sparsity hook
+    else:
+        write(path)
     accelerator.wait_for_everyone()    # all ranks finished writing their files
     if accelerator.is_main_process:
         # accelerate's files carry no checksum (a flipped byte in model.safetensors would load
@@ -422,6 +470,11 @@ def inspect_checkpoint(path: Path, sparse: bool, baseline: bool):
         return "fatal", (f"{path} was written {'with' if st.get('baseline') else 'without'} a dense "
                          f"baseline model; resume it {'without' if st.get('baseline') else 'with'} "
                          f"--no-baseline, or start over with --resume none / another --output-dir")
+    mode = st.get("mode", "ddp")
+    if mode not in MODES:
+        return "fatal", (f"{path} was written in mode {mode!r}, which this script cannot resume (it resumes "
+                         f"checkpoints of the modes {', '.join(MODES)}); start over with --resume none / another "
+                         f"--output-dir")
     return "ok", st
 
 
@@ -440,9 +493,12 @@ def all_ranks(obj):
     return [obj]
 
 
-def resume(accelerator, args, ckpt_root: Path, sparse: bool, baseline: bool, say):
+def resume(accelerator, args, ckpt_root: Path, sparse: bool, baseline: bool, say, load=None):
     """Load the checkpoint to continue from on every rank; return (folder, train_state,
     skipped names) or (None, None, skipped names) to start from scratch.
+
+    `load(path)` loads a folder on every rank (default `accelerator.load_state`; the FSDP2
+    mode passes its own loader, which reads the same files).
 
     Every decision is rank 0's (broadcast), and a load counts only if it succeeded on
     every rank (gathered), so all ranks always agree. A failed `load_state` may have
@@ -470,7 +526,10 @@ def resume(accelerator, args, ckpt_root: Path, sparse: bool, baseline: bool, say
         if kind == "ok":
             complete_seen = True
             try:
-                accelerator.load_state(str(path))
+                if load is None:
+                    accelerator.load_state(str(path))
+                else:
+                    load(path)
                 error = None
             except Exception as exc:  # any failure: damaged file, missing file, shape change...
                 error = _one_line(exc, path)
@@ -537,6 +596,211 @@ def position_after_resume(st: dict, n_train: int, batch_size: int, world: int, s
     return epoch, pos, note
 
 
+# --------------------------------------------------------------------------- FSDP2
+MODES = ("ddp", "fsdp2")  # what train_state.json's "mode" may say (absent: ddp, written before --fsdp2)
+
+
+def model_file(i: int) -> str:
+    """accelerate's name for the i-th model's weights in a save_state folder."""
+    return "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+
+
+def optimizer_file(i: int) -> str:
+    return "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
+
+
+def fsdp2_route(accelerator) -> str:
+    """'plugin' when accelerate's FSDP plugin is on (its prepare() calls fully_shard), else
+    'direct' (this script calls fully_shard: torchrun, CPU, one process)."""
+    from accelerate.utils import DistributedType
+
+    return "plugin" if accelerator.distributed_type == DistributedType.FSDP else "direct"
+
+
+def shard_model(model: "DLRM", mesh) -> None:
+    """fully_shard each table module, then the root (the root group takes the MLPs).
+
+    Wrapping the tables themselves matters: with only the root wrapped, a no_grad forward
+    (the evaluation) leaves every parameter unsharded until reshard()."""
+    from torch.distributed.fsdp import fully_shard
+
+    for table in model.tables.values():
+        fully_shard(table, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def check_sharded(model: nn.Module, what: str) -> None:
+    """JobError unless the root and every table are FSDP2 modules with Shard(0) weights."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Shard
+
+    bad = [n for n, t in model.tables.items()
+           if not isinstance(t, FSDPModule) or not isinstance(t.weight, DTensor)
+           or tuple(t.weight.placements) != (Shard(0),)]
+    if bad or not isinstance(model, FSDPModule):
+        raise JobError(
+            f"--fsdp2: the {what}'s tables {bad or list(model.tables)} are not fully_shard-ed modules of their own "
+            f"with Shard(0) weights{'' if isinstance(model, FSDPModule) else ' (and the root is not sharded)'}. With "
+            "accelerate's FSDP2 plugin set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP and "
+            "fsdp_transformer_layer_cls_to_wrap: Embedding,EmbeddingBag (launch/fsdp2_gpu.yaml): a root-only wrap "
+            "leaves the tables unsharded after a no_grad forward")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The global tensor of a DTensor (a collective: every rank calls it), else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def optimizer_by_index(osd: dict) -> dict:
+    """A full optimizer state dict keyed by parameter names (get_optimizer_state_dict) in
+    torch's own format (parameters numbered in the optimizer's order): what the DDP mode's
+    optimizer.bin holds."""
+    order = [fqn for group in osd["param_groups"] for fqn in group["params"]]
+    index = {fqn: i for i, fqn in enumerate(order)}
+    return {"state": {index[fqn]: v for fqn, v in osd["state"].items()},
+            "param_groups": [dict(g, params=[index[f] for f in g["params"]]) for g in osd["param_groups"]]}
+
+
+def optimizer_by_name(sd: dict, names: list, shapes: dict, where: str) -> dict:
+    """torch's optimizer state dict (parameters by index) keyed by this model's parameter
+    names, checked against their global shapes (ValueError naming the file otherwise)."""
+    try:
+        order = [i for group in sd["param_groups"] for i in group["params"]]
+        state = sd["state"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{where}: not a torch optimizer state dict ({type(exc).__name__}: {exc})") from None
+    if len(order) != len(names) or len(set(order)) != len(order):
+        raise ValueError(f"{where}: {len(order)} parameters, this run's model has {len(names)}")
+    name_of = {i: names[j] for j, i in enumerate(order)}
+    for i, st in state.items():
+        if i not in name_of:
+            raise ValueError(f"{where}: state of parameter {i!r}, which no parameter group holds")
+        for key, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and list(v.shape) != shapes[name_of[i]]:
+                raise ValueError(f"{where}: {key} of {name_of[i]} has shape {list(v.shape)}, this run's "
+                                 f"parameter {shapes[name_of[i]]}")
+    return {"state": {name_of[i]: v for i, v in state.items()},
+            "param_groups": [dict(g, params=[name_of[i] for i in g["params"]]) for g in sd["param_groups"]]}
+
+
+def check_model_state(sd: dict, shapes: dict, where: str) -> None:
+    """ValueError naming the file unless sd holds exactly this model's tensors and shapes."""
+    missing, extra = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{where}: " + "; ".join(s for s in (f"missing {missing}" if missing else "",
+                                                           f"unexpected {extra}" if extra else "") if s))
+    for name, shape in shapes.items():
+        if list(sd[name].shape) != shape:
+            raise ValueError(f"{where}: {name} has shape {list(sd[name].shape)}, this run's model {shape} "
+                             f"(another --num-users / --num-items / --num-categories / --dim or data?)")
+
+
+def fsdp2_pairs_names(pairs) -> list:
+    """Each (model, optimizer)'s parameter names in the optimizer's order (the index order
+    of torch's optimizer format) and their global shapes."""
+    out = []
+    for model, opt in pairs:
+        named = list(model.named_parameters())
+        if [id(p) for g in opt.param_groups for p in g["params"]] != [id(p) for _, p in named]:
+            raise RuntimeError("the optimizer's parameters are not the model's parameters in their order")
+        out.append(([n for n, _ in named], {n: list(p.shape) for n, p in named}))
+    return out
+
+
+def fsdp2_save_files(accelerator, path: Path, pairs, sp, sch) -> None:
+    """Every rank: the FSDP2 mode's checkpoint files into `path`, the DDP mode's layout.
+
+    distsparse's file (collective), each model's and optimizer's full state dict (gathered
+    to rank 0's CPU, written by it as model[_i].safetensors / optimizer[_i].bin in the
+    format accelerate's save_state writes for DDP), and this rank's RNG states (accelerate's
+    random_states_<rank>.pkl)."""
+    from accelerate.checkpointing import save_accelerator_state
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    if sp is not None:
+        distsparse.save_checkpoint(path / default_filename(sp), sp, sch)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 holds it, the others {}
+    for i, (model, opt) in enumerate(pairs):
+        msd = get_model_state_dict(model, options=full)
+        osd = get_optimizer_state_dict(model, opt, options=full)
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in msd.items()}, str(path / model_file(i)), metadata={"format": "pt"})
+            torch.save(optimizer_by_index(osd), path / optimizer_file(i))
+        del msd, osd
+    save_accelerator_state(str(path), [], [], [], [], accelerator.process_index, accelerator.step)
+
+
+def fsdp2_load_files(accelerator, path: Path, pairs, sp, sch) -> None:
+    """Every rank: load a checkpoint folder of either mode into the sharded models.
+
+    Rank 0 reads and checks the model and optimizer files first (before any collective, so
+    a damaged or mismatched file fails on every rank alike: no rank waits in a broadcast
+    that will never come); then distsparse's file (collective; masks reshard), then the
+    state dicts, sent from rank 0 (broadcast_from_rank0) so each rank keeps only its rows."""
+    from accelerate.checkpointing import load_accelerator_state
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = fsdp2_pairs_names(pairs)
+    states, error = [({}, {}) for _ in pairs], None
+    if accelerator.is_main_process:
+        try:
+            for i, (order, shapes) in enumerate(names):
+                where = model_file(i)
+                if not (path / where).is_file():
+                    raise FileNotFoundError(f"{where} is missing")
+                msd = load_file(str(path / where))
+                check_model_state(msd, shapes, where)
+                where = optimizer_file(i)
+                osd = optimizer_by_name(torch.load(path / where, map_location="cpu", weights_only=True),
+                                        order, shapes, where)
+                states[i] = (msd, osd)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank just below
+            error = _one_line(exc, path)
+    errors = [e for e in all_ranks(error) if e is not None]
+    if errors:
+        raise RuntimeError(errors[0])
+    if sp is not None:
+        distsparse.load_checkpoint(path / default_filename(sp), sp, sch)
+    bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for (model, opt), (msd, osd) in zip(pairs, states):
+        set_model_state_dict(model, msd, options=bcast)
+        set_optimizer_state_dict(model, opt, osd, options=bcast)
+    states.clear()
+    override = load_accelerator_state(str(path), [], [], [], [], accelerator.process_index)
+    accelerator.step = override.get("step", accelerator.step)
+
+
+def sharded_sparsities(sp, device) -> dict:
+    """Per-table sparsity of sharded groups from each rank's own mask rows (one all-reduce
+    of two counts per table; no mask is gathered)."""
+    counts = torch.tensor([[float((~sp.get_mask(n).to_local()).sum()), float(sp.get_mask(n).to_local().numel())]
+                           for n in TABLES], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return {n: float(z / total) if total else 0.0 for n, (z, total) in zip(TABLES, counts.tolist())}
+
+
+def export_sharded(path: Path, sp, is_main: bool) -> None:
+    """save_sparse_data for DTensor groups, which it refuses: the masked tables are gathered
+    (full_tensor(), a collective) and rank 0 exports them through a one-rank sparsifier with
+    the same block shape (the masks are already in the values: its own masks are all ones)."""
+    masked = {n: full_tensor(sp.get_data(n, return_original=False)).detach().cpu() for n in TABLES}
+    solo = dist.new_group([0]) if dist.is_available() and dist.is_initialized() else None
+    if is_main:
+        one = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4), process_group=solo)
+        for n in TABLES:
+            one.add_data(n, masked[n])
+        one.step_count = sp.step_count  # the file says how many steps made the masks, as in the DDP mode
+        distsparse.save_sparse_data(str(path), one)
+    if solo is not None:
+        dist.barrier()
+        dist.destroy_process_group(solo)
+
+
 # --------------------------------------------------------------------------- arguments
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help: the module docstring as written, and every option's default."""
@@ -600,6 +864,9 @@ def parse_args(argv=None):
     p.add_argument("--log-with", default=None, help="accelerate tracker: tensorboard, wandb, ...")
     p.add_argument("--expect-world-size", type=count, default=None, help="exit with an error on another world size")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
+    p.add_argument("--fsdp2", action="store_true",
+                   help="shard the tables (and MLPs, and the baseline) with FSDP2 fully_shard instead of DDP "
+                        "(see 'FSDP2 mode' in the docstring)")
     args = p.parse_args(argv)
     if args.csv is not None and not os.path.isfile(args.csv):
         p.error(f"argument --csv: {args.csv!r} is not a file")
@@ -656,6 +923,11 @@ def main(argv=None):
             raise SystemExit(2)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               log_with=args.log_with, project_dir=args.output_dir)
+    if args.fsdp2 and accelerator.num_processes == 1 and not dist.is_initialized():
+        # no launcher: fully_shard needs a process group (and a device mesh over it), so open
+        # a 1-rank one here (an in-process store: nothing listens on a port)
+        dist.init_process_group("cuda:nccl,cpu:gloo" if accelerator.device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
     try:
         run(args, accelerator)
         # Leave together; drop accelerate's references to the DDP models (they hold the process
@@ -670,6 +942,9 @@ def main(argv=None):
         if accelerator.is_main_process:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    finally:
+        if args.fsdp2 and accelerator.num_processes == 1 and dist.is_initialized():
+            dist.destroy_process_group()  # the 1-rank group opened above (end_training may have)
 
 
 def run(args, accelerator):
@@ -687,6 +962,20 @@ def run(args, accelerator):
         f"distributed_type={accelerator.distributed_type.value} device={accelerator.device}")
     if args.expect_world_size is not None and accelerator.num_processes != args.expect_world_size:
         raise JobError(f"expected world size {args.expect_world_size}, got {accelerator.num_processes}")
+    fsdp_config = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    route = fsdp2_route(accelerator) if args.fsdp2 else None
+    if not args.fsdp2 and (fsdp_config or fsdp2_route(accelerator) == "plugin"):
+        raise JobError("the launch config turns on accelerate's FSDP (distributed_type: FSDP) but --fsdp2 is not "
+                       "given: pass --fsdp2 to shard the tables, or launch with launch/multi_gpu.yaml (GPUs) or "
+                       "launch/cpu_2proc.yaml (CPU) for the DDP mode")
+    if route == "plugin" and not accelerator.is_fsdp2:
+        raise JobError("--fsdp2 under accelerate's FSDP1 plugin (fsdp_version: 1): set fsdp_version: 2 in the launch "
+                       "config (launch/fsdp2_gpu.yaml)")
+    if args.fsdp2:
+        say(f"fsdp2: tables sharded by rows over {accelerator.num_processes} rank(s) on {accelerator.device.type}, "
+            + ("fully_shard called by accelerate's FSDP2 plugin (prepare)" if route == "plugin" else
+               "fully_shard called by this script" + (" (accelerate's FSDP plugin is off: accelerate 1.15 has "
+                                                     "no FSDP on CPU)" if fsdp_config else "")))
 
     out = Path(args.output_dir); ckpt_root = out / "ckpt"
     done = [finished_message(args, out, ckpt_root) if accelerator.is_main_process else None]
@@ -722,18 +1011,42 @@ def run(args, accelerator):
     n_users = int(data["user"].max()) + 1; n_items = int(data["item"].max()) + 1
 
     model = DLRM(n_users, n_items, args.num_categories, args.dim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     with_baseline = not args.dense and not args.no_baseline
-    base_model = base_opt = None
-    if with_baseline:
-        # same initial weights, own optimizer with the same hyper-parameters, no sparsifier;
-        # prepared after the sparse model, so checkpoints hold it as model_1 / optimizer_1
-        base_model = copy.deepcopy(model)
-        base_opt = torch.optim.Adam(base_model.parameters(), lr=args.lr)
-        model, optimizer, base_model, base_opt, train_dl = accelerator.prepare(
-            model, optimizer, base_model, base_opt, train_dl)
+    # the baseline: same initial weights (copied before any sharding), own optimizer with the
+    # same hyper-parameters, no sparsifier; prepared after the sparse model, so checkpoints
+    # hold it as model_1 / optimizer_1
+    base_model = copy.deepcopy(model) if with_baseline else None
+    if route is not None:
+        # FSDP2 warns that the root returns a view (the logits' squeeze): an in-place op on it
+        # would skip the backward all-gather. This job never modifies the logits in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+    if route == "direct":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+        for net in (model, base_model):
+            if net is not None:
+                shard_model(net, mesh)
+    # built on the sharded parameters when sharded above (FSDP2 replaces them); the plugin's
+    # prepare() moves them onto its sharded parameters itself
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    base_opt = torch.optim.Adam(base_model.parameters(), lr=args.lr) if with_baseline else None
+    if route is None:  # DDP
+        if with_baseline:
+            model, optimizer, base_model, base_opt, train_dl = accelerator.prepare(
+                model, optimizer, base_model, base_opt, train_dl)
+        else:
+            model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     else:
-        model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+        if route == "plugin":  # accelerate's FSDP2 takes one model (with its optimizer) per prepare()
+            model, optimizer = accelerator.prepare(model, optimizer)
+            if with_baseline:
+                base_model, base_opt = accelerator.prepare(base_model, base_opt)
+        train_dl = accelerator.prepare(train_dl)  # this rank's share of every global batch, as in DDP
+        check_sharded(accelerator.unwrap_model(model), "model")
+        if with_baseline:
+            check_sharded(accelerator.unwrap_model(base_model), "dense baseline")
+    pairs = [(model, optimizer)] + ([(base_model, base_opt)] if with_baseline else [])
     steps_per_epoch = len(train_dl)
     global_batch = args.batch_size * accelerator.num_processes
     if steps_per_epoch == 0:
@@ -749,16 +1062,28 @@ def run(args, accelerator):
             sp.add_data(name, tables[name])
         sch = distsparse.CubicScheduler(sp, final_value=args.final_sparsity, initial_value=0.0,
                                         start_step=args.start_step, ramp_steps=args.ramp_steps)
-        distsparse.register_for_checkpointing(accelerator, sp, sch)
-        say("mask owners (rank computing each table's mask): "
-            + " ".join(f"{n}->{sp.owner_of(n)}" for n in TABLES))
+        if args.fsdp2:  # the FSDP2 mode saves and loads distsparse's file itself (fsdp2_save_files)
+            say("masks computed where the rows live (rows of each rank): " + " ".join(
+                f"{n}->{'/'.join(str(b - a) for _, (a, b) in sorted(sp.assignment(n).items()))}" for n in TABLES))
+        else:
+            distsparse.register_for_checkpointing(accelerator, sp, sch)
+            say("mask owners (rank computing each table's mask): "
+                + " ".join(f"{n}->{sp.owner_of(n)}" for n in TABLES))
 
     if args.log_with:
         accelerator.init_trackers("distsparse_dlrm", config={k: v for k, v in vars(args).items()
                                                               if isinstance(v, (int, float, str, bool))})
 
     # ---- resume
-    resumed_path, st, distrusted = resume(accelerator, args, ckpt_root, sp is not None, with_baseline, say)
+    mode = "fsdp2" if args.fsdp2 else "ddp"
+    load = write = None
+    if args.fsdp2:
+        def load(path):
+            fsdp2_load_files(accelerator, path, pairs, sp, sch)
+
+        def write(path):
+            fsdp2_save_files(accelerator, path, pairs, sp, sch)
+    resumed_path, st, distrusted = resume(accelerator, args, ckpt_root, sp is not None, with_baseline, say, load)
     distrusted = set(distrusted)
     step, dense_metrics, resumed_from, epoch, epoch_pos = 0, None, None, 0, 0
     if resumed_path is not None:
@@ -768,6 +1093,9 @@ def run(args, accelerator):
         say(f"resumed from {resumed_from} at step {step} (epoch {epoch}, sample {epoch_pos} of {len(train_ds)})")
         if note:
             say(note)
+        if st.get("mode", "ddp") != mode:
+            say(f"resume: {resumed_from} was written in the {st.get('mode', 'ddp')} mode and continues in the {mode} "
+                f"mode (both modes save full model and optimizer state dicts in the same files; the masks reshard)")
     else:
         say("starting from scratch")
 
@@ -786,6 +1114,8 @@ def run(args, accelerator):
         dense_metrics = evaluate(accelerator.unwrap_model(model), val, accelerator.device)
 
     def sparsities():
+        if sp is not None and args.fsdp2:
+            return sharded_sparsities(sp, accelerator.device)
         return {n: 1.0 - float(sp.get_mask(n).float().mean()) for n in TABLES} if sp else {}
 
     pbar = tqdm(total=args.max_steps, initial=step, disable=args.no_progress or not accelerator.is_local_main_process,
@@ -859,8 +1189,8 @@ def run(args, accelerator):
                                     {"step": step, "epoch": epoch, "epoch_position": epoch_pos,
                                      "world_size": accelerator.num_processes, "batch_size": args.batch_size,
                                      "dense_metrics": dense_metrics, "sparse": sp is not None,
-                                     "baseline": with_baseline},
-                                    args.keep, distrusted)
+                                     "baseline": with_baseline, "mode": mode},
+                                    args.keep, distrusted, write)
                 say(f"step {step:5d} saved checkpoint {p.name}")
 
             if args.crash_at_step is not None and step == args.crash_at_step:
@@ -882,9 +1212,17 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def model_digest(net: nn.Module) -> str:
+def model_digest(net: nn.Module, sharded: bool = False) -> str:
+    """sha256 over the model's state dict; sharded (FSDP2): the full state dict, a collective
+    whose result only rank 0 holds (the others' digest is of nothing)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = net.state_dict()
     h = hashlib.sha256()
-    for k, v in sorted(net.state_dict().items()):
+    for k, v in sorted(state.items()):
         h.update(k.encode()); h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -901,37 +1239,43 @@ def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_
         cost = {"loss": final["loss"] - base_final["loss"], "auc": final["auc"] - base_final["auc"]}
         accelerator.log({"val/baseline_loss": base_final["loss"], "val/baseline_auc": base_final["auc"]}, step=step)
     summary = {"final_step": step, "world_size": accelerator.num_processes, "resumed_from": resumed_from,
-               "mode": "dense" if sp is None else "sparse", "val": final,
+               "mode": "dense" if sp is None else "sparse", "parallelism": "fsdp2" if args.fsdp2 else "ddp",
+               "val": final,
                "val_dense_baseline": base_final, "baseline_cost": cost,
                "dense_reference": dense_metrics,
                "train_seconds_this_run": train_time, "steps_this_run": run_steps,
                "samples_per_s": run_steps * global_batch / train_time if run_steps else None,
                "tables": {}, "mask_sha256": {}, "schedule": None, "schedule_last_epoch": None, "export": None}
+    # FSDP2: the whole tables and masks, gathered once here for the figures and digests
+    weights = {n: full_tensor(tables[n].weight.detach()) for n in TABLES}
     for name in TABLES:
-        w = tables[name].weight
-        m = sp.get_mask(name) if sp is not None else torch.ones_like(w, dtype=torch.bool)
+        w = weights[name]
+        m = full_tensor(sp.get_mask(name)) if sp is not None else torch.ones_like(w, dtype=torch.bool)
         summary["tables"][name] = {"shape": list(w.shape), **mask_stats(m, w),
                                    "weight_zeros": int((w == 0).sum()), "weight_sha256": tensor_digest(w)}
         if sp is not None:
             summary["mask_sha256"][name] = mask_digest(m)
-    summary["model_sha256"] = model_digest(net)
+    summary["model_sha256"] = model_digest(net, args.fsdp2)
     summary["baseline_model_sha256"] = None
     if base_model is not None:
-        summary["baseline_model_sha256"] = model_digest(accelerator.unwrap_model(base_model))
+        summary["baseline_model_sha256"] = model_digest(accelerator.unwrap_model(base_model), args.fsdp2)
     if sch is not None:
         summary["schedule"] = {k: float(v) for k, v in sch.get_last_param().items()}
         summary["schedule_last_epoch"] = sch.last_epoch
     if sp is not None:
         # the masked tables as a block-sparse file (collective; rank 0 writes it)
         export = out / EXPORT_NAME
-        distsparse.save_sparse_data(str(export), sp)
-        dense_file = len(safetensors_bytes({n: tables[n].weight.detach().cpu().contiguous() for n in TABLES}))
+        if args.fsdp2:
+            export_sharded(export, sp, accelerator.is_main_process)
+        else:
+            distsparse.save_sparse_data(str(export), sp)
+        dense_file = len(safetensors_bytes({n: weights[n].cpu().contiguous() for n in TABLES}))
         summary["export"] = {"path": str(export), "file_bytes": export.stat().st_size,
                              "dense_file_bytes": dense_file,
                              "dense_bytes": sum(t["dense_bytes"] for t in summary["tables"].values())}
 
     lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base_model is not None else ''}, "
-                 f"step {step}, world_size {accelerator.num_processes})",
+                 f"step {step}, world_size {accelerator.num_processes}{', FSDP2' if args.fsdp2 else ''})",
              f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'blocks B':>11}{'saved':>8}"]
     tot_d = tot_s = 0
     for name, t in summary["tables"].items():
