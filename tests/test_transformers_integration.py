@@ -1,6 +1,7 @@
 """transformers.Trainer callback (distsparse.integrations.transformers): steps and squashes
 after optimizer steps, writes the state into every checkpoint-<step> folder, resumes it
-exactly, logs per-group sparsity; 1 process in-process and 2 processes under torchrun."""
+exactly, logs per-group sparsity; 1 process in-process and 2 processes under torchrun; FSDP2
+sharded tables (hooks driven on 2 gloo ranks): adopted, logged without collectives, resumed."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 from transformers.utils import logging as hf_logging
 
 import distsparse
+import fsdp2_fns
 from _trainer_job import digest, model, run, sparsity, summary, trainer
 from distsparse.integrations.transformers import STATE_FILENAME, DataSparsityCallback
+from launcher import run_ranks
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -129,3 +132,21 @@ def test_the_trainer_example_trains_and_resumes(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "world_size=1 global_step=10 sparsifier steps=2 resumed from=None" in out
     assert f"world_size=1 global_step=15 sparsifier steps=3 resumed from={tmp_path / 'checkpoint-10'}" in out
+
+
+def test_fsdp2_sharded_tables_are_adopted_logged_without_collectives_saved_and_resumed(tmp_path):
+    """The Trainer shards the model inside train() (accelerate's FSDP2; on CPU accelerate does
+    no FSDP, so the hooks are driven as the Trainer calls them, on 2 gloo ranks with fully_shard)."""
+    results = run_ranks(fsdp2_fns.trainer_callback_on_fsdp2, 2, str(tmp_path), timeout=120)
+    for res in results:
+        assert res["adopted"] and res["placements"] == "(Shard(dim=0),)", res
+        assert res["mask_is_reference"] and res["zeros_squashed"], res
+        assert res["old_way_collectives"] > 0  # mask.float().mean() of a DTensor mask all-reduces
+        assert res["restored_from"] == str(tmp_path / "checkpoint-3")
+        assert res["resumed_equal"] and res["resumed_schedule"], res
+    logged = results[0]  # rank 0 logged alone: no collective, sparsity() figures in logs and history
+    assert logged["log_collectives"] == 0
+    expected = {f"sparsity/{n}": v for n, v in logged["sparsity_at_log"].items()}
+    assert {k: v for k, v in logged["logs"].items() if k != "loss"} == expected
+    assert {k: v for k, v in logged["log_history"].items() if k.startswith("sparsity/")} == expected
+    assert "logs" not in results[1]

@@ -23,12 +23,14 @@ What it does, on every rank (the sparsifier calls are collectives under ``torchr
 * ``on_save`` — right after the Trainer wrote ``<output_dir>/checkpoint-<step>``:
   :func:`distsparse.save_checkpoint` into ``checkpoint-<step>/distsparse_state.safetensors``
   (masks bit-packed, configs, step count, scheduler state; no pickle);
-* ``on_train_begin`` — when the Trainer resumed (``global_step > 0``):
+* ``on_train_begin`` — re-adds groups whose parameters the Trainer replaced while preparing
+  the model (FSDP2 shards it inside ``train()``); when the Trainer resumed (``global_step > 0``):
   :func:`distsparse.load_checkpoint` from that checkpoint folder, after the Trainer loaded the
   weights; a folder without the file raises :class:`~distsparse.CheckpointNotFoundError`
   saying so;
-* ``on_log`` — ``sparsity/<name>`` (fraction of pruned elements) of every group into the
-  logs (and ``trainer.state.log_history``).
+* ``on_log`` — ``sparsity/<name>`` (fraction of pruned elements, ``sparsifier.sparsity()``:
+  each rank's own masks, no collective) of every group into the logs (and
+  ``trainer.state.log_history``); it never waits on the other ranks.
 
 Which folder a resume loads: the ``resume_from_checkpoint`` given to this callback, else
 ``args.resume_from_checkpoint`` when it is a path, else ``<output_dir>/checkpoint-<global_step>``
@@ -40,7 +42,10 @@ callback too.
 Limitations:
     Hyperparameter search (per-trial run folders) and ``load_best_model_at_end`` (the best
     weights come back, the sparsity state stays at the last step) are not handled.
-    Parameters sharded by FSDP/DeepSpeed are refused by ``add_data``. Integrations listed
+    FSDP2 parameters (``DTensor`` ``Shard(0)``) are *sharded* groups; the Trainer shards the
+    model inside ``train()``, after the sparsifier was built, so ``on_train_begin`` re-adds the
+    groups whose parameters it replaced (see :meth:`DataSparsityCallback._adopt_replaced_parameters`).
+    FSDP1 / DeepSpeed parameters are refused by ``add_data``. Integrations listed
     in ``report_to`` run their ``on_log`` before user callbacks and do not see the
     sparsity values; the console printer and ``log_history`` do.
 """
@@ -118,8 +123,33 @@ class DataSparsityCallback(TrainerCallback):
         return os.path.join(args.output_dir, f"checkpoint-{global_step}")
 
     # -- hooks ----------------------------------------------------------------------
+    def _adopt_replaced_parameters(self, model: Any) -> None:
+        """Re-add every group whose parameter the Trainer replaced while preparing the model.
+
+        With FSDP2 (``accelerate``'s ``fsdp_version: 2``) the Trainer calls ``fully_shard``
+        inside ``train()``, after the sparsifier was built: the model's parameters become new
+        ``DTensor`` objects and the ones added earlier are no longer trained. A group named
+        like a parameter of ``model`` that is not that very parameter is re-added with it (its
+        mask kept when the layout is the same, else a fresh one; a resume loads the saved masks
+        right after). DDP keeps the same ``Parameter`` objects: nothing changes there.
+        """
+        if model is None or not hasattr(model, "named_parameters"):
+            return
+        params = dict(model.named_parameters())
+        for name in list(self.sparsifier.data_groups):
+            param = params.get(name)
+            if param is None:
+                continue
+            held = self.sparsifier.get_data(name, return_original=True)
+            if held is param:
+                continue
+            same_layout = type(held) is type(param) and tuple(held.shape) == tuple(param.shape) and \
+                getattr(held, "placements", None) == getattr(param, "placements", None)
+            self.sparsifier.add_data(name, param, reuse_mask=same_layout)
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._check_world(args)
+        self._adopt_replaced_parameters(kwargs.get("model"))
         self.restored_from = None
         if state.global_step <= 0:
             return
@@ -151,10 +181,10 @@ class DataSparsityCallback(TrainerCallback):
                **kwargs: Any) -> None:
         if not self.log_sparsity or logs is None:
             return
-        values = {}
-        for name in self.sparsifier.data_groups:
-            mask = self.sparsifier.get_mask(name)
-            values[f"sparsity/{name}"] = 1.0 - float(mask.float().mean()) if mask.numel() else 0.0
+        # sparsity() counts each rank's own mask tensors: never a collective, so ranks that log
+        # at different moments cannot hang (``mask.float().mean()`` of a sharded group's DTensor
+        # mask would all-reduce). A sharded group's figure is this rank's rows.
+        values = {f"sparsity/{name}": level for name, level in self.sparsifier.sparsity().items()}
         logs.update(values)
         # The Trainer appended a copy of these logs to log_history just before on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

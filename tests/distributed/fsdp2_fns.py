@@ -317,3 +317,77 @@ def load_then_save(folder: str, level: float) -> dict:
     distsparse.save_checkpoint(path, sp)
     return {"loaded": loaded, "saved": sp.get_mask("emb.weight").full_tensor(),
             "files": sorted(os.listdir(f"{folder}/ckpt"))}
+
+
+def trainer_callback_on_fsdp2(folder: str) -> dict:
+    """transformers' DataSparsityCallback driven hook by hook as the Trainer does under FSDP2:
+    the sparsifier is built on the plain parameters, the model is then sharded (what
+    accelerate's FSDP2 does inside ``train()``), ``on_train_begin`` adopts the DTensors; three
+    optimizer steps with ``on_step_end``; ``on_log`` on rank 0 only, counted by CommDebugMode;
+    ``on_save``; a fresh callback resumes from the folder."""
+    import os
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from distsparse.integrations.transformers import DataSparsityCallback
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    names = ("emb.weight", "small.weight")
+
+    def callback(model):
+        sp = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(2, 2))
+        params = dict(model.named_parameters())
+        for name in names:
+            sp.add_data(name, params[name])
+        sch = distsparse.LinearScheduler(sp, final_value=0.6, initial_value=0.2, ramp_steps=2)
+        return DataSparsityCallback(sp, sch, every_n_steps=1)
+
+    torch.manual_seed(0)
+    model = _Tables(1001, 18, "random")
+    cb = callback(model)
+    mesh = _mesh([world])
+    fully_shard(model.emb, mesh=mesh)
+    fully_shard(model.small, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = SimpleNamespace(world_size=world, output_dir=folder, resume_from_checkpoint=None)
+    state = SimpleNamespace(global_step=0, log_history=[])
+    cb.on_train_begin(args, state, None, model=model)
+    sp = cb.sparsifier
+    out: dict = {"adopted": all(sp.get_data(n, return_original=True) is dict(model.named_parameters())[n]
+                                for n in names)}
+    gen = torch.Generator().manual_seed(rank)
+    for step in (1, 2, 3):
+        model(torch.randint(0, 1001, (4, 3), generator=gen)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        state.global_step = step
+        cb.on_step_end(args, state, None, model=model)
+        if step == 2 and rank == 0:  # ranks log at different moments: nothing may wait here
+            logs = {"loss": 1.0}
+            state.log_history.append({"loss": 1.0, "step": 2})
+            with CommDebugMode() as comm:
+                cb.on_log(args, state, None, logs=logs)
+            out["logs"], out["log_collectives"] = logs, comm.get_total_counts()
+            out["sparsity_at_log"] = sp.sparsity()
+            out["log_history"] = state.log_history[-1]
+    with CommDebugMode() as old:  # what the callback used to do: a collective (every rank runs it)
+        1.0 - float(sp.get_mask("emb.weight").float().mean())
+    out["old_way_collectives"] = old.get_total_counts()
+    weight, mask = model.emb.weight, sp.get_mask("emb.weight")
+    out["placements"] = str(mask.placements)
+    out["mask_is_reference"] = bool(torch.equal(mask.full_tensor(), _reference(weight, 0.6, [2, 2], None)))
+    out["zeros_squashed"] = bool((weight.detach().to_local()[~mask.to_local()] == 0).all())
+    if rank == 0:
+        os.makedirs(f"{folder}/checkpoint-3")
+    dist.barrier()
+    cb.on_save(args, state, None)
+    again = callback(model)  # the model is sharded already: the groups are DTensors from the start
+    again.on_train_begin(args, SimpleNamespace(global_step=3, log_history=[]), None, model=model)
+    out["restored_from"] = again.restored_from
+    out["resumed_equal"] = all(torch.equal(again.sparsifier.get_mask(n).full_tensor(), sp.get_mask(n).full_tensor())
+                               for n in names)
+    out["resumed_schedule"] = again.scheduler.state_dict() == cb.scheduler.state_dict()
+    return out
