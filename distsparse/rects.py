@@ -138,10 +138,11 @@ class RectShards:
     def local_rects(self, holder: int) -> list[Rect]:
         return [Rect(r, c, int(t.shape[0]), int(t.shape[1]), holder) for (r, c), t in self._shards]
 
-    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> RectShards:
-        """The same offsets over other tensors (masks, masked data)."""
+    def with_tensors(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> RectShards:
+        """The same offsets over other tensors (masks, masked data) of ``dtype`` (default:
+        this table's; a rank holding no shard has no tensor to tell it)."""
         return RectShards(self.shape, [(o, t) for (o, _), t in zip(self._shards, tensors)],
-                          dtype=tensors[0].dtype if tensors else None)
+                          dtype=dtype if dtype is not None else tensors[0].dtype if tensors else self.dtype)
 
     def __repr__(self) -> str:
         shards = ", ".join(f"{o}: {tuple(t.shape)}" for o, t in self._shards)
@@ -179,7 +180,7 @@ def as_rect_shards(data: Any) -> RectShards | None:
         return data
     if _is_sharded_tensor(data):
         shards = [(tuple(s.metadata.shard_offsets), s.tensor) for s in data.local_shards()]
-        return RectShards(tuple(data.size()), shards, source=data, dtype=data.metadata().tensor_properties.dtype)
+        return RectShards(tuple(data.size()), shards, source=data, dtype=data.dtype)
     wrapper = _local_shards_wrapper(data)
     if wrapper is not None:
         shards = [(tuple(int(o) for o in off), t) for off, t in zip(wrapper.local_offsets(), wrapper.local_shards())]

@@ -476,7 +476,7 @@ class BaseDataSparsifier(abc.ABC):
         group = self._group(name)
         if group.rects is not None:
             if group._mask_dtensor is None:
-                group._mask_dtensor = group.rects.with_tensors(group.shard_masks())
+                group._mask_dtensor = group.rects.with_tensors(group.shard_masks(), torch.bool)
             return group._mask_dtensor
         if group.layout is None:
             return group.mask
@@ -498,7 +498,7 @@ class BaseDataSparsifier(abc.ABC):
             group = self._group(name)
             if group.distributed_rows and group.global_zeros is not None:
                 numel = math.prod(group.data.shape)
-                out[name] = group.global_zeros / numel if numel else 0.0
+                out[name] = 1.0 - (numel - group.global_zeros) / numel if numel else 0.0  # the plain groups' arithmetic
                 continue
             mask = group.mask
             out[name] = 1.0 - int(mask.count_nonzero()) / mask.numel() if mask.numel() else 0.0

@@ -87,7 +87,7 @@ def test_checkpoints_move_from_torchrec_2_to_single_to_replicated_3_to_torchrec_
     reference = saved[0]
     for name in torchrec_fns.CKPT_TABLES:
         assert reference[name].any() and not reference[name].all(), name
-    sparsity = {n: (m.numel() - int(m.sum())) / m.numel() for n, m in reference.items()}
+    sparsity = {n: 1.0 - int(m.sum()) / m.numel() for n, m in reference.items()}
     for res in saved + single + ddp + back + direct:
         for name in torchrec_fns.CKPT_TABLES:
             assert torch.equal(res[name], reference[name]), name
