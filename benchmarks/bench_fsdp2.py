@@ -209,6 +209,7 @@ def main() -> int:
     ap.add_argument("--cols", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5, help="timed step() calls after a warm-up")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap.add_argument("--runs", default="whole,replicated,sharded", help="which runs (comma-separated)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -223,7 +224,12 @@ def main() -> int:
     info = _common.machine_info()
     t_start = time.perf_counter()
     summaries, errors, loads = {}, [], {}
-    for mode, world in RUNS:
+    wanted = args.runs.split(",")
+    unknown = sorted(set(wanted) - {m for m, _ in RUNS})
+    if unknown:
+        ap.error(f"unknown runs {unknown}; choose from {[m for m, _ in RUNS]}")
+    runs = [(m, w) for m, w in RUNS if m in wanted]
+    for mode, world in runs:
         loads[mode] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"[{mode}, world {world}] launching (load {loads[mode]}) ...", file=sys.stderr, flush=True)
         res = launch(mode, world, cfg, args.timeout)
@@ -238,7 +244,7 @@ def main() -> int:
     floor = _bd.parallel_floor(argparse.Namespace(tables=1, rows=rows, cols=args.cols, steps=args.steps,
                                                    timeout=args.timeout, quick=False))
 
-    modes = [m for m, _ in RUNS]
+    modes = [m for m, _ in runs]
     whole = summaries.get("whole")
 
     def cell(mode, f):
@@ -246,7 +252,7 @@ def main() -> int:
 
     packed = rows * args.cols / 8
     table = [
-        ["run"] + [f"{m}, world {w}" for m, w in RUNS],
+        ["run"] + [f"{m}, world {w}" for m, w in runs],
         ["data layout per rank"] + [cell(m, lambda s: f"{s['placements']}; "
                                          + _per_rank(s["data_bytes"], lambda b: f"{b / 1e6:.0f} MB"))
                                     for m in modes],
