@@ -166,3 +166,98 @@ def test_selection_digit_bits_accepts_none_8_11_16_and_refuses_other_values():
     for bad in (12, 0, True, "11"):
         with pytest.raises(ValueError, match="selection_digit_bits must be None or one of"):
             sp.selection_digit_bits = bad
+
+
+# -- tables sharded in rectangles (TorchRec layouts), in one process ------------------------------
+
+
+from distsparse.rects import RectShards, layout_from_gathered  # noqa: E402
+
+
+def test_owned_regions_reach_into_the_rectangles_below_and_to_the_right():
+    # 10 x 10 in four rectangles cut at row 5 and column 6, blocks (2, 4)
+    lay = layout_from_gathered("t", (10, 10), [[[0, 0, 5, 6], [5, 6, 5, 4]], [[0, 6, 5, 4], [5, 0, 5, 6]]], 1)
+    assert [(r.row, r.col, r.holder) for r in lay.rects] == [(0, 0, 0), (5, 6, 0), (0, 6, 1), (5, 0, 1)]
+    assert lay.owned(0, (2, 4)) == (0, 6, 0, 8)  # one block row and the block column straddle
+    assert lay.owned(2, (2, 4)) == (0, 6, 8, 10)
+    assert lay.owned(1, (2, 4)) == (6, 10, 8, 10) and lay.owned(3, (2, 4)) == (6, 10, 0, 8)
+    assert lay.pieces((2, 4)) == [(0, 1, (5, 6, 6, 8)), (0, 2, (0, 5, 6, 8)), (0, 3, (5, 6, 0, 6)),
+                                  (2, 1, (5, 6, 8, 10)), (3, 1, (6, 10, 6, 8))]
+    assert lay.mine() == [2, 3] and not lay.row_ordered
+    assert layout_from_gathered("t", (10, 4), [[[5, 0, 5, 4]], [[0, 0, 5, 4]]], 0).row_ordered
+
+
+@pytest.mark.parametrize("per_rank, message", [
+    ([[[0, 0, 6, 4]], [[5, 0, 5, 4]]], "shards overlap"),
+    ([[[0, 0, 4, 4]], [[5, 0, 5, 4]]], "cover 36 of the table's 40 elements"),
+    ([[[0, 0, 5, 4]], [[5, 1, 5, 4]]], "lies outside"),
+])
+def test_rectangles_that_do_not_tile_the_table_are_a_value_error_naming_the_group(per_rank, message):
+    with pytest.raises(ValueError, match=rf"group 'emb\.t'.*{message}"):
+        layout_from_gathered("emb.t", (10, 4), per_rank, 0)
+
+
+def _rect_groups(data, cuts_r, cuts_c):
+    return [((r0, c0), data[r0:r1, c0:c1]) for r0, r1 in zip(cuts_r, cuts_r[1:]) for c0, c1 in zip(cuts_c, cuts_c[1:])]
+
+
+@pytest.mark.parametrize("block", [(1, 4), (2, 2), (3, 5)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("kind", ["random", "few_values"])
+def test_one_process_holding_every_rectangle_gets_the_single_process_mask(block, kind):
+    gen = torch.Generator().manual_seed(1)
+    for rows, cols in ((23, 19), (7, 5), (1, 9)):
+        data = torch.randn(rows, cols, generator=gen) if kind == "random" else \
+            torch.randint(1, 4, (rows, cols), generator=gen).float()
+        shards = _rect_groups(data, [0, rows // 3, rows // 3 + 1, rows], [0, 2, cols // 2 + 1, cols])
+        for level, zeros in ((0.5, None), (0.37, 1), (1.0, None)):
+            sp = DataNormSparsifier(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros)
+            masked = sp.add_data("t", RectShards((rows, cols), shards[::-1]))
+            assert isinstance(masked, RectShards)
+            sp.step()
+            whole = torch.empty(rows, cols, dtype=torch.bool)
+            for (r, c), m in sp.get_mask("t").local_shards():
+                assert m.dtype == torch.bool
+                whole[r : r + m.shape[0], c : c + m.shape[1]] = m
+            expected = norm_block_mask(data, level, block, block[0] * block[1] if zeros is None else zeros, "L1")
+            assert torch.equal(whole, expected), (rows, cols, level)
+            assert sp.sparsity("t")["t"] == 1.0 - int(expected.sum()) / expected.numel()
+
+
+def test_squash_writes_into_the_shards_and_checkpoints_hold_the_whole_mask(tmp_path):
+    import distsparse
+
+    data = torch.randn(12, 8, generator=torch.Generator().manual_seed(2))
+    table = data.clone()
+    sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(2, 3))
+    sp.add_data("t", RectShards((12, 8), _rect_groups(table, [0, 5, 12], [0, 3, 8])))
+    sp.step()
+    sp.squash_mask()
+    expected = norm_block_mask(data, 0.5, (2, 3), 6, "L1")
+    assert torch.equal(table, torch.where(expected, data, 0.0))  # the shards are views of `table`
+    distsparse.save_checkpoint(tmp_path / "c.safetensors", sp)
+    plain = DataNormSparsifier(sparsity_level=0.1, sparse_block_shape=(2, 3))
+    plain.add_data("t", torch.nn.Parameter(torch.ones(12, 8)))
+    distsparse.load_checkpoint(tmp_path / "c.safetensors", plain)
+    assert torch.equal(plain.get_mask("t"), expected)
+    # and back into other rectangles (state restored as pending until added)
+    other = DataNormSparsifier(sparsity_level=0.1, sparse_block_shape=(2, 3))
+    distsparse.load_checkpoint(tmp_path / "c.safetensors", other, strict=False)
+    other.add_data("t", RectShards((12, 8), _rect_groups(torch.ones(12, 8), [0, 12], [0, 1, 8])))
+    got = dict(other.get_mask("t").local_shards())
+    assert torch.equal(got[(0, 0)], expected[:, :1]) and torch.equal(got[(0, 1)], expected[:, 1:])
+    assert other.sparsity("t")["t"] == 1.0 - int(expected.sum()) / expected.numel()
+    # a state_dict of this rank's shards loads only into the same shards
+    with pytest.raises(ValueError, match=r"group 't'.*load a checkpoint file"):
+        plain.load_state_dict(sp.state_dict())
+
+
+def test_rect_shards_refuse_bad_shapes_and_offsets():
+    with pytest.raises(ValueError, match="must be 2-D"):
+        RectShards((3, 4, 5), [])
+    with pytest.raises(ValueError, match="lies outside"):
+        RectShards((3, 4), [((2, 0), torch.zeros(2, 4))])
+    sp = DataNormSparsifier()
+    with pytest.raises(ValueError, match=r"group 't'.*replicated=False"):
+        sp.add_data("t", RectShards((3, 4), [((0, 0), torch.zeros(3, 4))]), replicated=False)
+    with pytest.raises(TypeError, match=r"group 't'.*floating-point"):
+        sp.add_data("t", RectShards((3, 4), [((0, 0), torch.zeros(3, 4, dtype=torch.int64))]))

@@ -14,7 +14,6 @@ import torch
 import torchrec_fns
 from launcher import run_ranks
 
-pytest.importorskip("torchrec", reason="TorchRec is part of the test extra (see README: CPU install recipe)")
 
 JOB_TIMEOUT = 240
 
@@ -112,3 +111,10 @@ def test_shards_that_overlap_or_leave_a_gap_fail_the_first_step_on_every_rank():
         for kind in ("overlap", "gap"):
             assert res[kind]["error_type"] == "ValueError" and res[kind]["seconds"] < 5, res[kind]
             assert res[kind]["mask_untouched"], res[kind]
+
+
+def test_sparsity_of_an_fsdp2_table_is_global_and_exact_without_a_collective(tmp_path):
+    results = run_ranks(torchrec_fns.fsdp2_global_sparsity, 2, str(tmp_path), timeout=JOB_TIMEOUT)
+    for res in results:
+        assert res["initial"] == 0.0 and res["no_collective"], res
+        assert res["after_step"] == res["exact"] == res["after_load"] == results[0]["exact"] > 0.3, res

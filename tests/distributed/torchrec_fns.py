@@ -436,3 +436,34 @@ def row_wise_bytes(rows: int, cols: int, repeats: int) -> dict:
         out[label] = {"seconds": sorted(times)[len(times) // 2], "bytes_sent": max(sent)}
     dist.barrier()
     return out
+
+
+# -- sparsity() of sharded groups: global and exact, no collective ----------------------------------
+
+
+def fsdp2_global_sparsity(folder: str) -> dict:
+    """An FSDP2 table (uneven rows, straddling blocks): sparsity() equals the exact global
+    figure of the whole mask on every rank, after a step and after loading a checkpoint,
+    without a collective at call time (the Comm's call counter does not move)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    emb = nn.Embedding(1001, 10)
+    with torch.no_grad():
+        emb.weight.copy_(_values("few_values", 1001, 10, 4))
+    fully_shard(emb, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.41, sparse_block_shape=(3, 4))
+    sp.add_data("emb", emb.weight)
+    before = sp.sparsity()["emb"]
+    sp.step()
+    whole = sp.get_mask("emb").full_tensor()
+    calls = sp.comm.calls
+    out = {"initial": before, "after_step": sp.sparsity()["emb"], "exact": 1.0 - int(whole.sum()) / whole.numel(),
+           "no_collective": sp.comm.calls == calls}
+    distsparse.save_checkpoint(f"{folder}/fsdp2.safetensors", sp)
+    again = distsparse.DataNormSparsifier(sparsity_level=0.1, sparse_block_shape=(3, 4))
+    again.add_data("emb", emb.weight)
+    distsparse.load_checkpoint(f"{folder}/fsdp2.safetensors", again)
+    out["after_load"] = again.sparsity()["emb"]
+    dist.barrier()
+    return out
