@@ -10,10 +10,12 @@
 Run from the repository root. By default the run trains the sparse model AND a dense
 baseline side by side and reports what sparsity cost; `--no-baseline` skips the baseline,
 `--dense` trains only a dense model (no sparsifier), `--csv PATH` trains on your own
-`user,item,label` rows. Every option and its default is listed below.
+`user,item,label` rows, `--fsdp2` shards the tables instead of replicating them. Every
+option and its default is listed below.
 
 DLRM-style click model whose embedding tables are sparsified during training by
-distsparse, trained with HuggingFace accelerate (DDP), resumable after a crash.
+distsparse, trained with HuggingFace accelerate (DDP; FSDP2 with --fsdp2), resumable
+after a crash.
 
 What it does
 ------------
@@ -57,7 +59,8 @@ What it does
   the uninterrupted one step for step, bit for bit. Another world size or `--batch-size`:
   it says what changed (global batch, steps per epoch) and still sees every sample of
   the epoch once.
-* Checkpoints: `accelerator.save_state()` every `--save-every` steps into
+* Checkpoints (FSDP2 mode: the same files, see below): `accelerator.save_state()` every
+  `--save-every` steps into
   `OUTPUT_DIR/ckpt/step_000120/` (model, optimizer, RNG states, plus distsparse's
   safetensors sparsity state through `distsparse.register_for_checkpointing`); after every
   rank has finished writing (`wait_for_everyone`), the main process writes
@@ -118,6 +121,11 @@ its own rows and only the selection's counts travel (never the data or a mask).
   checkpoint of either mode resumes in the other (and on another number of ranks):
   masks reshard, the model and optimizer go through full state dicts; the run says which
   mode wrote it. A folder written by an unknown mode is refused, naming it.
+* Same settings, same numbers: both modes run the same float32 operations (the forward on
+  the whole gathered weights; gradients halved, then summed over 2 ranks; elementwise
+  Adam), so at world 2 on gloo (tests/test_example_fsdp2.py) and at world 1 on one GPU
+  (checked on an H100) the FSDP2 mode ends bit-identical to the DDP mode: weights, masks,
+  validation figures. It is slower on CPU (all-gathers and reduce-scatters per table).
 * The full model and optimizer state pass through rank 0's CPU memory at every save and
   load (fine while one host holds the model; not a sharded, DCP-style checkpoint). The
   summary at the end gathers the tables and masks (`full_tensor()`) for its figures,
@@ -776,12 +784,14 @@ def fsdp2_load_files(accelerator, path: Path, pairs, sp, sch) -> None:
 
 def sharded_sparsities(sp, device) -> dict:
     """Per-table sparsity of sharded groups from each rank's own mask rows (one all-reduce
-    of two counts per table; no mask is gathered)."""
-    counts = torch.tensor([[float((~sp.get_mask(n).to_local()).sum()), float(sp.get_mask(n).to_local().numel())]
+    of two counts per table; no mask is gathered), rounded as the DDP mode's
+    `1 - mask.float().mean()` is (float32 kept fraction), so both modes log the same figures."""
+    counts = torch.tensor([[float(sp.get_mask(n).to_local().sum()), float(sp.get_mask(n).to_local().numel())]
                            for n in TABLES], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
-    return {n: float(z / total) if total else 0.0 for n, (z, total) in zip(TABLES, counts.tolist())}
+    return {n: 1.0 - float(torch.tensor(kept, dtype=torch.float32) / total) if total else 0.0
+            for n, (kept, total) in zip(TABLES, counts.tolist())}
 
 
 def export_sharded(path: Path, sp, is_main: bool) -> None:

@@ -192,3 +192,82 @@ def test_retention_counts_only_trusted_checkpoints_at_or_before_the_new_one(job,
     state = json.loads((tmp_path / "step_000040" / "train_state.json").read_text())
     assert state == {"step": 40, "files": {"model.safetensors": job.file_sha256(tmp_path / "step_000040" /
                                                                                 "model.safetensors")}}
+
+
+def test_fsdp2_is_an_option_off_by_default(job, capsys):
+    assert job.parse_args([]).fsdp2 is False and job.parse_args(["--fsdp2"]).fsdp2 is True
+    with pytest.raises(SystemExit):
+        job.parse_args(["--help"])
+    assert "--fsdp2" in capsys.readouterr().out
+
+
+def _adam_after_a_step():
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Linear(4, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    return opt.state_dict(), names, shapes
+
+
+def test_optimizer_state_by_index_and_by_name_round_trip(job):
+    # torch's format (the DDP mode's optimizer.bin) <-> parameter names (FSDP2's full state dicts)
+    sd, names, shapes = _adam_after_a_step()
+    by_name = job.optimizer_by_name(sd, names, shapes, "optimizer.bin")
+    assert sorted(by_name["state"]) == sorted(names) and by_name["param_groups"][0]["params"] == names
+    assert torch.equal(by_name["state"]["0.weight"]["exp_avg"], sd["state"][0]["exp_avg"])
+    back = job.optimizer_by_index(by_name)
+    assert back["param_groups"] == sd["param_groups"]
+    assert sorted(back["state"]) == sorted(sd["state"])
+    for i, st in sd["state"].items():
+        assert all(torch.equal(st[k], back["state"][i][k]) for k in st), i
+
+
+def test_an_optimizer_file_of_another_model_is_refused_naming_the_file_and_parameter(job):
+    sd, names, shapes = _adam_after_a_step()
+    with pytest.raises(ValueError, match=r"optimizer_1\.bin: 3 parameters, this run's model has 2"):
+        job.optimizer_by_name(sd, names[:2], {n: shapes[n] for n in names[:2]}, "optimizer_1.bin")
+    wider = dict(shapes, **{"0.weight": [7, 8]})
+    with pytest.raises(ValueError, match=r"optimizer\.bin: exp_avg of 0\.weight has shape \[7, 4\], "
+                                         r"this run's parameter \[7, 8\]"):
+        job.optimizer_by_name(sd, names, wider, "optimizer.bin")
+    with pytest.raises(ValueError, match=r"optimizer\.bin: not a torch optimizer state dict"):
+        job.optimizer_by_name({"weights": 1}, names, shapes, "optimizer.bin")
+
+
+def test_a_model_file_of_another_model_is_refused_naming_the_tensor(job):
+    shapes = {"tables.user.weight": [400, 16], "top.0.bias": [64]}
+    good = {"tables.user.weight": torch.zeros(400, 16), "top.0.bias": torch.zeros(64)}
+    job.check_model_state(good, shapes, "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors: tables\.user\.weight has shape \[400, 8\], "
+                                         r"this run's model \[400, 16\]"):
+        job.check_model_state(dict(good, **{"tables.user.weight": torch.zeros(400, 8)}), shapes, "model.safetensors")
+    with pytest.raises(ValueError, match=r"model_1\.safetensors: missing \['top\.0\.bias'\]; unexpected \['x'\]"):
+        job.check_model_state({"tables.user.weight": torch.zeros(400, 16), "x": torch.zeros(1)}, shapes,
+                              "model_1.safetensors")
+
+
+def test_inspect_checkpoint_takes_both_modes_and_refuses_an_unknown_one_by_name(job, tmp_path):
+    for step, mode in ((10, "ddp"), (20, "fsdp2")):
+        p = _ckpt(tmp_path, step, state={"step": step, "sparse": True, "baseline": True, "mode": mode})
+        assert job.inspect_checkpoint(p, True, True)[0] == "ok"
+    p = _ckpt(tmp_path, 30, state={"step": 30, "sparse": True, "baseline": True, "mode": "tp"})
+    kind, why = job.inspect_checkpoint(p, True, True)
+    assert kind == "fatal" and "was written in mode 'tp'" in why and "modes ddp, fsdp2" in why, why
+
+
+def test_save_checkpoint_checksums_what_a_custom_writer_wrote(job, tmp_path):
+    def write(path):   # the FSDP2 mode's writer stands in for accelerator.save_state
+        (path / "model.safetensors").write_bytes(b"full weights")
+        (path / "random_states_0.pkl").write_bytes(b"rng")
+
+    class NoSaveState(_OneProcess):
+        def save_state(self, path):
+            raise AssertionError("save_state must not be called when a writer is given")
+
+    job.save_checkpoint(NoSaveState(), tmp_path, 40, {"step": 40, "mode": "fsdp2"}, 2, set(), write)
+    folder = tmp_path / "step_000040"
+    state = json.loads((folder / "train_state.json").read_text())
+    assert state["mode"] == "fsdp2" and sorted(state["files"]) == ["model.safetensors", "random_states_0.pkl"]
+    assert (folder / "COMPLETE").read_text() == "40\n"
