@@ -158,16 +158,19 @@ def _is_sharded_tensor(data: Any) -> bool:
 
 
 def _local_shards_wrapper(data: Any) -> Any | None:
-    """The ``LocalShardsWrapper`` inside a TorchRec DTensor (``output_dtensor=True``), else None."""
+    """The ``LocalShardsWrapper`` inside a TorchRec DTensor (``output_dtensor=True``), else
+    None. Duck-typed (``local_shards()`` and ``local_offsets()``): TorchRec 1.9 uses its own
+    class of that name (``torchrec.distributed.shards_wrapper``), torch has another, and the
+    core never imports TorchRec."""
     try:
         from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
     except ImportError:  # pragma: no cover
         return None
     if not isinstance(data, DTensor):
         return None
     local = data._local_tensor
-    return local if isinstance(local, LocalShardsWrapper) else None
+    ok = callable(getattr(local, "local_shards", None)) and callable(getattr(local, "local_offsets", None))
+    return local if ok else None
 
 
 def as_rect_shards(data: Any) -> RectShards | None:

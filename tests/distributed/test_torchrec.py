@@ -92,7 +92,7 @@ def test_checkpoints_move_from_torchrec_2_to_single_to_replicated_3_to_torchrec_
             assert torch.equal(res[name], reference[name]), name
         if "sparsity" in res:
             assert res["sparsity"] == sparsity, res["sparsity"]
-    assert back[0]["config"] == [2, 3]
+    assert back[0]["config"] == [2, 3] and back[0]["dtensor"]
 
 
 def test_rectangles_dealt_at_random_give_the_single_process_mask():

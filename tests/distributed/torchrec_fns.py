@@ -92,7 +92,8 @@ class _Model(nn.Module):
         return self.ebc(kjt)
 
 
-def _dmp(tables: dict, specs: dict, kernel: str, optimizer: str = "sgd", collection: str = "ebc"):
+def _dmp(tables: dict, specs: dict, kernel: str, optimizer: str = "sgd", collection: str = "ebc",
+         output_dtensor: bool = False):
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
@@ -104,7 +105,7 @@ def _dmp(tables: dict, specs: dict, kernel: str, optimizer: str = "sgd", collect
         opt = torch.optim.Adagrad if optimizer == "adagrad" else torch.optim.SGD
         apply_optimizer_in_backward(opt, model.ebc.parameters(), {"lr": 0.05})
     plan = construct_module_sharding_plan(model.ebc, specs, world_size=world, local_size=world, device_type="cpu")
-    return DistributedModelParallel(model, env=ShardingEnv(world, rank, dist.group.WORLD),
+    return DistributedModelParallel(model, env=ShardingEnv(world, rank, dist.group.WORLD, output_dtensor=output_dtensor),
                                     device=torch.device("cpu"), plan=ShardingPlan({"ebc": plan}))
 
 
@@ -320,7 +321,8 @@ def checkpoint_load_replicated(folder: str, src: str, dst: str) -> dict:
 
 
 def checkpoint_load_torchrec(folder: str, src: str) -> dict:
-    """TorchRec run with another plan and world size: load; global masks and sparsity."""
+    """TorchRec run with another plan and world size, tables as DTensors (``output_dtensor``,
+    placements not trusted): load; global masks and sparsity."""
     from torchrec.distributed.sharding_plan import column_wise, row_wise, table_wise
 
     from distsparse.integrations.torchrec import add_torchrec_tables
@@ -328,7 +330,9 @@ def checkpoint_load_torchrec(folder: str, src: str) -> dict:
     world = dist.get_world_size()
     specs = {"rw": column_wise(ranks=[world - 1, 0, 1], compute_kernel="dense"),
              "tw": row_wise(compute_kernel="dense"), "cw": table_wise(rank=1, compute_kernel="dense")}
-    model = _dmp(CKPT_TABLES, specs, "dense")
+    model = _dmp(CKPT_TABLES, specs, "dense", output_dtensor=True)
+    from torch.distributed.tensor import DTensor
+
     sp = distsparse.DataNormSparsifier(sparsity_level=0.1, sparse_block_shape=(1, 1))
     add_torchrec_tables(sp, model, ["rw", "cw"])
     distsparse.load_checkpoint(f"{folder}/{src}", sp)
@@ -336,6 +340,7 @@ def checkpoint_load_torchrec(folder: str, src: str) -> dict:
     out = {n: _whole(sp.get_mask(n), CKPT_TABLES[n]) for n in CKPT_TABLES}
     out["sparsity"] = sp.sparsity()
     out["config"] = sp.data_groups["rw"]["sparse_block_shape"]
+    out["dtensor"] = isinstance(sp.get_data("tw"), DTensor)
     dist.barrier()
     return out
 
