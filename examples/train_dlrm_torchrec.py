@@ -415,7 +415,7 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
     if sp is not None:
         solo = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4), process_group=solo_group)
         for n in TABLES:
-            solo.add_data(n, tables[n])
+            solo.add_data(n, tables[n], replicated=True)   # as the sharded groups are saved
         distsparse.load_checkpoint(final_ckpt / SPARSITY_FILE, solo)   # whole masks of the sharded run
         masks = {n: solo.get_mask(n) for n in TABLES}
     for n in TABLES:
