@@ -292,12 +292,15 @@ def main() -> int:
     ]
     checks = []
     if "sharded" in summaries:
-        sent = max(v["bytes_sent"] for v in summaries["sharded"]["stats"].values())
+        def most_sent(mode: str) -> float:
+            return max(v["bytes_sent"] for v in summaries[mode]["stats"].values())
+
+        sent = most_sent("sharded")
         checks.append(f"sharded bytes sent per rank per step {sent:,.0f} B < {TARGET_BYTES:,} B (64 KiB): "
                       + ("PASS" if sent < TARGET_BYTES else "FAIL")
                       + f" (the whole mask bit-packed: {packed:,.0f} B"
-                      + (f"; replicated sends {max(v['bytes_sent'] for v in summaries['replicated']['stats'].values()):,.0f} B"
-                         if "replicated" in summaries else "") + ")")
+                      + (f"; replicated sends {most_sent('replicated'):,.0f} B" if "replicated" in summaries else "")
+                      + ")")
         if whole:
             ratio = max(summaries["sharded"]["growth_kb"].values()) / max(whole["growth_kb"].values())
             checks.append(f"sharded peak RSS growth during step(), worst rank / world 1: {ratio:.2f} <= "

@@ -415,7 +415,8 @@ def _fsdp2_job(out: str) -> None:
             "last_step_at": cb.last_step_at,
             "logged": {k.removeprefix("sparsity/"): v for k, v in net.logged.items()},
             "sparsity": sp.sparsity(),
-            "log_collectives": comm.get_total_counts(), "rank0_log_alone": seen, "old_way_collectives": old.get_total_counts(),
+            "log_collectives": comm.get_total_counts(), "rank0_log_alone": seen,
+            "old_way_collectives": old.get_total_counts(),
             "state_mask_whole": bool(torch.equal(unpack_bits(state["masks"]["emb.weight"], (41, 8)), full_mask)),
             "state_has_no_rows_only_entry": "sharded" not in state["sparsifier"]["groups"]["emb.weight"],
         }

@@ -210,8 +210,8 @@ class TrainingAwareDataSparsity(pl.Callback):
 
     The sparsifier and scheduler are built from the classes and arguments (as torch.ao:
     ``data_scheduler_args`` without ``data_sparsifier``) in ``on_fit_start`` — on every rank,
-    after Lightning created the process group and ran ``configure_model`` — with the model's parameters added under
-    their own names. Then, every ``every_n_train_steps`` optimizer steps (or at the end of
+    after Lightning created the process group and ran ``configure_model`` — with the model's
+    parameters added under their own names. Then, every ``every_n_train_steps`` optimizer steps (or at the end of
     every training epoch when ``None``): ``data_sparsifier.step()`` (new masks from the
     current weights; collective), ``data_scheduler.step()`` (the next level, decided on
     rank 0), ``squash_mask()`` (pruned weights become 0 in place) and one
