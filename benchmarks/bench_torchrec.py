@@ -93,13 +93,13 @@ def _sharded_table(rows: int, cols: int, rank: int, world: int, table):
     return dmp, st, offset, local_rows
 
 
-def _local_mask(mask):
-    """This rank's rows of a group's mask (plain tensor, DTensor or ShardedTensor)."""
+def _local_mask(mask, offset: int):
+    """This rank's rows of a group's mask: a plain tensor, or a sharded group's
+    ``RectShards`` (``local_shards()``: ``[((row, col), mask)]``), one shard at ``offset``."""
     if hasattr(mask, "local_shards"):
-        (shard,) = mask.local_shards()
-        return shard.tensor
-    if hasattr(mask, "to_local"):
-        return mask.to_local()
+        ((start, local),) = mask.local_shards()
+        assert tuple(start) == (offset, 0), (start, offset)
+        return local
     return mask
 
 
@@ -149,7 +149,7 @@ def run_child(cfg: dict) -> dict:
         assert offset == rank * half and local_rows == min(half, rows - offset), (offset, local_rows)
         names = add_torchrec_tables(sp, dmp)
         assert names == ["table"], names
-        layout = f"TorchRec row_wise ShardedTensor, rows {offset}..{offset + local_rows}"
+        layout = "TorchRec row_wise ShardedTensor (FBGEMM buffer)"
     else:
         sp.add_data("table", table, replicated=True)
         offset, local_rows = 0, rows
@@ -178,7 +178,7 @@ def run_child(cfg: dict) -> dict:
         squash_s.append(time.perf_counter() - t0)
 
     # sha256 of each world-2 chunk of mask rows this rank holds (no gathering)
-    local = _local_mask(sp.get_mask("table"))
+    local = _local_mask(sp.get_mask("table"), offset)
     hashes = {}
     for start, stop in ((0, half), (half, rows)):
         a, b = max(start, offset), min(stop, offset + local_rows)
@@ -197,7 +197,7 @@ def run_child(cfg: dict) -> dict:
 
     dist.barrier()
     dist.destroy_process_group()
-    return dict(rank=rank, world=world, local_rows=local_rows, data_bytes_rank=data_bytes_rank,
+    return dict(rank=rank, world=world, offset=offset, local_rows=local_rows, data_bytes_rank=data_bytes_rank,
                 rss_after_add_kb=rss_after_add_kb, warmup_s=warm_s, step_s=step_s, step_cpu_s=cpu_s,
                 step_growth_kb=growth_kb, stats=stats, squash_s=squash_s, hashes=hashes, layout=layout,
                 zeros_ok=zeros_ok, train_s=train_s, sparsity=global_sparsity)
@@ -254,6 +254,7 @@ def summarize(results: list[dict]) -> dict:
              cpu={r["rank"]: statistics.median(r["step_cpu_s"]) for r in results},
              growth_kb={r["rank"]: max(r["step_growth_kb"]) for r in results},
              data_bytes={r["rank"]: r["data_bytes_rank"] for r in results},
+             rows={r["rank"]: (r["offset"], r["offset"] + r["local_rows"]) for r in results},
              rss_after_add_kb={r["rank"]: r["rss_after_add_kb"] for r in results},
              squash=statistics.median(max(r["squash_s"][i] for r in results) for i in range(n)),
              layout=results[0]["layout"], hashes={},
@@ -324,9 +325,9 @@ def main() -> int:
     packed = rows * args.cols / 8
     table = [
         ["run"] + [f"{m}, world {w}" for m, w in RUNS],
-        ["data layout per rank"] + [cell(m, lambda s: f"{s['layout']}; "
-                                         + _per_rank(s["data_bytes"], lambda b: f"{b / 1e6:.0f} MB"))
-                                    for m in modes],
+        ["data layout per rank"] + [cell(m, lambda s: f"{s['layout']}; " + " / ".join(
+            f"r{rk}: rows {a:,}..{b:,} ({s['data_bytes'][rk] / 1e6:.0f} MB)" for rk, (a, b) in sorted(s["rows"].items())))
+            for m in modes],
         ["load average (1/5/15 min) when the run started"] + [loads.get(m, "?") for m in modes],
         [f"step() wall time (median of {args.steps}; max over ranks)"]
         + [cell(m, lambda s: _bd.ms(s["step_median"])) for m in modes],

@@ -43,7 +43,11 @@ What it does
   0 -> `--final-sparsity` (0.8) over steps S0..S0+R. Every step: forward, backward (the
   fused update), dense optimizer step, `sp.step()`, `sch.step()`, `sp.squash_mask()`:
   the fused optimizer writes into pruned weights inside backward, so the masks are
-  written back into the shards after every step.
+  written back into the shards after every step. Pruned weights' optimizer state is kept
+  (gradual magnitude pruning lets them regrow); `--zero-pruned-state` zeroes Adagrad's
+  `momentum1` of pruned weights after each squash
+  (`distsparse.integrations.torchrec.zero_pruned_optimizer_state`; no measurable change in
+  AUC here).
 * Dense baseline (default): a second DistributedModelParallel model with the same plan,
   initial weights and optimizers and no sparsifier, trained in the same loop on the same
   batches; `--no-baseline` skips it, `--dense` trains only a dense model.
@@ -363,13 +367,14 @@ def resume(args, ckpt_root: Path, trainees: dict, sp, sch, say):
 
 
 # --------------------------------------------------------------------------- summary
-def gathered_tables(dmp) -> dict[str, torch.Tensor] | None:
-    """Whole tables on rank 0 (None elsewhere); a collective."""
+def gathered_tables(dmp, device) -> dict[str, torch.Tensor] | None:
+    """Whole tables on rank 0's CPU (None elsewhere); a collective (gathered on `device`,
+    where NCCL needs the tensors)."""
     out = {}
     for name, st in sharded_tables(dmp).items():
-        full = torch.empty(tuple(st.size()), dtype=st.dtype) if dist.get_rank() == 0 else None
+        full = torch.empty(tuple(st.size()), dtype=st.dtype, device=device) if dist.get_rank() == 0 else None
         st.gather(dst=0, out=full)
-        out[name] = full
+        out[name] = full.cpu() if full is not None else None
     return out if dist.get_rank() == 0 else None
 
 
@@ -392,8 +397,8 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
     model, base = trainees["model"], trainees.get("baseline")
     final = evaluate(model.dmp, val, device)
     base_final = evaluate(base.dmp, val, device) if base is not None else None
-    tables = gathered_tables(model.dmp)
-    base_tables = gathered_tables(base.dmp) if base is not None else None
+    tables = gathered_tables(model.dmp, device)
+    base_tables = gathered_tables(base.dmp, device) if base is not None else None
     global_sparsity = sp.sparsity() if sp is not None else None
     dense_sd = {k: v.cpu() for k, v in dense_state(model.dmp).items()}
     base_dense_sd = {k: v.cpu() for k, v in dense_state(base.dmp).items()} if base is not None else None
@@ -494,6 +499,9 @@ def parse_args(argv=None):
     p.add_argument("--sharding", choices=SHARDINGS, default="auto",
                    help="auto: row-wise for tables of at least --row-wise-min-rows rows, table-wise for the others")
     p.add_argument("--row-wise-min-rows", type=count, default=1000, help="--sharding auto: the row-wise threshold")
+    p.add_argument("--zero-pruned-state", action="store_true",
+                   help="after each squash_mask(), zero the fused optimizer state (Adagrad's momentum1) of pruned "
+                        "weights (distsparse.integrations.torchrec.zero_pruned_optimizer_state)")
     p.add_argument("--dense", action="store_true", help="train only a dense model: no sparsifier, no baseline")
     p.add_argument("--no-baseline", action="store_true", help="do not train the dense baseline next to the sparse model")
     p.add_argument("--final-sparsity", type=_number(float, 0.0, 1.0), default=0.8,
@@ -602,7 +610,7 @@ def run(args, device):
     # ---- sparsity
     sp = sch = None
     if not args.dense:
-        from distsparse.integrations.torchrec import add_torchrec_tables
+        from distsparse.integrations.torchrec import add_torchrec_tables, zero_pruned_optimizer_state
 
         sp = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4))
         names = add_torchrec_tables(sp, model.dmp)
@@ -648,6 +656,8 @@ def run(args, device):
                     sp.step()          # masks from the current weights, where the rows live
                     sch.step()         # level for the next step
                     sp.squash_mask()   # zeros back into the shards: the fused optimizer regrew them
+                    if args.zero_pruned_state:
+                        zero_pruned_optimizer_state(sp, model.dmp.fused_optimizer)
             step += 1; run_steps += 1; win_steps += 1
             epoch_pos += global_batch
 

@@ -16,6 +16,7 @@ model + dense baseline (both DistributedModelParallel, fused Adagrad).
      <damaged>` fails with one message; `--resume auto` names both skipped folders, resumes
      from the third and ends bit-identical to A: masks, schedule, both models' weights
      (tables and MLPs), validation metrics.
+* C  the same run with every table column-wise: the same masks and weights, bit for bit.
 * W  a world-2 checkpoint of A resumed by ONE process (`python`, no launcher; DCP reshards
      the tables and optimizer state, distsparse the masks): says what changed, finishes.
 
@@ -248,3 +249,18 @@ def test_world_2_checkpoint_resumes_in_one_process(run_a, tmp_path):
     assert s["final_step"] == STEPS and s["world_size"] == 1 and s["steps_this_run"] == STEPS - 54
     for name in TABLES:   # the masks came through the reshard: still at the final level
         assert abs(s["tables"][name]["sparsity"] - 0.75) < 0.02, (name, s["tables"][name])
+
+
+def test_column_wise_plan_gives_the_same_masks_and_weights(run_a, tmp_path):
+    """Masks do not depend on how TorchRec shards the tables (each is the single-process mask
+    of the whole table); with these plans TorchRec's arithmetic is the same too, so the whole
+    run is bit-identical to A's row-/table-wise one."""
+    a, _ = run_a
+    sa = _summary(a)
+    c = tmp_path / "c"
+    rc = _ok(_torchrun(c, "--sharding", "column_wise"))
+    assert "TorchRec plan: user:column_wise@[0, 1] item:column_wise@[0, 1]" in rc.stdout, rc.stdout
+    sc = _summary(c)
+    assert sc["mask_sha256"] == sa["mask_sha256"]
+    assert sc["model_sha256"] == sa["model_sha256"] and sc["val"] == sa["val"]
+    assert sc["tables"] == sa["tables"]
