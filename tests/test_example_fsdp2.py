@@ -2,15 +2,16 @@
 ranks on CPU under torchrun, crash/resume, and checkpoints crossing between the FSDP2 and DDP modes.
 
 Tiny settings as in test_example_e2e.py (sparse model + dense baseline, both sharded under
---fsdp2): 8000 rows -> 7200 train rows, global batch 2 x 128 -> 28 steps per epoch, 90 steps,
-a checkpoint every 9 steps (inside epochs), the newest 3 kept.
+--fsdp2): 8000 rows -> 7200 train rows, global batch 2 x 128 -> 28 steps per epoch, 60 steps,
+a checkpoint every 7 steps (inside epochs), the newest 3 kept.
 
 * A  --fsdp2, uninterrupted: tables are Shard(0) DTensors, masks computed where the rows live,
      the checkpoint holds the DDP mode's files, the export loads back equal to the weights.
 * D  the DDP mode on the same settings. At world 2 on gloo the two modes run the same float32
      operations (forward on the whole weights, gradients halved then summed over the 2 ranks,
      elementwise Adam), so A and D end bit-identical: weights, masks, validation figures.
-* B  --fsdp2 killed at a random step of epochs 2-3 (seeded; DLRM_FSDP2_SEED=<seed> replays it);
+* B  --fsdp2 killed at a random step in 49..59 (epochs 1-2; seeded, DLRM_FSDP2_SEED=<seed>
+     replays it);
      the newest checkpoint loses COMPLETE, the next gets a flipped byte in its distsparse file
      (the library's checksum error, raised on every rank inside the FSDP2 loader); resumed
      through `accelerate launch
@@ -43,7 +44,7 @@ FSDP2_CONFIG = ROOT / "launch" / "fsdp2_gpu.yaml"
 TIMEOUT = 150  # seconds per launch (each takes ~10-25 s on a loaded 2-core machine)
 TABLES = ("user", "item", "item_category", "hour", "device", "region")
 
-STEPS, SAVE_EVERY, KEEP, STEPS_PER_EPOCH = 90, 9, 3, 28
+STEPS, SAVE_EVERY, KEEP, STEPS_PER_EPOCH = 60, 7, 3, 28
 TINY = ["--rows", "8000", "--num-users", "400", "--num-items", "150", "--num-categories", "20",
         "--batch-size", "128", "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--keep", str(KEEP),
         "--start-step", "5", "--ramp-steps", "15", "--final-sparsity", "0.75",
@@ -146,7 +147,7 @@ def test_fsdp2_run_shards_the_tables_and_writes_the_ddp_modes_checkpoint_files(r
     sa = _summary(a)
     assert sa["parallelism"] == "fsdp2" and sa["mode"] == "sparse" and sa["world_size"] == 2
     assert f"summary (sparse + dense baseline, step {STEPS}, world_size 2, FSDP2)" in ra.stdout
-    assert _complete_ckpts(a) == [_ckpt(s) for s in (72, 81, 90)]
+    assert _complete_ckpts(a) == [_ckpt(s) for s in (49, 56, 60)]
     for t in sa["tables"].values():
         assert t["weight_zeros"] >= t["zeroed"] > 0
         assert t["sparsity"] == pytest.approx(0.75, abs=0.02)
@@ -175,9 +176,15 @@ def test_fsdp2_run_shards_the_tables_and_writes_the_ddp_modes_checkpoint_files(r
     assert sa["export"]["file_bytes"] < 0.5 * sa["export"]["dense_file_bytes"]
 
 
+def _log_lines(stdout):
+    """The "step N loss ..." lines without the throughput."""
+    return [re.sub(r"samples/s +\d+", "", line) for line in stdout.splitlines() if re.match(r"step +\d+ loss", line)]
+
+
 def test_fsdp2_and_ddp_modes_end_bit_identical_at_world_2(runs):
-    (a, _), (d, _) = runs["fsdp2"], runs["ddp"]
+    (a, ra), (d, rd) = runs["fsdp2"], runs["ddp"]
     _same_end(a, d)
+    assert len(_log_lines(ra.stdout)) == STEPS // 30 and _log_lines(ra.stdout) == _log_lines(rd.stdout)
     sa, sd = _summary(a), _summary(d)
     assert sa["parallelism"] == "fsdp2" and sd["parallelism"] == "ddp"
     assert sa["export"]["file_bytes"] == sd["export"]["file_bytes"]
@@ -186,8 +193,8 @@ def test_fsdp2_and_ddp_modes_end_bit_identical_at_world_2(runs):
 def test_fsdp2_crash_and_damaged_checkpoints_resume_bit_exactly(runs, tmp_path):
     a, _ = runs["fsdp2"]
     seed = int(os.environ.get("DLRM_FSDP2_SEED", random.SystemRandom().randrange(10**6)))
-    # epochs 2-3 are steps 57..84; the third-newest checkpoint is then at step >= 36 (epoch 1)
-    crash = random.Random(seed).randint(57, 84)
+    # steps 49..59 (epochs 1-2): the third-newest checkpoint is then at step 35 or 42 (epoch 1)
+    crash = random.Random(seed).randint(49, 59)
     print(f"DLRM_FSDP2_SEED={seed}: crash at step {crash} (epoch {(crash - 1) // STEPS_PER_EPOCH})")
     why = f"(DLRM_FSDP2_SEED={seed}, crash at step {crash})"
     newest = crash // SAVE_EVERY * SAVE_EVERY
@@ -215,7 +222,7 @@ def test_fsdp2_crash_and_damaged_checkpoints_resume_bit_exactly(runs, tmp_path):
     assert "written in the" not in rb2.stdout                     # same mode: nothing to say
     sb = _summary(b)
     assert sb["resumed_from"] == _ckpt(k1) and sb["steps_this_run"] == STEPS - k1
-    assert _complete_ckpts(b) == [_ckpt(s) for s in (72, 81, 90)]
+    assert _complete_ckpts(b) == [_ckpt(s) for s in (49, 56, 60)]
     _same_end(a, b, why)
 
 
@@ -223,10 +230,10 @@ def test_fsdp2_crash_and_damaged_checkpoints_resume_bit_exactly(runs, tmp_path):
 def test_a_checkpoint_of_one_mode_resumes_in_the_other_bit_exactly(runs, tmp_path, written, resumed):
     src, _ = runs[written]
     x = tmp_path / "x"
-    _copy_ckpt(src, 72, x)
+    _copy_ckpt(src, 49, x)
     r = _ok(_torchrun(x, *(["--fsdp2"] if resumed == "fsdp2" else [])))
-    assert "resumed from step_000072 at step 72 (epoch 2, sample 4096 of 7200)" in r.stdout, r.stdout
-    assert (f"resume: step_000072 was written in the {written} mode and continues in the {resumed} mode "
+    assert "resumed from step_000049 at step 49 (epoch 1, sample 5376 of 7200)" in r.stdout, r.stdout
+    assert (f"resume: step_000049 was written in the {written} mode and continues in the {resumed} mode "
             "(both modes save full model and optimizer state dicts in the same files; the masks reshard)") in r.stdout
     assert _summary(x)["parallelism"] == resumed
     _same_end(runs["fsdp2"][0], x, f"({written} -> {resumed})")
@@ -235,12 +242,12 @@ def test_a_checkpoint_of_one_mode_resumes_in_the_other_bit_exactly(runs, tmp_pat
 def test_fsdp2_at_world_1_resumes_a_2_rank_checkpoint_like_the_ddp_mode(runs, tmp_path):
     a, _ = runs["fsdp2"]
     f1, d1 = tmp_path / "f1", tmp_path / "d1"
-    _copy_ckpt(a, 81, f1)
-    _copy_ckpt(a, 81, d1)
+    _copy_ckpt(a, 49, f1)
+    _copy_ckpt(a, 49, d1)
     rf = _ok(_single(f1, "--fsdp2"))      # no launcher: the script opens a 1-rank process group
     rd = _ok(_single(d1))
     for r in (rf, rd):
-        assert "world_size=1" in r.stdout and "resumed from step_000081 at step 81" in r.stdout, r.stdout
+        assert "world_size=1" in r.stdout and "resumed from step_000049 at step 49" in r.stdout, r.stdout
         assert "global batch 256 -> 128 samples per step" in r.stdout
     assert "fsdp2: tables sharded by rows over 1 rank(s) on cpu" in rf.stdout
     assert "user->400 item->150" in rf.stdout, rf.stdout
@@ -253,11 +260,11 @@ def test_fsdp2_at_world_1_resumes_a_2_rank_checkpoint_like_the_ddp_mode(runs, tm
 def test_a_checkpoint_of_another_model_shape_is_refused_on_every_rank_with_one_message(runs, tmp_path):
     a, _ = runs["fsdp2"]
     x = tmp_path / "x"
-    _copy_ckpt(a, 90, x)
-    r = _torchrun(x, "--fsdp2", "--dim", "8", "--resume", str(x / "ckpt" / _ckpt(90)))
+    _copy_ckpt(a, STEPS, x)
+    r = _torchrun(x, "--fsdp2", "--dim", "8", "--resume", str(x / "ckpt" / _ckpt(STEPS)))
     both = r.stdout + r.stderr
     assert r.returncode != 0, both
-    assert both.count(f"error: cannot resume from {x / 'ckpt' / _ckpt(90)}: model.safetensors: ") == 1, both
+    assert both.count(f"error: cannot resume from {x / 'ckpt' / _ckpt(STEPS)}: model.safetensors: ") == 1, both
     assert "has shape [400, 16], this run's model [400, 8]" in both, both
     assert "[rank0]: Traceback" not in both and "[rank1]: Traceback" not in both, both
 
