@@ -10,7 +10,7 @@ model + dense baseline (both DistributedModelParallel, fused Adagrad).
      final weights; the final sparsity checkpoint loads into a single-process sparsifier
      here, with the masks the summary reports, and every pruned weight is 0; re-running it
      says it is finished and exits 0.
-* B  killed (`--crash-at-step C`, every rank os._exit(1)s) at a random step C in epoch 1
+* B  killed (`--crash-at-step C`, every rank os._exit(1)s) at a random step C in 46..59
      (seeded; `TORCHREC_E2E_SEED=<seed>` replays it). Then the newest checkpoint loses its
      COMPLETE marker and the next one gets a flipped byte in a DCP file. `--resume
      <damaged>` fails with one message; `--resume auto` names both skipped folders, resumes
