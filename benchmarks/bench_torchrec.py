@@ -326,8 +326,8 @@ def main() -> int:
     table = [
         ["run"] + [f"{m}, world {w}" for m, w in RUNS],
         ["data layout per rank"] + [cell(m, lambda s: f"{s['layout']}; " + " / ".join(
-            f"r{rk}: rows {a:,}..{b:,} ({s['data_bytes'][rk] / 1e6:.0f} MB)" for rk, (a, b) in sorted(s["rows"].items())))
-            for m in modes],
+            f"r{rk}: rows {a:,}..{b:,} ({s['data_bytes'][rk] / 1e6:.0f} MB)"
+            for rk, (a, b) in sorted(s["rows"].items()))) for m in modes],
         ["load average (1/5/15 min) when the run started"] + [loads.get(m, "?") for m in modes],
         [f"step() wall time (median of {args.steps}; max over ranks)"]
         + [cell(m, lambda s: _bd.ms(s["step_median"])) for m in modes],

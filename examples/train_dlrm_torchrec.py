@@ -106,11 +106,6 @@ from train_dlrm import (  # noqa: E402  the main job's data, metrics and checkpo
 
 import distsparse  # noqa: E402
 
-# TorchRec 1.9 / torch 2.13 deprecation chatter (ShardedTensor, DDP and c10d argument names, fx
-# tracing) printed by every rank on every run: not this example's to fix
-for _pattern in (r".*ShardedTensor", r".*broadcast_buffers", r".*torch\.distributed\.\w+ is deprecated"):
-    warnings.filterwarnings("ignore", message=_pattern, category=FutureWarning)
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 TABLES = ("user", "item", "item_category", "hour", "device", "region")
 SHARDINGS = ("auto", "row_wise", "table_wise", "column_wise", "table_row_wise")
@@ -459,7 +454,8 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
         lines.append(f"saved file  {EXPORT_NAME}: {e['file_bytes']} B on disk vs {e['dense_file_bytes']} B for the "
                      f"same tables dense in safetensors ({1 - e['file_bytes'] / e['dense_file_bytes']:.1%} smaller)")
     if base_final is not None:
-        lines.append(f"validation  dense baseline @ step {step:<5}: loss {base_final['loss']:.4f}  AUC {base_final['auc']:.4f}"
+        lines.append(f"validation  dense baseline @ step {step:<5}: loss {base_final['loss']:.4f}  "
+                     f"AUC {base_final['auc']:.4f}"
                      f"   (same init, plan, batches and steps, no sparsifier)")
     label = "sparse" if sp is not None else "dense"
     lines.append(f"validation  {label:<14} @ step {step:<5}: loss {final['loss']:.4f}  AUC {final['auc']:.4f}")
@@ -483,7 +479,8 @@ def parse_args(argv=None):
                        "examples/train_dlrm_torchrec.py.")
     count = _number(int, 1)
     positive = _number(float, 0.0, lo_open=True)
-    p.add_argument("--output-dir", default="runs/dlrm_torchrec", help="checkpoints (ckpt/), summary.json and the exported tables")
+    p.add_argument("--output-dir", default="runs/dlrm_torchrec",
+                   help="checkpoints (ckpt/), summary.json and the exported tables")
     p.add_argument("--max-steps", type=count, default=600, help="training steps in all (a resumed run counts on)")
     p.add_argument("--batch-size", type=count, default=512, help="per process; the global batch is this x processes")
     p.add_argument("--lr", type=positive, default=4e-3, help="Adam learning rate of the dense MLPs")
@@ -503,24 +500,28 @@ def parse_args(argv=None):
                    help="after each squash_mask(), zero the fused optimizer state (Adagrad's momentum1) of pruned "
                         "weights (distsparse.integrations.torchrec.zero_pruned_optimizer_state)")
     p.add_argument("--dense", action="store_true", help="train only a dense model: no sparsifier, no baseline")
-    p.add_argument("--no-baseline", action="store_true", help="do not train the dense baseline next to the sparse model")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not train the dense baseline next to the sparse model")
     p.add_argument("--final-sparsity", type=_number(float, 0.0, 1.0), default=0.8,
                    help="sparsity level at the end of the ramp, in [0, 1]")
     p.add_argument("--start-step", type=_number(int, 0), default=100, help="S0: dense warm-up steps before the ramp")
     p.add_argument("--ramp-steps", type=count, default=300, help="R: cubic ramp length in steps")
-    p.add_argument("--save-every", type=_number(int, 0), default=200, help="checkpoint interval in steps; 0: only at the end")
+    p.add_argument("--save-every", type=_number(int, 0), default=200,
+                   help="checkpoint interval in steps; 0: only at the end")
     p.add_argument("--keep", type=count, default=2, help="complete checkpoints to keep")
     p.add_argument("--resume", default="auto",
                    help="'auto': the newest checkpoint that loads; 'none': start over; or a checkpoint folder "
                         "(loaded exactly, no fallback)")
-    p.add_argument("--crash-at-step", type=count, default=None, help="os._exit(1) on every rank after this step (tests)")
+    p.add_argument("--crash-at-step", type=count, default=None,
+                   help="os._exit(1) on every rank after this step (tests)")
     p.add_argument("--log-every", type=_number(int, 0), default=50, help="steps between log lines; 0: only at the end")
     p.add_argument("--expect-world-size", type=count, default=None, help="exit with an error on another world size")
     args = p.parse_args(argv)
     if args.resume not in ("auto", "none") and not os.path.isdir(args.resume):
         p.error(f"argument --resume: {args.resume!r} is neither 'auto', 'none' nor a checkpoint folder")
     if args.crash_at_step is not None and args.crash_at_step > args.max_steps:
-        p.error(f"argument --crash-at-step: {args.crash_at_step} is after --max-steps {args.max_steps}: it would never crash")
+        p.error(f"argument --crash-at-step: {args.crash_at_step} is after --max-steps {args.max_steps}: "
+                "it would never crash")
     return args
 
 
@@ -543,8 +544,17 @@ def init_distributed():
     return device
 
 
+def quiet_third_party_warnings() -> None:
+    """TorchRec 1.9 / torch 2.13 deprecation chatter (ShardedTensor, DDP and c10d argument
+    names, fx tracing), printed by every rank on every run: not this example's to fix."""
+    for pattern in (r".*ShardedTensor", r".*broadcast_buffers", r".*torch\.distributed\.\w+ is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_third_party_warnings()
     device = init_distributed()
     try:
         run(args, device)

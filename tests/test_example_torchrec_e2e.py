@@ -220,7 +220,8 @@ def test_crash_and_damaged_checkpoints_resume_bit_exactly(run_a, tmp_path):
     assert len(skip) == 1, rb2.stdout
     assert (f"{_ckpt(k3)} (no COMPLETE marker" in skip[0] and f"{_ckpt(k2)} (model/{dcp_file.name} does not match"
             in skip[0] and skip[0].endswith(f"resuming from {_ckpt(k1)}")), skip[0]
-    assert re.search(rf"resumed from {_ckpt(k1)} at step {k1} \(epoch {k1 // STEPS_PER_EPOCH}, ", rb2.stdout), rb2.stdout
+    resumed = rf"resumed from {_ckpt(k1)} at step {k1} \(epoch {k1 // STEPS_PER_EPOCH}, "
+    assert re.search(resumed, rb2.stdout), rb2.stdout
     sb = _summary(b)
     assert sb["final_step"] == STEPS and sb["resumed_from"] == _ckpt(k1) and sb["steps_this_run"] == STEPS - k1
 
