@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """distsparse on one big table: TorchRec row-wise sharded vs replicated (DDP-style) vs whole.
 
-    python benchmarks/bench_torchrec.py           # one 2,000,000 x 64 float32 table (~2-3 min)
+    python benchmarks/bench_torchrec.py           # one 2,000,000 x 64 float32 table (~40 s on a quiet machine)
     python benchmarks/bench_torchrec.py --quick   # 200,000 x 64
 
 Needs TorchRec (CPU recipe in the README). Three runs of the same table (seeded
