@@ -41,6 +41,7 @@ every rank's rectangles (a few bytes each).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,11 +151,11 @@ class RectShards:
 
 
 def _is_sharded_tensor(data: Any) -> bool:
-    try:
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-    except ImportError:  # pragma: no cover - torch without distributed support
-        return False
-    return isinstance(data, ShardedTensor)
+    # Only when the module is loaded (whoever made a ShardedTensor loaded it): importing it
+    # here for every add_data changed how a process group tears down (a gloo peer left a
+    # collective before its data was delivered).
+    module = sys.modules.get("torch.distributed._shard.sharded_tensor")
+    return module is not None and isinstance(data, module.ShardedTensor)
 
 
 def _local_shards_wrapper(data: Any) -> Any | None:
