@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from collections.abc import Callable, Iterator, Sequence
@@ -95,17 +96,26 @@ class Comm:
         self.all_reduce_bytes_sent = 0
 
     def _wait(self, work: Any, what: str) -> None:
+        started = time.monotonic()
         try:
             work.wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as exc:
             op = f" of {self._operation}" if self._operation else ""
-            message = (
-                f"distsparse: rank {self.rank} waited more than {self.timeout:g} s in {what}{op}; "
-                "another rank did not join (it crashed, it is still computing — raise "
-                "DISTSPARSE_COLLECTIVE_TIMEOUT for huge tables or a slow get_schedule_param() — "
-                "or it skipped a collective call such as step(), save_checkpoint() or "
-                f"scheduler.step()). Original error: {exc}"
-            )
+            waited = time.monotonic() - started
+            if waited < 0.9 * self.timeout:  # the backend gave up early: a peer went away
+                message = (
+                    f"distsparse: rank {self.rank}: {what}{op} failed after {waited:.2g} s, before "
+                    f"the {self.timeout:g} s timeout: another rank crashed or closed its "
+                    f"connection. Original error: {exc}"
+                )
+            else:
+                message = (
+                    f"distsparse: rank {self.rank} waited more than {self.timeout:g} s in {what}{op}; "
+                    "another rank did not join (it crashed, it is still computing — raise "
+                    "DISTSPARSE_COLLECTIVE_TIMEOUT for huge tables or a slow get_schedule_param() — "
+                    "or it skipped a collective call such as step(), save_checkpoint() or "
+                    f"scheduler.step()). Original error: {exc}"
+                )
             self.broken = message
             raise CollectiveTimeoutError(message) from exc
 
