@@ -195,6 +195,12 @@ def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifie
                 f"groups {dtensors} hold DTensors (FSDP2 / HSDP / Replicate() placements); exporting "
                 "them is not supported yet: pass names= without them, or export "
                 "get_data(name, return_original=False).full_tensor() yourself")
+        in_rects = [n for n in selected if sparsifier._groups[n].rects is not None]
+        if in_rects:
+            raise ValueError(
+                f"groups {in_rects} are sharded in rectangles (TorchRec ShardedTensor shards); exporting "
+                "them is not supported yet: pass names= without them, or gather the tables and export "
+                "them from a one-process sparsifier (examples/train_dlrm_torchrec.py does)")
         local = [n for n in selected if description[n]["scope"] == "local"]
         if local and comm.world_size > 1:
             raise ValueError(

@@ -213,3 +213,18 @@ def test_missing_and_foreign_files(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="not a distsparse sparse data file"):
         load_sparse_data(tmp_path / "model.safetensors")
+
+
+def test_groups_sharded_in_rectangles_are_refused_by_name_and_nothing_is_written(tmp_path):
+    from distsparse.rects import RectShards
+
+    table = torch.randn(12, 8, generator=torch.Generator().manual_seed(3))
+    sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))
+    sp.add_data("rows", RectShards((12, 8), [((0, 0), table[:5].clone()), ((5, 0), table[5:].clone())]))
+    sp.add_data("plain", torch.nn.Parameter(table.clone()))
+    sp.step()
+    with pytest.raises(ValueError, match=r"\['rows'\].*rectangles"):
+        save_sparse_data(tmp_path / "out.safetensors", sp)
+    assert not (tmp_path / "out.safetensors").exists()
+    save_sparse_data(tmp_path / "plain.safetensors", sp, names=["plain"])
+    assert torch.equal(load_sparse_data(tmp_path / "plain.safetensors")["plain"], sp.get_data("plain", return_original=False))
