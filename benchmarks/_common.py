@@ -9,11 +9,14 @@ again before it returned.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 ONE_THREAD_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -59,6 +62,49 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_ranks(script: str, mode: str, world: int, cfg: dict, timeout: float) -> list[dict]:
+    """``world`` fresh processes running ``script --child <cfg + mode>`` as ranks of one
+    torch.distributed job (env:// rendezvous on a free port), with a hard ``timeout`` for
+    all. Each rank's last ``RESULT <json>`` line is its result; a rank without one gives
+    ``{"rank", "error"}`` with the tail of its output."""
+    port = free_port()
+    tmp = tempfile.mkdtemp(prefix=f"distsparse_bench_{mode}_")
+    procs = []
+    for rank in range(world):
+        env = child_env()
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")
+        cmd = [sys.executable, os.path.abspath(script), "--child", json.dumps({**cfg, "mode": mode})]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), out))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for p, _ in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    for p, _ in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    results = []
+    for rank, (p, out) in enumerate(procs):
+        out.seek(0)
+        text = out.read()
+        out.close()
+        lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+        if lines:
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+        else:
+            why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {p.returncode}"
+            results.append(dict(rank=rank, error=f"{why}: " + " / ".join(text.strip().splitlines()[-12:])))
+        os.remove(os.path.join(tmp, f"rank{rank}.out"))
+    os.rmdir(tmp)
+    return results
 
 
 def machine_info() -> dict:

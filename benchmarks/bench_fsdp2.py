@@ -40,9 +40,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -140,46 +138,6 @@ def run_child(cfg: dict) -> dict:
 # -------------------------------------------------------------------------- parent
 
 
-def launch(mode: str, world: int, cfg: dict, timeout: float) -> list[dict]:
-    """``world`` fresh processes running :func:`run_child`; hard ``timeout`` for all."""
-    port = _common.free_port()
-    tmp = tempfile.mkdtemp(prefix=f"distsparse_bench_fsdp2_{mode}_")
-    procs = []
-    for rank in range(world):
-        env = _common.child_env()
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps({**cfg, "mode": mode})]
-        procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), out))
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    for p, _ in procs:
-        try:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            break
-    for p, _ in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    results = []
-    for rank, (p, out) in enumerate(procs):
-        out.seek(0)
-        text = out.read()
-        out.close()
-        lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
-        if lines:
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-        else:
-            why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {p.returncode}"
-            results.append(dict(rank=rank, error=f"{why}: " + " / ".join(text.strip().splitlines()[-12:])))
-        os.remove(os.path.join(tmp, f"rank{rank}.out"))
-    os.rmdir(tmp)
-    return results
-
-
 def summarize(results: list[dict]) -> dict:
     n = len(results[0]["step_s"])
     per_step = [max(r["step_s"][i] for r in results) for i in range(n)]
@@ -232,7 +190,7 @@ def main() -> int:
     for mode, world in runs:
         loads[mode] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"[{mode}, world {world}] launching (load {loads[mode]}) ...", file=sys.stderr, flush=True)
-        res = launch(mode, world, cfg, args.timeout)
+        res = _common.launch_ranks(__file__, mode, world, cfg, args.timeout)
         bad = [r for r in res if "error" in r]
         if bad:
             errors += [f"{mode} rank {r['rank']}: {r['error']}" for r in bad]
