@@ -361,6 +361,24 @@ def evaluate(model, data, device, batch=8192):
     return {"loss": loss, "auc": auc_score(logits, data["label"])}
 
 
+def table_summary_lines(summary: dict) -> list[str]:
+    """The summary's per-table rows (shape, zeroed, sparsity, dense and kept-block bytes), the
+    total and the exported file's size: shared by the main job and its TorchRec variant."""
+    lines = [f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'blocks B':>11}{'saved':>8}"]
+    tot_d = tot_s = 0
+    for name, t in summary["tables"].items():
+        tot_d += t["dense_bytes"]; tot_s += t["blocks_bytes"]
+        lines.append(f"{name:<14}{'x'.join(map(str, t['shape'])):>12}{t['zeroed']:>10}/{t['numel']:<7}"
+                     f"{t['sparsity']:>10.3f}{t['dense_bytes']:>11}{t['blocks_bytes']:>11}"
+                     f"{1 - t['blocks_bytes'] / t['dense_bytes']:>8.1%}")
+    lines.append(f"{'all tables':<14}{'':>12}{'':>18}{'':>10}{tot_d:>11}{tot_s:>11}{1 - tot_s / tot_d:>8.1%}")
+    if summary["export"] is not None:
+        e = summary["export"]
+        lines.append(f"saved file  {EXPORT_NAME}: {e['file_bytes']} B on disk vs {e['dense_file_bytes']} B for the "
+                     f"same tables dense in safetensors ({1 - e['file_bytes'] / e['dense_file_bytes']:.1%} smaller)")
+    return lines
+
+
 def mask_stats(mask: torch.Tensor, weight: torch.Tensor, block=4):
     """Zeroed params, dense bytes and the payload of a (1, block) block-sparse encoding:
     kept blocks' values plus a 1-bit-per-block bitmap (the export file adds its header)."""
@@ -1286,18 +1304,7 @@ def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_
 
     lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base_model is not None else ''}, "
                  f"step {step}, world_size {accelerator.num_processes}{', FSDP2' if args.fsdp2 else ''})",
-             f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'blocks B':>11}{'saved':>8}"]
-    tot_d = tot_s = 0
-    for name, t in summary["tables"].items():
-        tot_d += t["dense_bytes"]; tot_s += t["blocks_bytes"]
-        lines.append(f"{name:<14}{'x'.join(map(str, t['shape'])):>12}{t['zeroed']:>10}/{t['numel']:<7}"
-                     f"{t['sparsity']:>10.3f}{t['dense_bytes']:>11}{t['blocks_bytes']:>11}"
-                     f"{1 - t['blocks_bytes'] / t['dense_bytes']:>8.1%}")
-    lines.append(f"{'all tables':<14}{'':>12}{'':>18}{'':>10}{tot_d:>11}{tot_s:>11}{1 - tot_s / tot_d:>8.1%}")
-    if summary["export"] is not None:
-        e = summary["export"]
-        lines.append(f"saved file  {EXPORT_NAME}: {e['file_bytes']} B on disk vs {e['dense_file_bytes']} B for the "
-                     f"same tables dense in safetensors ({1 - e['file_bytes'] / e['dense_file_bytes']:.1%} smaller)")
+             *table_summary_lines(summary)]
     if base_final is not None:
         lines.append(f"validation  dense baseline @ step {step:<5}: loss {base_final['loss']:.4f}  AUC {base_final['auc']:.4f}"
                      f"   (same init, batches and steps, no sparsifier)")

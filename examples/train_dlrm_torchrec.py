@@ -102,7 +102,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_dlrm import (  # noqa: E402  the main job's data, metrics and checkpoint conventions
     EXPORT_NAME, N_DENSE, EpochSampler, JobError, _HelpFormatter, _number, _one_line, _Parser,
     all_ranks, auc_score, epochs_note, file_sha256, finished_message, inspect_checkpoint,
-    list_checkpoints, mask_digest, mask_stats, position_after_resume, synthetic_clicks, tensor_digest)
+    list_checkpoints, mask_digest, mask_stats, position_after_resume, synthetic_clicks, table_summary_lines,
+    tensor_digest)
 
 import distsparse  # noqa: E402
 
@@ -441,18 +442,7 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
 
     lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base is not None else ''}, step {step}, "
                  f"world_size {dist.get_world_size()}, TorchRec sharding {summary['sharding']})",
-             f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'blocks B':>11}{'saved':>8}"]
-    tot_d = tot_s = 0
-    for n, t in summary["tables"].items():
-        tot_d += t["dense_bytes"]; tot_s += t["blocks_bytes"]
-        lines.append(f"{n:<14}{'x'.join(map(str, t['shape'])):>12}{t['zeroed']:>10}/{t['numel']:<7}"
-                     f"{t['sparsity']:>10.3f}{t['dense_bytes']:>11}{t['blocks_bytes']:>11}"
-                     f"{1 - t['blocks_bytes'] / t['dense_bytes']:>8.1%}")
-    lines.append(f"{'all tables':<14}{'':>12}{'':>18}{'':>10}{tot_d:>11}{tot_s:>11}{1 - tot_s / tot_d:>8.1%}")
-    if summary["export"] is not None:
-        e = summary["export"]
-        lines.append(f"saved file  {EXPORT_NAME}: {e['file_bytes']} B on disk vs {e['dense_file_bytes']} B for the "
-                     f"same tables dense in safetensors ({1 - e['file_bytes'] / e['dense_file_bytes']:.1%} smaller)")
+             *table_summary_lines(summary)]
     if base_final is not None:
         lines.append(f"validation  dense baseline @ step {step:<5}: loss {base_final['loss']:.4f}  "
                      f"AUC {base_final['auc']:.4f}"
