@@ -17,15 +17,7 @@ from torch import nn
 import distsparse
 from distsparse.masks import norm_block_mask
 from distsparse.rects import RectShards
-
-
-def _values(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "few_values":  # heavy ties
-        return torch.randint(1, 4, (rows, cols), generator=gen).float() / 4
-    if kind == "constant":
-        return torch.full((rows, cols), 0.5)
-    return torch.randn(rows, cols, generator=gen)
+from fsdp2_fns import _values  # the FSDP2 tests' tables: random, heavy ties or constant
 
 
 def _whole(value, shape) -> torch.Tensor:
