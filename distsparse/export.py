@@ -11,8 +11,10 @@ File format ``distsparse.sparse_data``, version 1
 One safetensors file; nothing pickled. Each group is cut into its config's
 ``sparse_block_shape`` blocks on its 2-D view (:func:`distsparse.masks.as_matrix`: 1-D data
 is one row, N-D data is ``(prod(shape[:-1]), shape[-1])``), partial blocks at the right and
-bottom edges included. A block is *stored* when any of its elements is not ``+0.0``
-(compared bit for bit, so a kept ``-0.0`` is stored); every other block loads as ``+0.0``.
+bottom edges included; a block taller or wider than the view is clipped to the view's size
+(the clipped shape is what the file records). A block is *stored* when any of its elements
+is not ``+0.0`` (compared bit for bit, so a kept ``-0.0`` is stored); every other block
+loads as ``+0.0``.
 
 Tensors, per group ``<name>`` (used verbatim after the prefix):
 
@@ -33,6 +35,7 @@ block view, then a crop. ``__metadata__``: ``format`` = ``"distsparse.sparse_dat
 
 Writing follows the checkpoint rules: the file is built completely, written to a temporary
 file beside the target and renamed onto it (:func:`distsparse.checkpoint._atomic_write`).
+Identical content gives identical bytes: the safetensors header is written with sorted keys.
 
 Limitations:
     When distributed, the file is written by rank 0 from *its* copy of each group, so only
@@ -106,6 +109,13 @@ def _grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int, int
     return rows, cols, -(-rows // block[0]), -(-cols // block[1])
 
 
+def _stored_block(block: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
+    """``block`` clipped to the 2-D view's size: a block taller or wider than the data covers
+    the same elements as one of the data's own height or width, and padding to the declared
+    size would cost memory for nothing (a (40000, 40000) block on a 1x1 table is 6.4 GB)."""
+    return min(block[0], max(rows, 1)), min(block[1], max(cols, 1))
+
+
 def _encode_group(data: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed bitmap of stored blocks, stored blocks' values) of one masked tensor."""
     bh, bw = block
@@ -142,7 +152,8 @@ def _build(sparsifier: BaseDataSparsifier, names: list[str]) -> bytes:
         if data.dtype not in _ST_DTYPES:
             raise TypeError(f"group {name!r}: cannot export dtype {data.dtype}; supported: "
                             f"{sorted(_BY_NAME)}")
-        block = _block_shape(sparsifier, name)
+        rows, cols, _, _ = _grid(tuple(data.shape), (1, 1))
+        block = _stored_block(_block_shape(sparsifier, name), rows, cols)
         bitmap, values = _encode_group(data, block)
         _, _, n_br, n_bc = _grid(tuple(data.shape), block)
         tensors[_blocks_key(name)] = bitmap
@@ -156,7 +167,22 @@ def _build(sparsifier: BaseDataSparsifier, names: list[str]) -> bytes:
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": text,
                 "json_sha256": _sha256(text.encode("utf-8"))}
     _check_header_limit(tensors, metadata, what=f"sparse data file of {len(names)} groups")
-    return st_save(tensors, metadata=metadata)
+    return _sorted_header(st_save(tensors, metadata=metadata))
+
+
+def _sorted_header(blob: bytes) -> bytes:
+    """``blob`` with its safetensors header written with sorted keys.
+
+    safetensors keeps ``__metadata__`` in a Rust ``HashMap`` whose order is random for every
+    file, so two saves of the same content differed in their header bytes. The tensor bytes
+    and their ``data_offsets`` (relative to the end of the header) are unchanged; the header
+    is padded with spaces to a multiple of 8 bytes as safetensors writes it.
+    """
+    n = _header_size(blob)
+    header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n :]
 
 
 def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier,
@@ -328,15 +354,27 @@ def _decode_group(name: str, bitmap_packed: torch.Tensor, values: torch.Tensor, 
     if count != values.shape[0]:
         raise CheckpointError(f"{where}: group {name!r}: the block bitmap marks {count} stored blocks, "
                               f"the file holds {values.shape[0]} (damaged file)")
-    padded = torch.zeros(n_br * bh, n_bc * bw, dtype=values.dtype)
-    padded.view(n_br, bh, n_bc, bw).permute(0, 2, 1, 3)[stored] = values
-    if (n_br * bh, n_bc * bw) != (rows, cols):
-        bits = padded.view(_BITS[padded.element_size()])
-        if bool(bits[rows:].ne(0).any()) or bool(bits[:, cols:].ne(0).any()):
+    # Decode into the data's own shape: the declared block size is not trusted to size an
+    # allocation (a small file may declare a 1x1 table in (40000, 40000) blocks). Whole blocks
+    # are scattered through a block view of the output; the edge blocks, cropped, by index.
+    full_r, full_c = rows // bh, cols // bw
+    out = torch.zeros(rows, cols, dtype=values.dtype)
+    inner = torch.zeros_like(stored)
+    inner[:full_r, :full_c] = True
+    inner_of_stored = inner[stored]  # row-major over stored blocks, the order of `values`
+    out[: full_r * bh, : full_c * bw].view(full_r, bh, full_c, bw).permute(0, 2, 1, 3)[
+        stored[:full_r, :full_c]] = values[inner_of_stored]
+    edge_values = values[~inner_of_stored]
+    if edge_values.numel():
+        edge = (stored & ~inner).nonzero()
+        r = (edge[:, 0] * bh)[:, None, None] + torch.arange(bh)[None, :, None]
+        c = (edge[:, 1] * bw)[:, None, None] + torch.arange(bw)[None, None, :]
+        inside = (r < rows) & (c < cols)
+        if bool(edge_values.view(_BITS[edge_values.element_size()])[~inside].ne(0).any()):
             raise CheckpointError(f"{where}: group {name!r}: values outside the data's shape are not +0.0 "
                                   "(damaged file)")
-        padded = padded[:rows, :cols]
-    return padded.contiguous().reshape(shape)
+        out[r.expand_as(inside)[inside], c.expand_as(inside)[inside]] = edge_values[inside]
+    return out.reshape(shape)
 
 
 def load_sparse_data(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

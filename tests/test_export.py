@@ -228,3 +228,102 @@ def test_groups_sharded_in_rectangles_are_refused_by_name_and_nothing_is_written
     assert not (tmp_path / "out.safetensors").exists()
     save_sparse_data(tmp_path / "plain.safetensors", sp, names=["plain"])
     assert torch.equal(load_sparse_data(tmp_path / "plain.safetensors")["plain"], sp.get_data("plain", return_original=False))
+
+
+def _handmade_file(path: Path, shape: list[int], block: list[int], stored: torch.Tensor, values: torch.Tensor) -> Path:
+    """A well-formed, correctly checksummed sparse-data file with the given block layout."""
+    import hashlib
+
+    from safetensors.torch import save as st_save
+
+    from distsparse.export import FORMAT, FORMAT_VERSION, _tensor_digest
+    from distsparse.masks import pack_bits
+
+    tensors = {"blocks/t": pack_bits(stored), "values/t": values}
+    state = {"groups": {"t": {"shape": shape, "dtype": "float32", "block_shape": block,
+                              "grid": list(stored.shape), "stored_blocks": int(values.shape[0])}},
+             "checksums": {k: _tensor_digest(v) for k, v in tensors.items()},
+             "sparsifier": {"class": "DataNormSparsifier", "step_count": 0}}
+    text = json.dumps(state, sort_keys=True)
+    path.write_bytes(st_save(tensors, metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "state": text,
+                                                "json_sha256": hashlib.sha256(text.encode()).hexdigest()}))
+    return path
+
+
+def test_a_small_file_declaring_huge_blocks_loads_into_the_datas_own_shape(tmp_path):
+    # A 1x1 table in (2**24, 2**24) blocks: decoding through the padded block grid would
+    # allocate 2**50 bytes. The file is a few hundred bytes and describes one +0.0.
+    path = _handmade_file(tmp_path / "huge.safetensors", [1, 1], [2**24, 2**24],
+                          torch.zeros(1, 1, dtype=torch.bool), torch.zeros(0, 2**24, 2**24))
+    assert path.stat().st_size < 1000
+    loaded = load_sparse_data(path)["t"]
+    assert loaded.shape == (1, 1) and _bits(loaded).eq(0).all()
+
+
+def test_a_stored_block_larger_than_the_data_is_cropped_and_its_outside_must_be_zero(tmp_path):
+    values = torch.zeros(1, 300, 200)
+    values[0, 1, :3] = torch.tensor([1.0, -0.0, 2.5])
+    path = _handmade_file(tmp_path / "big.safetensors", [2, 3], [300, 200], torch.ones(1, 1, dtype=torch.bool), values)
+    loaded = load_sparse_data(path)["t"]
+    assert torch.equal(_bits(loaded), _bits(values[0, :2, :3]))
+    values[0, 2, 0] = 7.0  # outside the (2, 3) data
+    bad = _handmade_file(tmp_path / "bad.safetensors", [2, 3], [300, 200], torch.ones(1, 1, dtype=torch.bool), values)
+    with pytest.raises(CheckpointError, match="group 't': values outside the data's shape are not \\+0.0"):
+        load_sparse_data(bad)
+
+
+def test_blocks_larger_than_the_data_are_written_at_the_datas_size(tmp_path):
+    # The encoder used to pad a (3, 5) table to its (2**24, 2**24) block: 2**50 bytes.
+    table = torch.randn(3, 5, generator=torch.Generator().manual_seed(4))
+    sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(2**24, 2))
+    sp.add_data("t", torch.nn.Parameter(table.clone()))
+    path = tmp_path / "s.safetensors"
+    save_sparse_data(path, sp)
+    blob = path.read_bytes()
+    state = json.loads(json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]["state"])
+    assert state["groups"]["t"]["block_shape"] == [3, 2] and state["groups"]["t"]["grid"] == [1, 3]
+    assert st_load(blob)["values/t"].shape == (3, 3, 2)
+    assert torch.equal(load_sparse_data(path)["t"], table)
+
+
+def test_decoding_matches_the_masked_data_for_every_edge_layout(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    for shape, block in [((7, 9), (2, 4)), ((8, 8), (2, 4)), ((1, 9), (1, 4)), ((5, 3), (4, 8)), ((9,), (1, 4)),
+                         ((2, 3, 5), (3, 2)), ((0, 5), (2, 2)), ((6, 1), (4, 1))]:
+        sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=block)
+        sp.add_data("t", torch.nn.Parameter(torch.randn(shape, generator=g)))
+        sp.step()
+        save_sparse_data(tmp_path / "s.safetensors", sp)
+        loaded = load_sparse_data(tmp_path / "s.safetensors")["t"]
+        assert torch.equal(_bits(loaded), _bits(sp.get_data("t", return_original=False))), (shape, block)
+
+
+_DETERMINISTIC_SAVE = """
+import sys, torch
+from distsparse import DataNormSparsifier
+from distsparse.export import save_sparse_data
+g = torch.Generator().manual_seed(0)
+sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))
+for name, shape in (("b.weight", (8, 8)), ("a", (4, 12)), ("é", (3,))):
+    sp.add_data(name, torch.nn.Parameter(torch.randn(shape, generator=g)))
+sp.step()
+save_sparse_data(sys.argv[1], sp)
+"""
+
+
+def test_identical_content_gives_byte_identical_files_within_and_across_processes(tmp_path):
+    import subprocess
+
+    sp, _ = _sparsifier(torch.float32)
+    save_sparse_data(tmp_path / "one.safetensors", sp)
+    save_sparse_data(tmp_path / "two.safetensors", sp)
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    blobs = []
+    for i in range(3):  # safetensors' metadata map had a random order in every process
+        out = tmp_path / f"run{i}.safetensors"
+        subprocess.run([sys.executable, "-c", _DETERMINISTIC_SAVE, str(out)], check=True, env=env, timeout=300)
+        blobs.append(out.read_bytes())
+        assert sorted(load_sparse_data(out)) == ["a", "b.weight", "é"]
+    assert blobs[0] == blobs[1] == blobs[2]
