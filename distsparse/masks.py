@@ -249,7 +249,8 @@ def _fill_blocks(mask: torch.Tensor, keep: torch.Tensor, block_shape: tuple[int,
     n_br, n_bc = keep.shape
     bh, bw = block_shape
     word = _WORD_TYPES.get(bw)
-    if word is not None and mask.is_contiguous() and mask.storage_offset() % bw == 0:
+    # A one-row slice of a wider mask is "contiguous" whatever its row stride: check the stride.
+    if word is not None and mask.is_contiguous() and mask.stride(0) % bw == 0 and mask.storage_offset() % bw == 0:
         ones = int.from_bytes(b"\x01" * bw, "little")
         if bw == 8:
             ones = int.from_bytes(b"\x01" * 8, "little", signed=True)

@@ -223,6 +223,30 @@ def test_one_process_holding_every_rectangle_gets_the_single_process_mask(block,
             assert sp.sparsity("t")["t"] == 1.0 - int(expected.sum()) / expected.numel()
 
 
+# A one-row rectangle is a one-row slice of a wider mask: "contiguous" whatever its row stride.
+ONE_ROW_LAYOUTS = {
+    "1x9 cut at column 5": ((1, 9), [0, 1], [0, 5, 9]),
+    "8x9 with its bottom row cut at column 5": ((8, 9), [0, 7, 8], [0, 5, 9]),
+}
+
+
+@pytest.mark.parametrize("layout", ONE_ROW_LAYOUTS, ids=list(ONE_ROW_LAYOUTS))
+@pytest.mark.parametrize("block", [(1, 4), (1, 2), (1, 8), (2, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_one_row_rectangles_of_a_wider_table_get_the_single_process_mask(layout, block):
+    (rows, cols), cuts_r, cuts_c = ONE_ROW_LAYOUTS[layout]
+    data = torch.randn(rows, cols, generator=torch.Generator().manual_seed(2))
+    shards = _rect_groups(data, cuts_r, cuts_c)
+    if rows == 8:  # the top 7 rows stay one rectangle
+        shards = [((0, 0), data[:7])] + [s for s in shards if s[0][0] == 7]
+    sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=block)
+    sp.add_data("t", RectShards((rows, cols), shards))
+    sp.step()
+    whole = torch.empty(rows, cols, dtype=torch.bool)
+    for (r, c), m in sp.get_mask("t").local_shards():
+        whole[r : r + m.shape[0], c : c + m.shape[1]] = m
+    assert torch.equal(whole, norm_block_mask(data, 0.5, block, block[0] * block[1], "L1"))
+
+
 def test_squash_writes_into_the_shards_and_checkpoints_hold_the_whole_mask(tmp_path):
     import distsparse
 

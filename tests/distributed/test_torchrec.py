@@ -103,6 +103,11 @@ def test_rectangles_dealt_at_random_give_the_single_process_mask():
         assert res["failures"] == [], res["failures"][:3]
 
 
+def test_one_row_rectangles_column_sharded_over_two_ranks_get_the_single_process_mask():
+    results = run_ranks(torchrec_fns.rect_one_row_layouts, 2, timeout=JOB_TIMEOUT)
+    assert results == [{"1x9": True, "8x9": True}] * 2, results
+
+
 def test_shards_that_overlap_or_leave_a_gap_fail_the_first_step_on_every_rank():
     results = run_ranks(torchrec_fns.rect_bad_layouts, 2, timeout=JOB_TIMEOUT)
     for res in results:

@@ -386,6 +386,30 @@ def rect_shards_random(n_cases: int, seed: int) -> dict:
     return {"failures": failures, "bytes_max": bytes_max}
 
 
+def rect_one_row_layouts() -> dict:
+    """World 2, (1, 4) blocks, one-row rectangles: a 1x9 table cut at column 5 (rank 0 holds
+    columns 0-4, rank 1 columns 5-8) and an 8x9 table whose bottom row is cut the same way
+    below rank 0's 7 rows. Returns, per case, whether the mask is the single-process one
+    (or the error raised)."""
+    rank = dist.get_rank()
+    assert dist.get_world_size() == 2
+    out = {}
+    for rows in (1, 8):
+        data = torch.randn(rows, 9, generator=torch.Generator().manual_seed(rows))
+        top = [((0, 0), data[: rows - 1].clone())] if rows > 1 else []
+        layout = {0: top + [((rows - 1, 0), data[rows - 1 :, :5].clone())],
+                  1: [((rows - 1, 5), data[rows - 1 :, 5:].clone())]}
+        sp = distsparse.DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))
+        sp.add_data("t", RectShards((rows, 9), layout[rank]))
+        try:
+            sp.step()
+            out[f"{rows}x9"] = torch.equal(_whole(sp.get_mask("t"), (rows, 9)), _reference(data, 0.5, (1, 4), None))
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out[f"{rows}x9"] = f"{type(exc).__name__}: {exc}"
+    dist.barrier()
+    return out
+
+
 def rect_bad_layouts() -> dict:
     """Shards that overlap or leave a gap: the first step raises ValueError naming the group
     on every rank, fast, and changes no mask."""
