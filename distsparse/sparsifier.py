@@ -115,6 +115,27 @@ class _PendingGroup:
     mask: torch.Tensor | None  # None: start fresh (local mask from another world size)
 
 
+def _memory_spans(data: Any) -> list[tuple[str, int, int]]:
+    """(device, first byte, end byte) of the memory each local tensor of a group's data spans:
+    a DTensor's local part, each rectangle shard, or the tensor. Tensors without memory
+    (meta, fake, empty) span nothing."""
+    tensors = list(data.tensors) if isinstance(data, RectShards) else \
+        [data.to_local()] if is_dtensor(data) else [data]
+    spans = []
+    for t in tensors:
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        try:
+            start = t.data_ptr()
+        except (RuntimeError, NotImplementedError):  # no storage (fake / functional tensors)
+            continue
+        if start == 0:
+            continue
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+        spans.append((str(t.device), start, start + extent * t.element_size()))
+    return spans
+
+
 def _shape_text(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
@@ -306,6 +327,7 @@ class BaseDataSparsifier(abc.ABC):
     def _add_data(self, name: str, data: Any, reuse_mask: bool, replicated: bool | None,
                   config: dict[str, Any]) -> torch.Tensor:
         tensor, default_replicated = self._extract_tensor(name, data)
+        self._check_own_memory(name, tensor)
         if isinstance(tensor, RectShards):
             return self._add_rects(name, tensor, reuse_mask, replicated, config)
         layout = self._layout_of(name, tensor, replicated)
@@ -368,6 +390,23 @@ class BaseDataSparsifier(abc.ABC):
         self.data_groups[name] = merged
         self._pending.pop(name, None)
         return masked
+
+    def _check_own_memory(self, name: str, data: Any) -> None:
+        """One storage is one group: a second name for the same tensor, a view of it or any
+        overlapping memory would be masked twice (the data ends at the higher level while
+        ``sparsity()`` reports each group's own). Re-adding under the same name replaces."""
+        spans = _memory_spans(data)
+        if not spans:
+            return
+        for other, group in self._groups.items():
+            if other == name:
+                continue
+            for device, start, end in _memory_spans(group.data):
+                if any(d == device and s < end and start < e for d, s, e in spans):
+                    raise ValueError(
+                        f"group {name!r}: its data overlaps the memory of group {other!r} (the same tensor, "
+                        "module or parameter, a view of it, or overlapping storage); one storage is one group: "
+                        f"add it once, or add a copy (.clone()) to mask a separate tensor")
 
     def _add_rects(self, name: str, shards: RectShards, reuse_mask: bool, replicated: bool | None,
                    config: dict[str, Any]) -> RectShards:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from distsparse import BaseDataSparsifier, DataNormSparsifier
+from distsparse.rects import RectShards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,6 +144,53 @@ def test_readding_with_another_shape_and_reuse_mask_raises_naming_the_group_and_
     assert "(3, 8)" in str(info.value) and "(4, 8)" in str(info.value)
     assert_unchanged(before, snapshot(sp))
     assert sp.get_data("batch").data_ptr() == data.data_ptr()
+
+
+def _aliases():
+    p = nn.Parameter(torch.randn(6, 8))
+    emb = nn.Embedding(6, 8)
+    base = torch.randn(10, 8)
+    return {
+        "the same Parameter": (p, p),
+        "the same module": (emb, emb),
+        "a module and its weight": (emb, emb.weight),
+        "a view": (p, p.detach()[2:4]),
+        "a transposed view": (p, p.detach().t()),
+        "overlapping slices": (base[0:5], base[4:10]),
+        "a tensor and a rectangle shard of it": (base, RectShards((10, 8), [((0, 0), base[:5].clone()),
+                                                                            ((5, 0), base[5:])])),
+        "a rectangle shard and a tensor over it": (RectShards((10, 8), [((0, 0), base[:5]), ((5, 0), base[5:])]),
+                                                   base[7:]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_aliases()))
+def test_the_same_memory_under_a_second_name_is_refused_naming_the_first_group(case):
+    first, second = _aliases()[case]
+    sp = DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("emb.first", first, sparsity_level=0.5)
+    sp.step()
+    before = None if isinstance(first, RectShards) else snapshot(sp)
+    with pytest.raises(ValueError, match=r"group 'second': its data overlaps the memory of group 'emb\.first'"):
+        sp.add_data("second", second, sparsity_level=0.9)
+    if before is not None:
+        assert_unchanged(before, snapshot(sp))
+    assert "second" not in sp.data_groups and "second" not in sp.state
+
+
+def test_readding_the_same_memory_under_its_own_name_and_disjoint_slices_are_accepted():
+    base = torch.randn(10, 8)
+    sp = DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("top", base[:5])
+    sp.add_data("bottom", base[5:])  # one storage, disjoint memory
+    sp.add_data("top", base[:5])     # replacing a group's data with itself (the seed README loop)
+    sp.add_data("top", base[:5].view(40), reuse_mask=False)  # or with a view of it
+    sp.add_data("top", base[:5], reuse_mask=False)
+    sp.add_data("a", torch.empty(4, 8, device="meta"))  # no memory: nothing to overlap
+    sp.add_data("b", torch.empty(4, 8, device="meta"))
+    sp.add_data("none", torch.empty(0, 8))
+    sp.add_data("none2", base[:0])
+    assert sorted(sp.data_groups) == ["a", "b", "bottom", "none", "none2", "top"]
 
 
 def test_readding_with_another_shape_and_reuse_mask_false_starts_a_fresh_mask():
