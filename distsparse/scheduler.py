@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +55,17 @@ def _decode(payload: bytes) -> dict[str, Any]:
     return json.loads(payload)
 
 
+# {sparsifier: {schedule_param: weak reference to the scheduler driving it}}. Weak on both
+# sides: a scheduler that is deleted (garbage-collected) frees its parameter for another.
+_DRIVERS: weakref.WeakKeyDictionary[BaseDataSparsifier, dict[str, weakref.ref[BaseDataScheduler]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _driver(sparsifier: BaseDataSparsifier, schedule_param: str) -> BaseDataScheduler | None:
+    ref = _DRIVERS.get(sparsifier, {}).get(schedule_param)
+    return None if ref is None else ref()
+
+
 class BaseDataScheduler(abc.ABC):
     r"""Varies ``schedule_param`` of every group of ``data_sparsifier`` over time.
 
@@ -65,6 +77,10 @@ class BaseDataScheduler(abc.ABC):
 
     ``step()`` is a *collective* when distributed. Groups added after construction are
     scheduled too: ``base_param[name]`` records a group's value the first time a step sees it.
+
+    One scheduler drives a given ``schedule_param`` of a sparsifier: constructing a second
+    one while the first exists raises ``ValueError`` naming it (two schedules would overwrite
+    each other's values every step). Delete the first (``del scheduler``) to replace it.
 
     Example::
 
@@ -86,6 +102,12 @@ class BaseDataScheduler(abc.ABC):
                              f"{type(data_sparsifier).__name__}; it knows {sorted(data_sparsifier.defaults)}")
         if isinstance(last_epoch, bool) or not isinstance(last_epoch, int) or last_epoch < -1:
             raise ValueError(f"last_epoch must be an int >= -1, got {last_epoch!r}")
+        driver = _driver(data_sparsifier, schedule_param)
+        if driver is not None:
+            raise ValueError(
+                f"{type(self).__name__}: {schedule_param!r} of this sparsifier is already driven by {driver!r}; "
+                "one scheduler drives a parameter (the two would overwrite each other's values every step): "
+                "use that scheduler, or delete it first (del scheduler)")
         self.data_sparsifier = data_sparsifier
         self.schedule_param = schedule_param
         self.last_epoch = last_epoch
@@ -95,6 +117,7 @@ class BaseDataScheduler(abc.ABC):
         self._last_param: dict[str, Any] = {}
         self._order_warned = False
         self.step()
+        _DRIVERS.setdefault(data_sparsifier, {})[schedule_param] = weakref.ref(self)
 
     @abc.abstractmethod
     def get_schedule_param(self) -> dict[str, Any]:
@@ -287,50 +310,59 @@ class LambdaScheduler(BaseDataScheduler):
 
 class _RampScheduler(BaseDataScheduler):
     """Shared arguments of the ramps: from ``initial_value`` at ``start_step`` to
-    ``final_value`` at ``start_step + ramp_steps``; constant outside."""
+    ``final_value`` at ``start_step + ramp_steps``; constant outside.
 
-    def __init__(self, data_sparsifier: BaseDataSparsifier, final_value: float, initial_value: float = 0.0,
+    ``initial_value=None`` (the default) starts each group from its own value when the
+    scheduler first sees it (``base_param[name]``, e.g. the sparsifier's ``sparsity_level``):
+    constructing a scheduler never changes a level. A number starts every group there.
+    """
+
+    def __init__(self, data_sparsifier: BaseDataSparsifier, final_value: float, initial_value: float | None = None,
                  start_step: int = 0, ramp_steps: int = 1000, schedule_param: str = "sparsity_level",
                  last_epoch: int = -1, verbose: bool = False) -> None:
         self.final_value = _number("final_value", final_value)
-        self.initial_value = _number("initial_value", initial_value)
+        self.initial_value = None if initial_value is None else _number("initial_value", initial_value)
         self.start_step = _steps("start_step", start_step, 0)
         self.ramp_steps = _steps("ramp_steps", ramp_steps, 1)
         for argument, value in (("initial_value", self.initial_value), ("final_value", self.final_value)):
-            _check_schedulable(type(self).__name__, data_sparsifier, schedule_param, argument, value)
+            if value is not None:
+                _check_schedulable(type(self).__name__, data_sparsifier, schedule_param, argument, value)
         super().__init__(data_sparsifier, schedule_param, last_epoch, verbose)
 
     def _progress(self) -> float:
         """Fraction of the ramp done at ``last_epoch``, in [0, 1]."""
         return min(1.0, max(0.0, (self.last_epoch - self.start_step) / self.ramp_steps))
 
-    def _value(self, progress: float) -> float:
+    def _value(self, progress: float, initial: float) -> float:
         raise NotImplementedError
 
     def get_schedule_param(self) -> dict[str, float]:
-        value = self._value(self._progress())
-        return {name: value for name in self.data_sparsifier.data_groups}
+        progress = self._progress()
+        return {name: self._value(progress, float(self.base_param[name]) if self.initial_value is None
+                                  else self.initial_value)
+                for name in self.data_sparsifier.data_groups}
 
 
 class LinearScheduler(_RampScheduler):
-    """Linear ramp from ``initial_value`` to ``final_value`` over ``ramp_steps`` steps.
+    """Linear ramp from ``initial_value`` (default: each group's current value) to
+    ``final_value`` over ``ramp_steps`` steps.
 
     Example::
 
         sch = LinearScheduler(sparsifier, final_value=0.8, start_step=100, ramp_steps=1000)
     """
 
-    def _value(self, progress: float) -> float:
+    def _value(self, progress: float, initial: float) -> float:
         if progress >= 1.0:
             return self.final_value
-        return self.initial_value + (self.final_value - self.initial_value) * progress
+        return initial + (self.final_value - initial) * progress
 
 
 class CubicScheduler(_RampScheduler):
     """Gradual magnitude pruning's cubic ramp (Zhu & Gupta, 2017).
 
     ``s_t = s_f + (s_i − s_f) · (1 − (t − t0) / (n·Δt))³`` for ``t0 ≤ t ≤ t0 + n·Δt``,
-    with ``s_i = initial_value``, ``s_f = final_value``, ``t0 = start_step``,
+    with ``s_i = initial_value`` (default: each group's current value), ``s_f = final_value``, ``t0 = start_step``,
     ``n·Δt = ramp_steps``; the value changes only every ``update_every`` (Δt) steps. Fast
     pruning early, gentle near the end. ``t`` counts ``scheduler.step()`` calls: step it
     once per training step (or per epoch, with ``ramp_steps`` in epochs).
@@ -341,7 +373,7 @@ class CubicScheduler(_RampScheduler):
                              update_every=100)
     """
 
-    def __init__(self, data_sparsifier: BaseDataSparsifier, final_value: float, initial_value: float = 0.0,
+    def __init__(self, data_sparsifier: BaseDataSparsifier, final_value: float, initial_value: float | None = None,
                  start_step: int = 0, ramp_steps: int = 1000, update_every: int = 1,
                  schedule_param: str = "sparsity_level", last_epoch: int = -1, verbose: bool = False) -> None:
         self.update_every = _steps("update_every", update_every, 1)
@@ -353,7 +385,9 @@ class CubicScheduler(_RampScheduler):
         elapsed -= elapsed % self.update_every
         return min(1.0, elapsed / self.ramp_steps)
 
-    def _value(self, progress: float) -> float:
+    def _value(self, progress: float, initial: float) -> float:
         if progress >= 1.0:
             return self.final_value
-        return self.final_value + (self.initial_value - self.final_value) * (1.0 - progress) ** 3
+        if progress <= 0.0:
+            return initial  # exactly: 0.8 + (0.2 - 0.8) is 0.19999999999999996
+        return self.final_value + (initial - self.final_value) * (1.0 - progress) ** 3

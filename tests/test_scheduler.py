@@ -394,13 +394,49 @@ def test_cubic_scheduler_changes_only_every_update_every_steps():
     assert changes == [6, 10, 14]
 
 
-def test_cubic_scheduler_defaults_start_at_zero():
-    sp = sparsifier(a=0.5)
+def test_cubic_scheduler_defaults_start_at_each_groups_current_level():
+    # It used to start at 0.0, silently resetting a level of 0.5 (issue 20 item 5).
+    sp = sparsifier(a=0.5, b=0.2)
     sch = CubicScheduler(sp, final_value=0.8, ramp_steps=10)
-    assert levels(sp)["a"] == 0.0
+    assert levels(sp) == {"a": 0.5, "b": 0.2}
     got = run_schedule(sch, sp, 10)
-    assert got[-1] == 0.8
-    assert got[5] == pytest.approx(0.8 - 0.8 * 0.125)
+    assert got == pytest.approx([zhu_gupta(t, 0.5, 0.8, 0, 10) for t in range(11)], abs=1e-12)
+    assert got[-1] == 0.8 and levels(sp)["b"] == 0.8
+
+
+@pytest.mark.parametrize("make", [lambda sp: LinearScheduler(sp, 0.8), lambda sp: CubicScheduler(sp, 0.8)],
+                         ids=["linear", "cubic"])
+def test_building_a_ramp_keeps_the_level_and_an_explicit_initial_value_sets_it(make):
+    sp = DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("x", torch.randn(4, 8))
+    sch = make(sp)
+    assert levels(sp) == {"x": 0.5} and sch.base_param == {"x": 0.5}
+    del sch
+    assert LinearScheduler(sp, final_value=0.8, initial_value=0.0, ramp_steps=4) is not None
+    assert levels(sp) == {"x": 0.0}
+
+
+def test_a_second_scheduler_driving_the_same_parameter_is_refused_naming_the_first():
+    sp = sparsifier(a=0.5)
+    first = LinearScheduler(sp, final_value=0.8, ramp_steps=4)
+    for make in (lambda: CubicScheduler(sp, final_value=0.9), lambda: GammaScheduler(sp, gamma=2.0, threshold=0.9),
+                 lambda: Recording(sp)):
+        with pytest.raises(ValueError, match=r"'sparsity_level' of this sparsifier is already driven by "
+                                             r"LinearScheduler\(schedule_param='sparsity_level'"):
+            make()
+        assert levels(sp) == {"a": 0.5} and first.last_epoch == 0
+    other = sparsifier(a=0.5)
+    assert LinearScheduler(other, final_value=0.8) is not None  # another sparsifier: its own parameter
+    del first  # gone: the parameter is free again
+    second = CubicScheduler(sp, final_value=0.9, ramp_steps=2)
+    assert second.base_param == {"a": 0.5}
+
+
+def test_a_scheduler_that_fails_to_build_does_not_hold_the_parameter():
+    sp = sparsifier(a=0.5)
+    with pytest.raises(ValueError):
+        LambdaScheduler(sp, lambda epoch: 3.0)  # 1.5 at epoch 0: refused by the first step
+    assert LinearScheduler(sp, final_value=0.8) is not None
 
 
 def test_cubic_scheduler_can_decrease():
@@ -446,7 +482,7 @@ def test_a_lambda_schedule_that_leaves_zero_one_is_refused_at_the_step_naming_th
 def test_embedding_groups_are_scheduled_like_tensors():
     sp = DataNormSparsifier(sparsity_level=0.1)
     sp.add_data("emb", nn.Embedding(8, 8))
-    sch = LinearScheduler(sp, final_value=0.5, ramp_steps=2)
+    sch = LinearScheduler(sp, final_value=0.5, initial_value=0.0, ramp_steps=2)
     sp.step()
     sch.step()
     sp.step()
