@@ -122,8 +122,9 @@ __all__ = [
 
 #: ``__metadata__["format"]`` of every distsparse checkpoint.
 FORMAT = "distsparse.checkpoint"
-#: ``__metadata__["format_version"]`` written (and the only one read) by this version.
-FORMAT_VERSION = "1"
+#: ``__metadata__["format_version"]`` written by this version (it also reads version 1).
+FORMAT_VERSION = "2"
+_READABLE_VERSIONS = ("1", "2")
 
 # safetensors' MAX_HEADER_SIZE: it refuses bigger headers when writing ("header too large")
 # and when reading.
@@ -189,57 +190,74 @@ def _check_scheduler(sparsifier: BaseDataSparsifier, scheduler: BaseDataSchedule
 # save
 # ----------------------------------------------------------------------------------------
 
+# Bytes per point-to-point message of a mask (bounds the writer's receive buffer).
+_CHUNK = 32 << 20
 
-def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """This rank's contribution: JSON facts (shared + local shapes) and packed local masks.
 
-    Returns the payload sent to the writer and (on the writer) the packed replicated masks."""
+def _view2d(shape: Any) -> tuple[int, int]:
+    """A mask's shape as the 2-D (rows, row length) its pieces cut: dim 0 by the rest."""
+    shape = [int(s) for s in shape]
+    return (shape[0] if shape else 1), math.prod(shape[1:])
+
+
+def _piece_key(name: str, row: int, col: int) -> str:
+    return f"piece/{row},{col}/{name}"
+
+
+def _zeros(mask: torch.Tensor) -> int:
+    return int(mask.numel() - int(mask.count_nonzero()))
+
+
+@dataclass
+class _Contribution:
+    """What one rank brings to a save: JSON facts (every rank's are all-gathered: small)
+    and the packed masks only it can send (its pieces of sharded groups, its local masks)."""
+
+    facts: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool = True) -> _Contribution:
+    """This rank's facts and packed masks (``writer`` is kept for callers of version 1)."""
+    del writer
     sd = sparsifier.state_dict()
     shared_groups: dict[str, Any] = {}
     local: dict[str, Any] = {}
-    rows: dict[str, Any] = {}
-    chunks: list[bytes] = []
-    row_chunks: list[bytes] = []
-    replicated_masks: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[list[int]]] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name in sorted(sd["groups"]):
         entry = sd["groups"][name]
         mask = sd["masks"].get(name)
-        sharded = entry.get("sharded")
-        rects = entry.get("rects")
-        if rects is not None:
-            # A table sharded in rectangles (TorchRec): whole in the file too; this rank's
-            # shards' masks (flat, one after the other) go to the writer.
-            shared_groups[name] = {"scope": "replicated", "config": entry["config"],
-                                   "shape": [int(s) for s in entry["shape"]]}
-            packed = _tensor_bytes(_pack(mask))
-            rows[name] = {"rects": rects["shards"], "nbytes": len(packed)}
-            row_chunks.append(packed)
-            continue
-        if sharded is not None:
-            # A sharded DTensor group: the file holds its whole mask, assembled on the writer
-            # from the contributing ranks' rows (see _assemble_sharded).
-            shared_groups[name] = {"scope": "replicated", "config": entry["config"],
-                                   "shape": [int(s) for s in entry["shape"]]}
-            packed = _tensor_bytes(_pack(mask)) if sharded["contributes"] else None
-            rows[name] = {"dim0_offset": sharded["dim0_offset"], "local_shape": sharded["local_shape"],
-                          "nbytes": None if packed is None else len(packed)}
-            if packed is not None:
-                row_chunks.append(packed)
+        shape = [int(s) for s in entry["shape"]]
+        sharded, rects = entry.get("sharded"), entry.get("rects")
+        if rects is not None or sharded is not None:
+            # Rows or rectangles of a table that lives on several ranks: each rank sends its
+            # own pieces, the file keeps them as they are (no rank assembles the table).
+            shared_groups[name] = {"scope": "sharded", "config": entry["config"], "shape": shape}
+            mine: list[list[int]] = []
+            if rects is not None:
+                group = sparsifier._groups[name]
+                views = group.shard_masks(mask)
+                for (r, c, rows, cols), view in zip(rects["shards"], views):
+                    if rows and cols:
+                        mine.append([r, c, rows, cols, _zeros(view)])
+                        tensors[_piece_key(name, r, c)] = _pack(view)
+            elif sharded["contributes"] and mask.numel():
+                rows, cols = _view2d(mask.shape)
+                offset = int(sharded["dim0_offset"])
+                mine.append([offset, 0, rows, cols, _zeros(mask)])
+                tensors[_piece_key(name, offset, 0)] = _pack(mask)
+            pieces[name] = mine
             continue
         if entry["replicated"]:
-            shared_groups[name] = {"scope": "replicated", "config": entry["config"],
-                                   "shape": [int(s) for s in entry["shape"]]}
+            shared_groups[name] = {"scope": "replicated", "config": entry["config"], "shape": shape}
             if mask is None:  # the sparsifier never holds a replicated group without a mask
                 raise ValueError(f"group {name!r}: replicated group has no mask to save")
-            if writer:
-                replicated_masks[name] = _pack(mask)
         else:
             shared_groups[name] = {"scope": "local", "config": entry["config"]}
-            packed = None if mask is None else _tensor_bytes(_pack(mask))
-            local[name] = {"shape": [int(s) for s in entry["shape"]],
-                           "nbytes": None if packed is None else len(packed)}
-            if packed is not None:
-                chunks.append(packed)
+            local[name] = {"shape": shape, "saved": mask is not None}
+            if mask is not None:
+                tensors[_local_key(sparsifier.rank, name)] = _pack(mask)
     facts = {
         "shared": {
             "sparsifier": {"class": sd["sparsifier"], "format_version": sd["format_version"],
@@ -248,78 +266,9 @@ def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool) -> tuple[bytes, 
             "groups": shared_groups,
         },
         "local": local,
-        "rows": rows,
+        "pieces": pieces,
     }
-    text = json.dumps(facts, sort_keys=True).encode()
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks) + b"".join(row_chunks), replicated_masks
-
-
-def _split_payload(payload: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """(facts, packed masks): local groups' masks by name, sharded groups' rows under
-    ``("rows", name)``."""
-    n = int.from_bytes(payload[:8], "little")
-    facts = json.loads(payload[8 : 8 + n])
-    masks: dict[Any, bytes] = {}
-    offset = 8 + n
-    for section in ("local", "rows"):
-        for name in sorted(facts.get(section, {})):
-            nbytes = facts[section][name]["nbytes"]
-            if nbytes is not None:
-                masks[name if section == "local" else ("rows", name)] = payload[offset : offset + nbytes]
-                offset += nbytes
-    return facts, masks
-
-
-def _assemble_sharded(payloads: list[bytes], replicated_masks: dict[str, torch.Tensor]) -> None:
-    """On the writer: the whole bit-packed mask of every sharded group, from the rows its
-    contributing ranks sent (unpacked, concatenated along dim 0 in offset order, packed).
-    The writer holds one whole mask at a time, transiently."""
-    gathered = [_split_payload(p) for p in payloads]
-    names = sorted({n for facts, _ in gathered for n in facts.get("rows", {})})
-    for name in names:
-        shape = tuple(gathered[0][0]["shared"]["groups"][name]["shape"])
-        if "rects" in gathered[0][0]["rows"][name]:
-            replicated_masks[name] = _pack(_assemble_rects(name, shape, gathered))
-            continue
-        pieces = []
-        for facts, masks in gathered:
-            info = facts["rows"][name]
-            if info["nbytes"] is not None:
-                pieces.append((int(info["dim0_offset"]), _unpack(
-                    torch.frombuffer(bytearray(masks[("rows", name)]), dtype=torch.uint8)
-                    if info["nbytes"] else torch.empty(0, dtype=torch.uint8), tuple(info["local_shape"]))))
-        pieces.sort(key=lambda p: p[0])
-        at = 0
-        for offset, piece in pieces:
-            if offset != at:
-                raise ValueError(f"group {name!r}: the ranks' rows do not tile dimension 0 "
-                                 f"(rows from {offset} where {at} was expected)")
-            at += piece.shape[0]
-        if at != shape[0]:
-            raise ValueError(f"group {name!r}: the ranks' rows cover {at} of {shape[0]} rows along dimension 0")
-        whole = torch.cat([p for _, p in pieces]) if pieces else torch.ones(shape, dtype=torch.bool)
-        replicated_masks[name] = _pack(whole.reshape(shape))
-
-
-def _assemble_rects(name: str, shape: tuple[int, ...], gathered: list[tuple[dict[str, Any], dict[Any, bytes]]]
-                    ) -> torch.Tensor:
-    """The whole mask of a table sharded in rectangles, from every rank's shards (checked
-    to tile the table exactly)."""
-    from .rects import layout_from_gathered
-
-    per_rank = [facts["rows"][name]["rects"] for facts, _ in gathered]
-    layout_from_gathered(name, shape, per_rank, 0)  # ValueError naming the group unless they tile it
-    whole = torch.empty(shape, dtype=torch.bool)
-    for (facts, masks), rects in zip(gathered, per_rank):
-        numel = sum(rows * cols for _, _, rows, cols in rects)
-        raw = masks[("rows", name)]
-        flat = _unpack(torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else
-                       torch.empty(0, dtype=torch.uint8), (numel,))
-        at = 0
-        for r, c, rows, cols in rects:
-            whole[r : r + rows, c : c + cols] = flat[at : at + rows * cols].view(rows, cols)
-            at += rows * cols
-    return whole
+    return _Contribution(facts=facts, tensors=tensors)
 
 
 def _disagreement(shared: list[dict[str, Any]]) -> str | None:
@@ -331,43 +280,180 @@ def _disagreement(shared: list[dict[str, Any]]) -> str | None:
     return "\n  ".join(problems) or "the ranks' sparsifier states differ"
 
 
-def _build_file(payloads: list[bytes], replicated_masks: dict[str, torch.Tensor],
-                scheduler_state: dict[str, Any] | None, writer: dict[str, Any] | None = None) -> bytes:
-    """The whole checkpoint file as bytes (runs on the writer). ``writer`` (who writes, see
-    :func:`_writer_identity`) is recorded in the state for the collision check."""
-    from safetensors.torch import save as st_save
+@dataclass
+class _FilePlan:
+    """The file every rank agrees on before the writer writes a byte: the JSON state (its
+    checksums still placeholders) and the tensors in file order, each with the rank that
+    sends it (``None``: the writer's own replicated mask)."""
 
-    gathered = [_split_payload(p) for p in payloads]
-    world_size = len(gathered)
-    shared = gathered[0][0]["shared"]
+    state: dict[str, Any]
+    tensors: list[tuple[str, int | None, str, int]]  # (key, source rank, group name, bytes)
+
+
+def _file_plan(all_facts: list[dict[str, Any]], scheduler_state: dict[str, Any] | None) -> _FilePlan:
+    """Raises ``ValueError`` naming the group when sharded pieces do not tile their table."""
+    from .rects import layout_from_gathered
+
+    world_size = len(all_facts)
+    shared = all_facts[0]["shared"]
     groups: dict[str, Any] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, entry in shared["groups"].items():
+    order: list[tuple[str, int | None, str, int]] = []
+    for name in sorted(shared["groups"]):
+        entry = shared["groups"][name]
         if entry["scope"] == "replicated":
             groups[name] = dict(entry)
-            tensors[_mask_key(name)] = replicated_masks[name].contiguous()
+            order.append((_mask_key(name), None, name, packed_size(math.prod(entry["shape"]))))
+        elif entry["scope"] == "sharded":
+            per_rank = [facts["pieces"][name] for facts in all_facts]
+            layout_from_gathered(name, _view2d(entry["shape"]), [[p[:4] for p in mine] for mine in per_rank], 0)
+            found = sorted((p, rank) for rank, mine in enumerate(per_rank) for p in mine)
+            groups[name] = {**entry, "pieces": [p for p, _ in found]}
+            for (r, c, rows, cols, _), rank in found:
+                order.append((_piece_key(name, r, c), rank, name, packed_size(rows * cols)))
         else:
-            groups[name] = {**entry, "shapes": [facts["local"][name]["shape"] for facts, _ in gathered]}
-            for rank, (_, masks) in enumerate(gathered):
-                if name in masks:
-                    tensors[_local_key(rank, name)] = torch.frombuffer(bytearray(masks[name]), dtype=torch.uint8) \
-                        if masks[name] else torch.empty(0, dtype=torch.uint8)
-    checksums = {key: _sha256(_tensor_bytes(t)) for key, t in sorted(tensors.items())}
+            shapes = [facts["local"][name]["shape"] for facts in all_facts]
+            groups[name] = {**entry, "shapes": shapes}
+            for rank, facts in enumerate(all_facts):
+                if facts["local"][name]["saved"]:
+                    order.append((_local_key(rank, name), rank, name, packed_size(math.prod(shapes[rank]))))
     state = {
         "sparsifier": shared["sparsifier"],
         "world_size": world_size,
-        "groups": {n: groups[n] for n in sorted(groups)},
+        "groups": groups,
         "scheduler": scheduler_state,
-        "checksums": checksums,
+        "checksums": {key: "0" * 64 for key, _, _, _ in order},
     }
-    if writer is not None:
-        state["writer"] = writer
-    text = json.dumps(state, sort_keys=True, allow_nan=False)
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": text,
-                "json_sha256": _sha256(text.encode("utf-8"))}
-    _check_header_limit(tensors, metadata, what=f"checkpoint of {len(groups):,} groups",
-                        advice="split the groups over several sparsifiers, each saved to its own file")
-    return st_save(tensors, metadata=metadata)
+    return _FilePlan(state=state, tensors=order)
+
+
+def _metadata(state: dict[str, Any]) -> dict[str, str]:
+    text = json.dumps(state, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "state": text,
+            "json_sha256": _sha256(text.encode("utf-8"))}
+
+
+class _FdFile:
+    """The few file methods the streaming writer needs, on a raw descriptor (``os.write``
+    in a loop: short writes are resumed)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            written = os.write(self._fd, view[: 1 << 30])
+            view = view[written:]
+        return total
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return os.lseek(self._fd, offset, whence)
+
+
+def _stream_file(fileobj: Any, plan: _FilePlan, next_tensor: Callable[[str, int | None, int], Iterator[torch.Tensor]],
+                 where: str) -> None:
+    """Write the checkpoint described by ``plan`` to ``fileobj``: every tensor's chunks come
+    from ``next_tensor(key, source, nbytes)`` in file order; checksums land in the header."""
+    from .safetensors_stream import StreamingSafetensorsWriter
+
+    specs = [(key, torch.uint8, (nbytes,)) for key, _, _, nbytes in plan.tensors]
+    placeholder = _metadata(plan.state)
+    header = len(json.dumps(placeholder, separators=(",", ":"))) + 200 * (len(specs) + 1)
+    if header > _MAX_HEADER:
+        raise ValueError(f"the {where} needs a safetensors header of about {header:,} bytes (names, configs and "
+                         f"checksums of {len(specs):,} tensors), over safetensors' limit of {_MAX_HEADER:,} bytes; "
+                         "split the groups over several sparsifiers, each saved to its own file")
+    writer = StreamingSafetensorsWriter(fileobj, specs, placeholder)
+    for key, source, _, nbytes in plan.tensors:
+        for chunk in next_tensor(key, source, nbytes):
+            writer.write(key, chunk)
+    state = dict(plan.state)
+    state["checksums"] = {key: writer.sha256(key) for key, _, _, _ in plan.tensors}
+    writer.close(_metadata(state))
+
+
+def _replicated_mask(sparsifier: BaseDataSparsifier, name: str) -> torch.Tensor:
+    """The writer's own copy of a replicated group's mask (a pending group's too)."""
+    group = sparsifier._groups.get(name)
+    if group is not None:
+        return group.mask
+    mask = sparsifier._pending[name].mask
+    assert mask is not None  # replicated groups always hold a mask (checked by _rank_payload)
+    return mask
+
+
+class _Draining:
+    """Hands the writer each tensor of the plan in order and, whatever happens while it
+    writes, receives the rest afterwards (:meth:`drain`): the senders never hang on a
+    writer that failed (a full disk, a refused collision)."""
+
+    def __init__(self, plan: _FilePlan, tensor: Callable[[str, int | None, int], Iterator[torch.Tensor]],
+                 comm: Any) -> None:
+        self._left = list(plan.tensors)
+        self._tensor = tensor
+        self._comm = comm
+        self._current: Iterator[torch.Tensor] | None = None
+
+    def next_tensor(self, key: str, source: int | None, nbytes: int) -> Iterator[torch.Tensor]:
+        expected = self._left.pop(0)
+        assert expected[0] == key, (expected, key)
+        self._current = self._tensor(key, source, nbytes)
+        for chunk in self._current:  # not ``yield from``: closing this must not close the transfer
+            yield chunk
+        self._current = None
+
+    def drain(self) -> None:
+        if self._comm.broken is not None:
+            return  # a transfer failed: the other ranks already know
+        if self._current is not None:
+            for _ in self._current:
+                pass
+            self._current = None
+        while self._left:
+            key, source, _, nbytes = self._left.pop(0)
+            for _ in self._tensor(key, source, nbytes):
+                pass
+
+
+def _build_file(contributions: list[_Contribution], sparsifier: BaseDataSparsifier,
+                scheduler_state: dict[str, Any] | None) -> bytes:
+    """The whole checkpoint as bytes, from every rank's contribution (one process: tests)."""
+    import io
+
+    plan = _file_plan([c.facts for c in contributions], scheduler_state)
+    buffer = io.BytesIO()
+
+    def tensor(key: str, source: int | None, nbytes: int) -> Iterator[torch.Tensor]:
+        yield _pack(_replicated_mask(sparsifier, key[len("mask/"):])) if source is None \
+            else contributions[source].tensors[key]
+
+    _stream_file(buffer, plan, tensor, "checkpoint")
+    return buffer.getvalue()
+
+
+# -- point-to-point transfers (the save's gather, the load's scatter) ----------------------
+
+
+def _send(comm: Any, tensor: torch.Tensor, dst: int, what: str) -> None:
+    """Send ``tensor`` (1-D uint8) to group rank ``dst`` in chunks of at most ``_CHUNK``."""
+    import torch.distributed as dist
+
+    flat = tensor.reshape(-1).to(comm.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        piece = flat[start : start + _CHUNK].contiguous()
+        comm._wait(dist.isend(piece, group=comm.group, group_dst=dst), what)
+
+
+def _recv(comm: Any, nbytes: int, src: int, what: str) -> Iterator[torch.Tensor]:
+    """Receive ``nbytes`` sent by :func:`_send` from group rank ``src``, chunk by chunk."""
+    import torch.distributed as dist
+
+    buffer = torch.empty(min(nbytes, _CHUNK), dtype=torch.uint8, device=comm.device)
+    for start in range(0, nbytes, _CHUNK):
+        piece = buffer[: min(_CHUNK, nbytes - start)]
+        comm._wait(dist.irecv(piece, group=comm.group, group_src=src), what)
+        yield piece.cpu()
 
 
 # -- the safetensors header limit -------------------------------------------------------
@@ -408,45 +494,37 @@ def _check_header_limit(tensors: dict[str, torch.Tensor], metadata: dict[str, st
 # -- who writes: the collision check ----------------------------------------------------
 
 
-def _writer_identity(comm: Any) -> dict[str, Any]:
-    """The writing process group's global ranks, the job's world size and job token."""
-    return {"group_ranks": comm.global_ranks(), "world_size": comm.job_world_size(), "job": comm.job_token()}
-
-
-def _existing_writer(real: Path) -> dict[str, Any] | None:
-    """The ``writer`` recorded in the checkpoint at ``real`` (header only), or None when
-    there is no readable distsparse checkpoint with one (absent, damaged, older)."""
+def _job_store() -> Any | None:
+    """The default process group's store (shared by every process of this job), or None."""
     try:
-        with open(real, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > _MAX_HEADER:
-                return None
-            header = json.loads(f.read(n))
-        writer = json.loads(header["__metadata__"]["state"]).get("writer")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no default group / store: the job cannot be asked
         return None
-    return writer if isinstance(writer, dict) else None
 
 
-def _check_not_another_group(real: Path, target: Path, writer: dict[str, Any]) -> None:
-    """Refuse to replace a checkpoint that another process group of this job wrote."""
-    existing = _existing_writer(real)
-    if existing is None or writer.get("job") is None or existing.get("job") != writer["job"]:
-        return  # no file, an older file, or another job (a resume, another world size)
-    if existing.get("group_ranks") != writer["group_ranks"]:
+def _check_not_another_group(real: Path, target: Path, group_ranks: list[int], store: Any | None) -> None:
+    """Refuse to replace a checkpoint that another process group of this job wrote.
+
+    The first group of a job to save to a path claims it in the job's store (the key is the
+    real path); a later save by another group of the same job is refused. Files of earlier
+    jobs are simply replaced. Nothing of this lives in the file: identical runs write
+    identical bytes. Without a store (one process) nothing can collide."""
+    if store is None:
+        return
+    mine = json.dumps(group_ranks)
+    key = "distsparse/checkpoint_writer/" + hashlib.sha256(os.fsencode(str(real))).hexdigest()
+    try:
+        holder = store.compare_set(key, "", mine).decode()
+    except Exception:  # noqa: BLE001 - a store that cannot compare: nothing to judge
+        return
+    if holder != mine:
         raise CheckpointError(
             f"cannot save checkpoint {str(target)!r}: the file there was written in this job by the "
-            f"process group of global ranks {existing.get('group_ranks')}, and this save comes from "
-            f"global ranks {writer['group_ranks']}; sparsifiers on different process groups must save "
+            f"process group of global ranks {json.loads(holder)}, and this save comes from "
+            f"global ranks {group_ranks}; sparsifiers on different process groups must save "
             "to different files (register_for_checkpointing's default filename names the ranks)")
-
-
-def _write_checkpoint(comm: Any, target: Path, payloads: list[bytes], replicated: dict[str, torch.Tensor],
-                      scheduler_state: dict[str, Any] | None) -> None:
-    """Build and atomically write the checkpoint on the writer, refusing a collision."""
-    writer = _writer_identity(comm)
-    _atomic_write(target, _build_file(payloads, replicated, scheduler_state, writer=writer),
-                  check=lambda real: _check_not_another_group(real, target, writer))
 
 
 # -- atomic writes, temporary files and their locks --------------------------------------
@@ -580,10 +658,16 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def _atomic_write(target: Path, data: bytes, check: Callable[[Path], None] | None = None) -> None:
-    """Write ``data`` to ``target`` atomically: a locked temporary file beside the *real*
-    file (a symlink at ``target`` is resolved and stays a link), fsync, rename, fsync the
-    folder. ``check(real_path)`` runs under a folder lock just before the rename and may
-    refuse it by raising. A crash at any moment leaves the previous file whole."""
+    """Write ``data`` to ``target`` atomically (see :func:`_atomic_write_stream`)."""
+    _atomic_write_stream(target, lambda f: f.write(data), check)
+
+
+def _atomic_write_stream(target: Path, produce: Callable[[_FdFile], Any],
+                         check: Callable[[Path], None] | None = None) -> None:
+    """Write what ``produce(file)`` writes to ``target`` atomically: a locked temporary file
+    beside the *real* file (a symlink at ``target`` is resolved and stays a link), fsync,
+    rename, fsync the folder. ``check(real_path)`` runs under a folder lock just before the
+    rename and may refuse it by raising. A crash at any moment leaves the previous file whole."""
     real = Path(os.path.realpath(target))
     folder = real.parent
     if not folder.is_dir():
@@ -597,10 +681,7 @@ def _atomic_write(target: Path, data: bytes, check: Callable[[Path], None] | Non
     _remove_stale_temps(real)
     fd, temp = _create_temp(folder, _temp_prefix(real.name, name_max))
     try:
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.write(fd, view[: 1 << 30])
-            view = view[written:]
+        produce(_FdFile(fd))
         os.fsync(fd)
         if check is None:
             os.replace(temp, real)
@@ -622,11 +703,13 @@ def save_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
     """Write the sparsifier's masks and configs (and the scheduler's state) to one
     safetensors file at ``path``, atomically. *Collective*: every rank calls it.
 
-    Rank 0 writes; the others send it their local groups' masks and return once the file
-    is complete. An error on any rank (or the writer's I/O error) is raised on every rank;
-    the previous file at ``path`` then stays as it was. The format is described in this
-    module's docstring. Ranks that disagree on groups, configs or step counts raise
-    :class:`~distsparse.distributed.RankDisagreementError` naming the group.
+    Rank 0 writes. The other ranks send it, one after the other, their pieces of sharded
+    tables and their local masks, which it streams into the file: it never holds more than
+    one piece (no rank assembles a sharded table). An error on any rank (or the writer's
+    I/O error) is raised on every rank; the previous file at ``path`` then stays as it was.
+    The format is described in this module's docstring. Ranks that disagree on groups,
+    configs or step counts raise :class:`~distsparse.distributed.RankDisagreementError`
+    naming the group.
     """
     _check_scheduler(sparsifier, scheduler)
     comm = sparsifier.comm
@@ -638,28 +721,52 @@ def save_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
 
 def _save_in_operation(comm: Any, target: Path, sparsifier: BaseDataSparsifier,
                        scheduler: BaseDataScheduler | None) -> None:
-    payload = b""
-    replicated: dict[str, torch.Tensor] = {}
+    mine: _Contribution | None = None
     scheduler_state = None
     error: Exception | None = None
     try:
-        payload, replicated = _rank_payload(sparsifier, writer=comm.rank == 0)
+        mine = _rank_payload(sparsifier)
         if scheduler is not None:
             scheduler_state = json.loads(json.dumps(scheduler.state_dict(), allow_nan=False))
     except Exception as exc:  # noqa: BLE001 - raised on every rank just below
         error = exc
-    comm.raise_if_any_failed([f"{type(error).__name__}: {error}"] if error else [],
-                             f"save_checkpoint({str(target)!r})", local_error=error)
-    payloads = comm.all_gather_bytes(payload)
-    problems = _disagreement([_split_payload(p)[0]["shared"] for p in payloads])
+    what = f"save_checkpoint({str(target)!r})"
+    comm.raise_if_any_failed([f"{type(error).__name__}: {error}"] if error else [], what, local_error=error)
+    assert mine is not None
+    all_facts = [json.loads(p) for p in comm.all_gather_bytes(json.dumps(mine.facts, sort_keys=True).encode())]
+    problems = _disagreement([f["shared"] for f in all_facts])
     if problems:
         raise RankDisagreementError(
-            f"save_checkpoint({str(target)!r}): ranks disagree (rank {comm.rank} of {comm.world_size}):\n  "
+            f"{what}: ranks disagree (rank {comm.rank} of {comm.world_size}):\n  "
             f"{problems}\nEvery rank must hold the same groups with the same configs.")
+    try:  # every rank computes the same plan (or the same error) from the same facts
+        plan = _file_plan(all_facts, scheduler_state)
+    except ValueError as exc:
+        raise mark_raised_everywhere(exc) from None
+    del all_facts
+    if comm.rank != 0:
+        for key, source, _, _ in plan.tensors:
+            if source == comm.rank:
+                _send(comm, mine.tensors.pop(key), 0, f"send of {key!r} to the writer")
+    else:
+        # The writer's own status also travels in run_on_coordinator below, after it
+        # received every piece (even when writing failed: the senders must not hang).
+        def tensor(key: str, source: int | None, nbytes: int) -> Iterator[torch.Tensor]:
+            if source is None:
+                yield _pack(_replicated_mask(sparsifier, key[len("mask/"):]))
+            elif source == 0:
+                yield mine.tensors.pop(key)
+            else:
+                yield from _recv(comm, nbytes, source, f"receive of {key!r} from rank {source}")
 
     def write() -> None:
-        _assemble_sharded(payloads, replicated)
-        _write_checkpoint(comm, target, payloads, replicated, scheduler_state)
+        received = _Draining(plan, tensor, comm)
+        try:
+            ranks, store = comm.global_ranks(), _job_store() if comm.is_distributed else None
+            _atomic_write_stream(target, lambda f: _stream_file(f, plan, received.next_tensor, "checkpoint"),
+                                 check=lambda real: _check_not_another_group(real, target, ranks, store))
+        finally:
+            received.drain()
 
     # The broadcast of the writer's status is also the barrier: nobody leaves before the
     # file is complete, and a writer error is raised everywhere.
@@ -670,25 +777,45 @@ def _save_in_operation(comm: Any, target: Path, sparsifier: BaseDataSparsifier,
 # load
 # ----------------------------------------------------------------------------------------
 
+# Mask elements unpacked at a time while a load writes into the existing masks.
+_UNPACK_ELEMENTS = 1 << 22
+
 
 @dataclass
-class _Checkpoint:
+class _Parsed:
+    """A verified header: the tensors' specs and the JSON state (checked against its checksum
+    and schema); no tensor was read yet."""
+
+    specs: dict[str, dict[str, Any]]
     state: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    header_size: int  # n: bytes of JSON after the 8-byte length
 
 
-def _read(target: Path) -> bytes:
-    """b"\\x00" + file bytes, or b"\\x01"/b"\\x02" + message (not found / other I/O error)."""
+def _probe(target: Path) -> tuple[bytes, bytes, int]:
+    """(status, the file's head: length field + header, file size). Status: b"\\x00" + sha256
+    of head and size (ranks compare it: do they see the same file?), or b"\\x01"/b"\\x02" +
+    message (not found / other I/O error)."""
     try:
-        return b"\x00" + target.read_bytes()
+        with open(target, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) == 8:
+                n = int.from_bytes(head, "little")
+                if n <= min(_MAX_HEADER, size - 8):
+                    head += f.read(n)
     except FileNotFoundError:
-        return b"\x01" + f"checkpoint file {str(target)!r} does not exist".encode()
+        return b"\x01" + f"checkpoint file {str(target)!r} does not exist".encode(), b"", 0
     except OSError as exc:
-        return b"\x02" + f"cannot read checkpoint file {str(target)!r}: {exc}".encode()
+        return b"\x02" + f"cannot read checkpoint file {str(target)!r}: {exc}".encode(), b"", 0
+    return b"\x00" + hashlib.sha256(head + size.to_bytes(8, "little")).digest(), head, size
 
 
 def _is_shape(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _header_size(blob: bytes) -> int:
@@ -696,26 +823,29 @@ def _header_size(blob: bytes) -> int:
 
 
 def _check_layout(blob: bytes, where: str) -> dict[str, Any]:
-    """Parse the safetensors framing; return the header (with ``__metadata__``)."""
-    size = len(blob)
+    """Parse the safetensors framing of a whole file; return the header (with ``__metadata__``)."""
+    return _check_head(blob[: 8 + _header_size(blob)] if len(blob) >= 8 else blob, len(blob), where)
+
+
+def _check_head(head: bytes, size: int, where: str) -> dict[str, Any]:
+    """Parse the safetensors framing from the file's ``head`` (length field + header) and
+    its ``size``; return the header (with ``__metadata__``)."""
     if size == 0:
         raise CheckpointError(f"{where}: the file is empty")
     if size < 8:
         raise CheckpointError(f"{where}: the file is {size} bytes, too short for a safetensors header (truncated?)")
-    n = int.from_bytes(blob[:8], "little")
-    if n > _MAX_HEADER or n > size - 8:
+    n = int.from_bytes(head[:8], "little")
+    if n > _MAX_HEADER or n > size - 8 or len(head) < 8 + n:
         raise CheckpointError(f"{where}: the header length field says {n} bytes but the file has {size - 8} after it "
                               "(truncated, damaged, or not a safetensors file)")
     try:
-        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+        header = json.loads(head[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{where}: the safetensors header is not valid JSON ({exc}); "
                               "the file is damaged or not a safetensors file") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: the safetensors header is not a JSON object (damaged file)")
     return header
-
-
 def _check_tensor_specs(header: dict[str, Any], data_size: int, where: str) -> None:
     """Every tensor is a 1-D uint8 span; the spans tile the data exactly."""
     spans = []
@@ -752,20 +882,21 @@ def check_spans_tile(spans: list[tuple[int, int, str]], data_size: int, where: s
                               f"(the file is {what})")
 
 
-def _parse(blob: bytes, where: str) -> _Checkpoint:
-    """Verify everything that does not depend on the sparsifier; return state and tensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
 
-    header = _check_layout(blob, where)
+
+def _parse_head(head: bytes, size: int, where: str) -> _Parsed:
+    """Verify everything the header alone can tell: framing, format and version, the JSON
+    state's checksum and schema, every tensor's spec and that the tensors are the groups'."""
+    header = _check_head(head, size, where)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not a distsparse checkpoint (its safetensors metadata lacks "
                               f"format={FORMAT!r}); write checkpoints with distsparse.save_checkpoint")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise CheckpointError(f"{where}: checkpoint format_version {version!r} is not supported; this "
-                              f"distsparse reads version {FORMAT_VERSION!r} (upgrade distsparse?)")
+                              f"distsparse reads versions {', '.join(map(repr, _READABLE_VERSIONS))} "
+                              "(upgrade distsparse?)")
     text, digest = meta.get("state"), meta.get("json_sha256")
     if not isinstance(text, str) or not isinstance(digest, str):
         raise CheckpointError(f"{where}: metadata lacks 'state' or 'json_sha256' (damaged file)")
@@ -775,26 +906,29 @@ def _parse(blob: bytes, where: str) -> _Checkpoint:
         state = json.loads(text)
     except ValueError as exc:
         raise CheckpointError(f"{where}: the JSON state is not valid JSON ({exc})") from None
-    _check_tensor_specs(header, len(blob) - 8 - _header_size(blob), where)
-    try:
-        tensors = st_load(blob)
-    except SafetensorError as exc:
-        raise CheckpointError(f"{where}: safetensors cannot read the file ({exc})") from None
-    _check_state_schema(state, where)
+    n = _header_size(head)
+    _check_tensor_specs(header, size - 8 - n, where)
+    _check_state_schema(state, where, version)
+    specs = {k: v for k, v in header.items() if k != "__metadata__"}
     checksums = state["checksums"]
-    if set(tensors) != set(checksums):
-        extra = sorted(set(tensors) - set(checksums))
-        lacking = sorted(set(checksums) - set(tensors))
+    if set(specs) != set(checksums):
+        extra = sorted(set(specs) - set(checksums))
+        lacking = sorted(set(checksums) - set(specs))
         raise CheckpointError(f"{where}: tensors do not match the checksum list (unexpected: {extra}, "
                               f"missing: {lacking}; damaged file)")
-    for key in sorted(tensors):
-        if _sha256(_tensor_bytes(tensors[key])) != checksums[key]:
-            raise CheckpointError(f"{where}: tensor {key!r} does not match its sha256 checksum (damaged file)")
-    _check_tensor_keys(state, tensors, where)
-    return _Checkpoint(state=state, tensors=tensors)
+    _check_tensor_keys(state, specs, where)
+    return _Parsed(specs=specs, state=state, header_size=n)
 
 
-def _check_state_schema(state: Any, where: str) -> None:
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_state_schema(state: Any, where: str, version: str = FORMAT_VERSION) -> None:
+    """Every JSON field a load trusts has the type and range it must have (the values of
+    configs are the sparsifier's to check, the scheduler's state the scheduler's)."""
+    from .rects import layout_from_gathered
+
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{where}: malformed checkpoint state: {what}")
 
@@ -806,20 +940,35 @@ def _check_state_schema(state: Any, where: str) -> None:
     sp = state["sparsifier"]
     if (not isinstance(sp, dict) or not {"class", "format_version", "args", "defaults", "step_count"} <= set(sp)
             or not isinstance(sp["class"], str) or not isinstance(sp["defaults"], dict)
-            or not isinstance(sp["args"], dict)
-            or not isinstance(sp["step_count"], int)):
+            or not isinstance(sp["args"], dict)):
         raise bad("'sparsifier' must hold class, format_version, args, defaults and step_count")
+    if not _is_count(sp["step_count"]):
+        raise bad(f"sparsifier step_count must be an int >= 0, got {sp['step_count']!r}")
+    if not _is_count(sp["format_version"]):
+        raise bad(f"sparsifier format_version must be an int, got {sp['format_version']!r}")
     ws = state["world_size"]
     if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
         raise bad(f"world_size must be a positive int, got {ws!r}")
     if not isinstance(state["groups"], dict):
         raise bad("'groups' must be an object")
+    scopes = ("replicated", "local") if version == "1" else ("replicated", "local", "sharded")
     for name, entry in state["groups"].items():
-        if not isinstance(entry, dict) or entry.get("scope") not in ("replicated", "local") \
+        if not isinstance(entry, dict) or entry.get("scope") not in scopes \
                 or not isinstance(entry.get("config"), dict):
-            raise bad(f"group {name!r} needs a scope ('replicated' or 'local') and a config")
-        if entry["scope"] == "replicated" and not _is_shape(entry.get("shape")):
-            raise bad(f"group {name!r} needs a shape")
+            raise bad(f"group {name!r} needs a scope ({' or '.join(map(repr, scopes))}) and a config")
+        if entry["scope"] in ("replicated", "sharded") and not _is_shape(entry.get("shape")):
+            raise bad(f"group {name!r} needs a shape (a list of ints >= 0), got {entry.get('shape')!r}")
+        if entry["scope"] == "sharded":
+            pieces = entry.get("pieces")
+            if not isinstance(pieces, list) or not all(_is_shape(p) and len(p) == 5 for p in pieces):
+                raise bad(f"group {name!r} of scope 'sharded' needs its pieces as [row, col, rows, cols, zeros] "
+                          "lists of ints >= 0")
+            if any(p[4] > p[2] * p[3] for p in pieces):
+                raise bad(f"group {name!r}: a piece counts more zeros than it has elements")
+            try:
+                layout_from_gathered(name, _view2d(entry["shape"]), [[p[:4] for p in pieces]], 0)
+            except ValueError as exc:
+                raise bad(str(exc)) from None
         if entry["scope"] == "local":
             shapes = entry.get("shapes")
             if not isinstance(shapes, list) or len(shapes) != ws or not all(_is_shape(s) for s in shapes):
@@ -831,65 +980,199 @@ def _check_state_schema(state: Any, where: str) -> None:
         raise bad("'checksums' must map tensor keys to sha256 hex digests")
 
 
-def _check_tensor_keys(state: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every replicated group has its mask; every tensor belongs to a group; sizes fit."""
-    expected: dict[str, tuple[str, list[int]]] = {}
+def _pieces(state: dict[str, Any], name: str) -> list[tuple[str, int, int, int, int, int | None]]:
+    """A shared group's stored pieces: (key, row, col, rows, cols, zeros or None) over the
+    mask viewed 2-D (:func:`_view2d`). A replicated group is one piece, the whole mask."""
+    entry = state["groups"][name]
+    if entry["scope"] == "replicated":
+        rows, cols = _view2d(entry["shape"])
+        return [(_mask_key(name), 0, 0, rows, cols, None)]
+    return [(_piece_key(name, r, c), r, c, rows, cols, zeros) for r, c, rows, cols, zeros in entry["pieces"]
+            if rows and cols]
+
+
+def _check_tensor_keys(state: dict[str, Any], specs: dict[str, dict[str, Any]], where: str) -> None:
+    """Every group has its masks; every tensor belongs to a group; sizes fit."""
+    expected: dict[str, tuple[str, int]] = {}
     for name, entry in state["groups"].items():
-        if entry["scope"] == "replicated":
-            key = _mask_key(name)
-            if key not in tensors:
-                raise CheckpointError(f"{where}: group {name!r}: the mask tensor {key!r} is missing")
-            expected[key] = (name, entry["shape"])
-        else:
+        if entry["scope"] == "local":
             for rank, shape in enumerate(entry["shapes"]):
-                expected[_local_key(rank, name)] = (name, shape)
-    unknown = sorted(set(tensors) - set(expected))
+                expected[_local_key(rank, name)] = (name, math.prod(shape))
+            continue
+        for key, _, _, rows, cols, _ in _pieces(state, name):
+            if key not in specs:
+                raise CheckpointError(f"{where}: group {name!r}: the mask tensor {key!r} is missing")
+            expected[key] = (name, rows * cols)
+    unknown = sorted(set(specs) - set(expected))
     if unknown:
         raise CheckpointError(f"{where}: tensors {unknown} belong to no group of the checkpoint (damaged file)")
+    for key in sorted(specs):
+        name, numel = expected[key]
+        size = specs[key]["shape"][0]
+        if size != packed_size(numel):
+            raise CheckpointError(f"{where}: group {name!r}: packed mask {key!r} has {size} uint8 bytes; "
+                                  f"{numel} elements needs {packed_size(numel)} uint8 bytes")
+
+
+# -- what this rank reads, and where it goes ------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """Where a group's mask goes on this rank: regions ``(row, col, rows, cols)`` of the
+    mask viewed 2-D, each with the tensor (2-D) it is written into."""
+
+    regions: list[tuple[int, int, int, int, torch.Tensor]]
+    distributed: bool  # the group lives on several ranks: record its global zero count
+
+
+def _target(sparsifier: BaseDataSparsifier, name: str, mask: torch.Tensor | None = None) -> _Target | None:
+    """This rank's part of group ``name`` (None when it does not hold it); ``mask``: the
+    tensor to write into (default: the group's own mask, when its shape fits the saved one)."""
+    group = sparsifier._groups.get(name)
+    if mask is not None or group is None:
+        if mask is None:
+            return None
+        rows, cols = _view2d(mask.shape)
+        return _Target([(0, 0, rows, cols, mask.view(rows, cols))], distributed=False)
+    own = group.mask
+    if group.rects is not None:
+        views = group.shard_masks()
+        return _Target([(r, c, int(t.shape[0]), int(t.shape[1]), view)
+                        for ((r, c), t), view in zip(group.rects.local_shards(), views)], distributed=True)
+    rows, cols = _view2d(own.shape)
+    if group.sharded:
+        return _Target([(group.layout.dim0_offset, 0, rows, cols, own.view(rows, cols))], distributed=True)
+    return _Target([(0, 0, rows, cols, own.view(rows, cols))], distributed=False)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    r0, r1 = max(a[0], b[0]), min(a[0] + a[2], b[0] + b[2])
+    c0, c1 = max(a[1], b[1]), min(a[1] + a[3], b[1] + b[3])
+    return (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+
+
+def _copy_piece(packed: torch.Tensor, piece: tuple[int, int, int, int], region: tuple[int, int, int, int],
+                out: torch.Tensor) -> None:
+    """Unpack the part of ``piece`` (its bits: ``packed``) that lies in ``region`` straight
+    into ``out`` (the region's 2-D tensor), a few million elements at a time."""
+    import numpy as np
+
+    hit = _overlap(piece, region)
+    if hit is None:
+        return
+    r0, r1, c0, c1 = hit
+    pr, pc, _, pcs = piece
+    tr, tc = region[0], region[1]
+    data = packed.numpy()
+    step = max(1, _UNPACK_ELEMENTS // max(pcs, 1))
+    for a in range(r0, r1, step):
+        b = min(r1, a + step)
+        bit0, bit1 = (a - pr) * pcs, (b - pr) * pcs
+        byte0 = bit0 // 8
+        bits = np.unpackbits(data[byte0 : (bit1 + 7) // 8])[bit0 - 8 * byte0 : bit1 - 8 * byte0]
+        rows = torch.from_numpy(bits).view(torch.bool).view(b - a, pcs)
+        out[a - tr : b - tr, c0 - tc : c1 - tc].copy_(rows[:, c0 - pc : c1 - pc])
+
+
+def _popcount_zeros(packed: torch.Tensor, numel: int) -> int:
+    import numpy as np
+
+    ones = int(np.unpackbits(packed.numpy(), count=numel).sum(dtype=np.int64)) if numel else 0
+    return numel - ones
+
+
+@dataclass
+class _LoadPlan:
+    """What this rank reads (``needed``, in order) and how it builds its state from it."""
+
+    needed: list[str]
+    groups: dict[str, Any]  # name -> (scope, pieces or local key)
+
+
+def _needed_keys(parsed: _Parsed, sparsifier: BaseDataSparsifier) -> list[str]:
+    """The tensors this rank reads: the pieces that overlap its part of each group (every
+    piece for a group it does not hold yet), its own local masks."""
+    state = parsed.state
+    same_world = state["world_size"] == sparsifier.world_size
+    needed: list[str] = []
+    for name in sorted(state["groups"]):
+        entry = state["groups"][name]
+        if entry["scope"] == "local":
+            key = _local_key(sparsifier.rank, name)
+            if same_world and key in parsed.specs:
+                needed.append(key)
+            continue
+        try:
+            target = _target(sparsifier, name)
+        except (RuntimeError, ValueError):
+            target = None
+        for key, r, c, rows, cols, _ in _pieces(state, name):
+            if target is None or any(_overlap((r, c, rows, cols), reg[:4]) for reg in target.regions):
+                needed.append(key)
+    return needed
+
+
+def _check_tensors(parsed: _Parsed, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor read matches its checksum; packed masks have zero padding bits."""
+    numel_of: dict[str, tuple[str, int]] = {}
+    for name, entry in parsed.state["groups"].items():
+        if entry["scope"] == "local":
+            for rank, shape in enumerate(entry["shapes"]):
+                numel_of[_local_key(rank, name)] = (name, math.prod(shape))
+        else:
+            for key, _, _, rows, cols, _ in _pieces(parsed.state, name):
+                numel_of[key] = (name, rows * cols)
     for key in sorted(tensors):
-        name, shape = expected[key]
-        numel = math.prod(shape)
         t = tensors[key]
-        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != packed_size(numel):
-            raise CheckpointError(f"{where}: group {name!r}: packed mask {key!r} has {t.numel()} {t.dtype} bytes, "
-                                  f"shape {list(shape)} needs {packed_size(numel)} uint8 bytes")
+        if _sha256(memoryview(t.numpy())) != parsed.state["checksums"][key]:
+            raise CheckpointError(f"{where}: tensor {key!r} does not match its sha256 checksum (damaged file)")
+        name, numel = numel_of[key]
         pad = (-numel) % 8
         if pad and t.numel() and int(t[-1]) & ((1 << pad) - 1):
             raise CheckpointError(f"{where}: group {name!r}: packed mask {key!r} has nonzero padding bits")
 
 
-def _sparsifier_state(ckpt: _Checkpoint, sparsifier: BaseDataSparsifier) -> dict[str, Any]:
-    """The ``state_dict()`` this rank loads: replicated masks, and local masks of this
-    rank when the world size matches (else they start fresh; the sparsifier warns)."""
-    state = ckpt.state
+def _sparsifier_state(parsed: _Parsed, tensors: dict[str, torch.Tensor], sparsifier: BaseDataSparsifier
+                      ) -> tuple[dict[str, Any], dict[str, Callable[[Any], int | None]]]:
+    """The ``state_dict`` this rank loads, and how each held group's mask is written in place.
+
+    Groups this rank holds get a zero-memory stand-in mask (validation looks at shapes only)
+    and a *fill*: at commit it unpacks the pieces straight into the existing mask. Groups not
+    added yet (pending) get a real mask. Local masks of another world size start fresh."""
+    state = parsed.state
     saved_ws = state["world_size"]
     rank, world_size = sparsifier.rank, sparsifier.world_size
     same_world = saved_ws == world_size
-    current: dict[str, Any] | None = None
     groups: dict[str, Any] = {}
     masks: dict[str, torch.Tensor] = {}
+    fill: dict[str, Callable[[Any], int | None]] = {}
     for name in sorted(state["groups"]):
         entry = state["groups"][name]
-        if entry["scope"] == "replicated":
-            shape = tuple(entry["shape"])
-            groups[name] = {"config": entry["config"], "shape": list(shape), "replicated": True}
-            masks[name] = _unpack(ckpt.tensors[_mask_key(name)], shape)
-            continue
-        if same_world:
-            shape = tuple(entry["shapes"][rank])
+        held = sparsifier._groups.get(name)
+        if entry["scope"] == "local":
             key = _local_key(rank, name)
-            if key in ckpt.tensors:
-                masks[name] = _unpack(ckpt.tensors[key], shape)
-        else:
-            # Fresh start: the mask does not depend on the saved shape, and per-rank data
-            # (batches) may well have another shape on another world size.
-            if current is None:  # shapes of the groups held now (pending ones too)
-                current = sparsifier.state_dict()["groups"]
-            held = current.get(name)
-            shape = tuple(held["shape"]) if held is not None and not held["replicated"] else tuple(entry["shapes"][0])
-        groups[name] = {"config": entry["config"], "shape": list(shape), "replicated": False}
+            if same_world:
+                shape = tuple(entry["shapes"][rank])
+                if key in tensors:
+                    pieces = [(key, 0, 0, *_view2d(shape), None)]
+                    masks[name] = _stand_in(name, shape, pieces, tensors, held, fill, sparsifier)
+            else:
+                # Fresh start: the mask does not depend on the saved shape, and per-rank data
+                # (batches) may well have another shape on another world size.
+                if held is not None and not held.replicated:
+                    shape = tuple(held.data.shape)
+                elif name in sparsifier._pending and not sparsifier._pending[name].replicated:
+                    shape = tuple(sparsifier._pending[name].shape)
+                else:
+                    shape = tuple(entry["shapes"][0])
+            groups[name] = {"config": entry["config"], "shape": list(shape), "replicated": False}
+            continue
+        shape = tuple(entry["shape"])
+        groups[name] = {"config": entry["config"], "shape": list(shape), "replicated": True}
+        masks[name] = _stand_in(name, shape, _pieces(state, name), tensors, held, fill, sparsifier)
     sp = state["sparsifier"]
-    return {
+    sd = {
         "format_version": sp["format_version"],
         "sparsifier": sp["class"],
         "sparsifier_args": sp["args"],
@@ -900,23 +1183,115 @@ def _sparsifier_state(ckpt: _Checkpoint, sparsifier: BaseDataSparsifier) -> dict
         "rank": rank,
         "step_count": sp["step_count"],
     }
+    return sd, fill
 
 
-def _prepare(blob: bytes, where: str, sparsifier: BaseDataSparsifier,
-             scheduler: BaseDataScheduler | None, strict: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Verify the file and validate both states against this rank's objects. Changes nothing."""
-    ckpt = _parse(blob, where)
+def _stand_in(name: str, shape: tuple[int, ...], pieces: list[tuple[str, int, int, int, int, int | None]],
+              tensors: dict[str, torch.Tensor], held: Any, fill: dict[str, Callable[[Any], int | None]],
+              sparsifier: BaseDataSparsifier) -> torch.Tensor:
+    """The mask entry of a state to validate: a stand-in plus a fill when the group is held
+    with the saved shape, else the real mask (pending group, or a mismatch to report)."""
+    if held is None or tuple(held.data.shape) != shape:
+        mask = torch.empty(shape, dtype=torch.bool)
+        target = _target(sparsifier, name, mask)
+        assert target is not None
+        for key, r, c, rows, cols, _ in pieces:
+            for region in target.regions:
+                _copy_piece(tensors[key], (r, c, rows, cols), region[:4], region[4])
+        return mask
+
+    def write(group: Any) -> int | None:
+        target = _target(sparsifier, name)
+        assert target is not None
+        for key, r, c, rows, cols, _ in pieces:
+            if key in tensors:
+                for region in target.regions:
+                    _copy_piece(tensors[key], (r, c, rows, cols), region[:4], region[4])
+        if not target.distributed:
+            return None
+        if all(z is not None for *_, z in pieces):
+            return sum(z for *_, z in pieces)  # type: ignore[misc]
+        return sum(_popcount_zeros(tensors[key], rows * cols) for key, _, _, rows, cols, _ in pieces)
+
+    fill[name] = write
+    return torch.zeros((), dtype=torch.bool).expand(shape)
+
+
+def _read_local(target: Path, parsed: _Parsed, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys``, memory-mapped from the file (safetensors), each read once."""
+    from safetensors import SafetensorError, safe_open
+
+    if not keys:
+        return {}
     try:
-        sd = _sparsifier_state(ckpt, sparsifier)
-        sparsifier._validate_state(sd, strict)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    scheduler_state = ckpt.state["scheduler"]
-    if scheduler is None:
-        return sd, None
-    if scheduler_state is None:
-        raise CheckpointError(f"{where}: the checkpoint holds no scheduler state "
-                              f"(it was saved without one); load it with scheduler=None")
+        with safe_open(str(target), framework="pt") as f:
+            return {key: f.get_slice(key)[:].contiguous() for key in keys}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {str(target)!r}: safetensors cannot read the file ({exc})") from None
+
+
+def _read_span(f: Any, parsed: _Parsed, key: str) -> torch.Tensor:
+    start, end = parsed.specs[key]["data_offsets"]
+    f.seek(8 + parsed.header_size + start)
+    data = bytearray(end - start)
+    view, at = memoryview(data), 0
+    while at < len(data):
+        n = f.readinto(view[at:])
+        if not n:
+            raise OSError(f"the file ended while reading tensor {key!r}")
+        at += n
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _scatter_from_writer(comm: Any, target: Path, parsed: _Parsed | None, needed: list[str]
+                         ) -> tuple[dict[str, torch.Tensor], Exception | None]:
+    """Ranks that do not see the file rank 0 sees: rank 0 reads it and sends each rank only
+    the tensors that rank needs (every rank's list first travels in one small all-gather).
+    A read error on rank 0 is returned there (the others get zeros and fail their checksums)."""
+    requests = [json.loads(p) for p in comm.all_gather_bytes(json.dumps(needed).encode())]
+    error: Exception | None = None
+    if comm.rank != 0:
+        assert parsed is not None or not needed
+        out = {}
+        for key in needed:
+            nbytes = parsed.specs[key]["shape"][0]  # type: ignore[union-attr]
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            at = 0
+            for chunk in _recv(comm, nbytes, 0, f"receive of {key!r} from rank 0"):
+                buffer[at : at + chunk.numel()] = chunk
+                at += chunk.numel()
+            out[key] = buffer
+        return out, None
+    out = {}
+    f = None
+    try:
+        f = open(target, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        error = CheckpointError(f"cannot read checkpoint file {str(target)!r}: {exc}")
+    try:
+        for rank, keys in enumerate(requests):
+            for key in keys:
+                nbytes = parsed.specs[key]["shape"][0] if parsed is not None and key in parsed.specs else 0
+                data = None
+                if f is not None and error is None:
+                    try:
+                        data = _read_span(f, parsed, key)  # type: ignore[arg-type]
+                    except OSError as exc:
+                        error = CheckpointError(f"cannot read checkpoint file {str(target)!r}: {exc}")
+                if data is None:
+                    data = torch.zeros(nbytes, dtype=torch.uint8)
+                if rank == 0:
+                    out[key] = data
+                else:
+                    _send(comm, data, rank, f"send of {key!r} to rank {rank}")
+    finally:
+        if f is not None:
+            f.close()
+    return out, error
+
+
+def _scheduler_probe(scheduler: BaseDataScheduler, scheduler_state: dict[str, Any], where: str) -> None:
+    """Load ``scheduler_state`` into a copy of ``scheduler``: raises what loading would."""
     # A copy whose containers are copies too: even a subclass that updates its dicts in
     # place while loading cannot touch the real scheduler before every rank agreed.
     probe = copy.copy(scheduler)
@@ -927,11 +1302,11 @@ def _prepare(blob: bytes, where: str, sparsifier: BaseDataSparsifier,
         probe.load_state_dict(copy.deepcopy(scheduler_state))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: scheduler state does not fit {type(scheduler).__name__}: {exc}") from None
-    return sd, scheduler_state
 
 
 def load_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier,
-                    scheduler: BaseDataScheduler | None = None, strict: bool = True) -> None:
+                    scheduler: BaseDataScheduler | None = None, strict: bool = True, *,
+                    config: str = "sparsifier") -> None:
     """Restore masks, configs and step count (and the scheduler's state) from ``path``.
     *Collective*: every rank calls it.
 
@@ -942,21 +1317,29 @@ def load_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
     ``True`` refuses a checkpoint that lacks a group the sparsifier has. Groups in the file
     that were not added yet wait for ``add_data`` (see ``BaseDataSparsifier.load_state_dict``).
     With ``scheduler=None`` a saved scheduler state is ignored.
+
+    ``config`` says whose *geometry* wins when the file's differs from the sparsifier's
+    (``sparse_block_shape``, ``zeros_per_block`` and any other config key but the
+    scheduled ``sparsity_level``): ``"sparsifier"`` (default) refuses the checkpoint,
+    naming the group, the field and both values; ``"checkpoint"`` takes the file's. Values
+    the schedule drives (``sparsity_level``) always come from the checkpoint.
     """
     _check_scheduler(sparsifier, scheduler)
+    from .sparsifier import check_config_source
+
+    check_config_source(config)
     comm = sparsifier.comm
     target = Path(os.fspath(path))
     where = f"checkpoint {str(target)!r}"
     with comm.operation("load_checkpoint"):
-        plan = _load_in_operation(comm, target, where, sparsifier, scheduler, strict)
+        sd, fill, scheduler_state = _load_in_operation(comm, target, where, sparsifier, scheduler, strict, config)
         comm.finish("load_checkpoint")
-    sd, scheduler_state = plan
     # Commit: both states were validated on every rank.
     snapshot = scheduler.state_dict() if scheduler is not None else None
     if scheduler is not None:
         scheduler.load_state_dict(scheduler_state)  # type: ignore[arg-type]
     try:
-        sparsifier.load_state_dict(sd, strict)
+        sparsifier._load_state_dict(sd, strict, config=config, fill=fill)
     except BaseException:
         if scheduler is not None:
             scheduler.load_state_dict(snapshot)  # type: ignore[arg-type]
@@ -964,26 +1347,62 @@ def load_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
 
 
 def _load_in_operation(comm: Any, target: Path, where: str, sparsifier: BaseDataSparsifier,
-                       scheduler: BaseDataScheduler | None, strict: bool):
-    """Read on rank 0, share the bytes, verify and validate on every rank (no change)."""
-    received = comm.run_on_coordinator(lambda: _read(target), encode=lambda b: b, decode=lambda b: b)
-    if received[:1] == b"\x01":
-        raise mark_raised_everywhere(CheckpointNotFoundError(received[1:].decode(errors="replace")))
-    if received[:1] == b"\x02":
-        raise mark_raised_everywhere(CheckpointError(received[1:].decode(errors="replace")))
-    blob = received[1:]
-    del received
+                       scheduler: BaseDataScheduler | None, strict: bool, config: str):
+    """Every rank reads what it needs (from the file, or from rank 0 when it does not see the
+    file rank 0 sees), verifies it and validates both states; nothing changes here."""
+    status, head, size = _probe(target)
+    statuses = comm.all_gather_bytes(status)
+    first = statuses[0]
+    if first[:1] == b"\x01":
+        raise mark_raised_everywhere(CheckpointNotFoundError(first[1:].decode(errors="replace")))
+    if first[:1] == b"\x02":
+        raise mark_raised_everywhere(CheckpointError(first[1:].decode(errors="replace")))
+    shared_file = all(s == first for s in statuses)
+    if not shared_file:  # rank 0's view of the file is the truth: its header travels
+        received = comm.broadcast_bytes(size.to_bytes(8, "little") + head if comm.rank == 0 else None)
+        size, head = int.from_bytes(received[:8], "little"), received[8:]
     error: Exception | None = None
-    plan = None
+    parsed: _Parsed | None = None
+    needed: list[str] = []
+    result = None
     try:
-        plan = _prepare(blob, where, sparsifier, scheduler, strict)
-    except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+        parsed = _parse_head(head, size, where)
+        needed = _needed_keys(parsed, sparsifier)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank below
         error = exc
+    tensors: dict[str, torch.Tensor] = {}
+    if shared_file:
+        if error is None:
+            try:
+                tensors = _read_local(target, parsed, needed)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+    else:
+        tensors, read_error = _scatter_from_writer(comm, target, parsed, needed if error is None else [])
+        error = error or read_error
+    if error is None:
+        try:
+            assert parsed is not None
+            _check_tensors(parsed, tensors, where)
+            sd, fill = _sparsifier_state(parsed, tensors, sparsifier)
+            try:
+                sparsifier._validate_state(sd, strict, config=config, count_zeros=False)
+            except (TypeError, ValueError) as exc:
+                raise CheckpointError(f"{where}: {exc}") from None
+            scheduler_state = parsed.state["scheduler"]
+            if scheduler is not None:
+                if scheduler_state is None:
+                    raise CheckpointError(f"{where}: the checkpoint holds no scheduler state "
+                                          f"(it was saved without one); load it with scheduler=None")
+                _scheduler_probe(scheduler, scheduler_state, where)
+            result = (sd, fill, scheduler_state if scheduler is not None else None)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+            error = exc
     try:
         comm.raise_if_any_failed([str(error)] if error else [], f"load_checkpoint({str(target)!r})",
                                  local_error=error)
     except RemoteError as exc:
         raise mark_raised_everywhere(
             CheckpointError(f"{where}: another rank refused it, nothing was loaded:\n{exc}")) from None
-    assert plan is not None
-    return plan
+    assert result is not None
+    return result

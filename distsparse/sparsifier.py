@@ -31,7 +31,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +193,17 @@ def _group_error(name: str, exc: BaseException) -> BaseException:
     wrapped = kind(message)
     wrapped.__cause__ = exc
     return wrapped
+
+
+#: Values of the ``config`` keyword of ``load_state_dict`` / ``load_checkpoint``.
+CONFIG_SOURCES = ("sparsifier", "checkpoint")
+
+
+def check_config_source(config: Any) -> None:
+    """``config`` names whose geometry wins on load: one of :data:`CONFIG_SOURCES`."""
+    if config not in CONFIG_SOURCES:
+        raise ValueError(f"config must be one of {CONFIG_SOURCES} (whose sparse_block_shape, zeros_per_block... "
+                         f"win when a state's differ), got {config!r}")
 
 
 def _to_json_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -886,7 +897,8 @@ class BaseDataSparsifier(abc.ABC):
             "step_count": self.step_count,
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, *,
+                        config: str = "sparsifier") -> None:
         """Restore masks and configs into the groups already added; validate, then mutate.
 
         The user's tensors stay attached (``squash_mask`` after a resume changes the live
@@ -895,8 +907,22 @@ class BaseDataSparsifier(abc.ABC):
         state that lacks a group this sparsifier has; any group held with another shape or
         scope is refused either way. Local masks saved on another world size are dropped
         with a warning (the group starts with a fresh mask). On any error nothing changes.
+
+        ``config`` says whose *geometry* wins where the state's differs from a group's or
+        the defaults' (every config key but the scheduled ``sparsity_level``, e.g.
+        ``sparse_block_shape``, ``zeros_per_block``): ``"sparsifier"`` (default) raises
+        ``ValueError`` naming the group, the field and both values; ``"checkpoint"`` takes
+        the state's. ``sparsity_level`` always comes from the state (torch.optim restores
+        hyperparameters the same way).
         """
-        plan = self._validate_state(state_dict, strict)
+        self._load_state_dict(state_dict, strict, config=config)
+
+    def _load_state_dict(self, state_dict: Mapping[str, Any], strict: bool, config: str = "sparsifier",
+                         fill: Mapping[str, Callable[[_Group], int | None]] | None = None) -> None:
+        """:meth:`load_state_dict`; ``fill[name](group)`` writes that group's mask in place
+        (a checkpoint unpacking into the existing mask) and returns its global zero count,
+        instead of copying ``state_dict["masks"][name]`` (then a stand-in of the right shape)."""
+        plan = self._validate_state(state_dict, strict, config=config, count_zeros=fill is None)
         defaults, updates, pending, fresh_local = plan
         if fresh_local:
             warnings.warn(
@@ -906,9 +932,15 @@ class BaseDataSparsifier(abc.ABC):
                 stacklevel=2,
             )
         self.defaults = defaults
-        for name, (config, mask, zeros) in updates.items():
+        for name, (group_config, mask, zeros) in updates.items():
             group = self._groups[name]
-            self.data_groups[name] = config
+            self.data_groups[name] = group_config
+            if fill is not None and name in fill:
+                with torch.no_grad():
+                    zeros = fill[name](group)
+                if group.distributed_rows:
+                    group.global_zeros = zeros
+                continue
             if group.rects is not None:
                 self._store_mask(name, _rows_of(mask, None, group.rects).to(device=group.rects.device,
                                                                             dtype=torch.bool, copy=True))
@@ -922,7 +954,11 @@ class BaseDataSparsifier(abc.ABC):
         self._pending = pending if strict else {**self._pending, **pending}
         self.step_count = int(state_dict.get("step_count", self.step_count))
 
-    def _validate_state(self, sd: Mapping[str, Any], strict: bool):
+    def _validate_state(self, sd: Mapping[str, Any], strict: bool, config: str = "sparsifier",
+                        count_zeros: bool = True):
+        """Everything :meth:`load_state_dict` checks, changing nothing; returns its plan.
+        ``count_zeros=False``: masks are stand-ins (their zeros are counted at commit)."""
+        check_config_source(config)
         if not isinstance(sd, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(sd).__name__}")
         for key in ("format_version", "sparsifier", "defaults", "groups", "masks", "world_size", "rank"):
@@ -937,7 +973,11 @@ class BaseDataSparsifier(abc.ABC):
         if args != self._sparsifier_args():
             raise ValueError(f"state_dict was saved by {sd['sparsifier']}({args}), this sparsifier is "
                              f"{type(self).__name__}({self._sparsifier_args()}); build it with the same arguments")
+        if not isinstance(sd["defaults"], Mapping):
+            raise TypeError(f"state_dict 'defaults' must be a mapping, got {type(sd['defaults']).__name__}")
         defaults = self._canonical_config("<defaults>", dict(copy.deepcopy(sd["defaults"])))
+        if config == "sparsifier":
+            self._check_geometry("the defaults", self.defaults, defaults)
         groups, masks = sd["groups"], sd["masks"]
         if not isinstance(groups, Mapping) or not isinstance(masks, Mapping):
             raise TypeError("state_dict 'groups' and 'masks' must be mappings")
@@ -949,9 +989,16 @@ class BaseDataSparsifier(abc.ABC):
             entry = groups[name]
             if not isinstance(entry, Mapping) or not {"config", "shape", "replicated"} <= set(entry):
                 raise ValueError(f"group {name!r}: state entry must hold config, shape and replicated")
-            config = self._canonical_config(name, dict(copy.deepcopy(entry["config"])))
+            if not isinstance(entry["config"], Mapping):
+                raise TypeError(f"group {name!r}: config must be a mapping, got {type(entry['config']).__name__}")
+            group_config = self._canonical_config(name, dict(copy.deepcopy(entry["config"])))
+            if not isinstance(entry["shape"], (list, tuple)) or not all(
+                    isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"]):
+                raise ValueError(f"group {name!r}: shape must be a list of ints >= 0, got {entry['shape']!r}")
             shape = tuple(int(s) for s in entry["shape"])
-            replicated = bool(entry["replicated"])
+            if not isinstance(entry["replicated"], bool):
+                raise TypeError(f"group {name!r}: 'replicated' must be a bool, got {entry['replicated']!r}")
+            replicated = entry["replicated"]
             mask = masks.get(name)
             if mask is not None:
                 if not isinstance(mask, torch.Tensor) or mask.dtype not in (torch.bool, torch.uint8, torch.int8):
@@ -976,7 +1023,7 @@ class BaseDataSparsifier(abc.ABC):
             current = self._groups.get(name)
             if current is None:
                 # A copy: once added, this mask is updated in place and must not alias the caller's state.
-                pending[name] = _PendingGroup(config=config, shape=shape, replicated=replicated,
+                pending[name] = _PendingGroup(config=group_config, shape=shape, replicated=replicated,
                                               mask=None if mask is None else mask.to(torch.bool, copy=True))
                 continue
             if tuple(current.data.shape) != shape:
@@ -985,20 +1032,38 @@ class BaseDataSparsifier(abc.ABC):
             if current.replicated != replicated:
                 raise ValueError(f"group {name!r}: state holds it as {'replicated' if replicated else 'local'}, "
                                  f"it was added as {'replicated' if current.replicated else 'local'}")
+            if config == "sparsifier":
+                self._check_geometry(f"group {name!r}", self.data_groups[name], group_config)
             zeros = None
-            if current.distributed_rows and mask is not None:
+            if current.distributed_rows and mask is not None and count_zeros:
                 if tuple(mask.shape) == shape:  # a whole mask: count it
                     zeros = _zeros(mask.to(torch.bool))
                 else:  # this rank's part: the count recorded with it
                     saved = entry.get("rects") or entry.get("sharded") or {}
                     zeros = saved.get("global_zeros") if isinstance(saved, Mapping) else None
-            updates[name] = (config, mask, zeros)
+            updates[name] = (group_config, mask, zeros)
         if strict:
             missing = sorted(set(self._groups) - set(groups))
             if missing:
                 raise ValueError(f"state_dict lacks groups {missing} that this sparsifier has "
                                  "(pass strict=False to keep their current masks)")
         return defaults, updates, pending, fresh_local
+
+    #: Config keys a schedule drives: restored from a state whatever ``config`` says. Every
+    #: other key shapes the mask (its *geometry*) and must match unless ``config="checkpoint"``.
+    _SCHEDULED_KEYS: tuple[str, ...] = ("sparsity_level",)
+
+    def _check_geometry(self, what: str, mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> None:
+        """Refuse a state whose geometry differs from this sparsifier's, naming both values."""
+        for key in sorted(set(mine) | set(theirs)):
+            if key in self._SCHEDULED_KEYS:
+                continue
+            a, b = _to_json_config({key: mine.get(key)}), _to_json_config({key: theirs.get(key)})
+            if a != b:
+                raise ValueError(
+                    f"{what}: the state has {key}={b[key]!r} but this sparsifier has {key}={a[key]!r}; "
+                    "the mask's geometry would change silently. Build the sparsifier with the saved value, "
+                    "or load with config=\"checkpoint\" to adopt the state's")
 
     @staticmethod
     def _check_rows_only(name: str, saved: Mapping[str, Any], current: _Group | None) -> None:

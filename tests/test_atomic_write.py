@@ -129,12 +129,12 @@ def test_target_names_near_name_max_use_a_short_temp_name_and_too_long_names_fai
 
 def test_a_header_over_the_safetensors_limit_is_refused_in_distsparse_words():
     sp, sch, _ = build(steps=1)
-    payload, replicated = _rank_payload(sp, writer=True)
+    contribution = _rank_payload(sp)
     # A scheduler state holding a huge string stands in for 200,000 groups' JSON entries.
     huge = {"note": "x" * (_MAX_HEADER + 10)}
     with pytest.raises(ValueError, match=r"safetensors header of about [\d,]+ bytes .* over safetensors' limit of "
                                          r"100,000,000 bytes; split the groups over several sparsifiers"):
-        _build_file([payload], replicated, huge)
+        _build_file([contribution], sp, huge)
 
 
 def test_the_header_estimate_matches_what_safetensors_writes_and_the_limit_is_safetensors_own():

@@ -66,7 +66,7 @@ def test_file_holds_bit_packed_masks_checksums_and_versioned_json_but_not_the_da
         meta = f.metadata()
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
-    assert meta["format"] == FORMAT and meta["format_version"] == FORMAT_VERSION == "1"
+    assert meta["format"] == FORMAT and meta["format_version"] == FORMAT_VERSION == "2"
     assert keys == {f"mask/{EMB}", f"mask/{LAYER}", f"mask/{ODD}", f"local/0/{BATCH}"}
     for key, t in tensors.items():
         assert t.dtype == torch.uint8 and t.dim() == 1

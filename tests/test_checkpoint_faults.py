@@ -78,8 +78,8 @@ def _variants(blob: bytes) -> list[tuple[str, bytes, str]]:
         out.append((f"data byte {pos} flipped", bytes(damaged), "checksum"))
     for tail in (b"\x00", b"junk", blob[8 + n :]):
         out.append((f"{len(tail)} trailing bytes", blob + tail, "trailing"))
-    out.append(("format_version 2", _rewrite(blob, edit_meta=lambda m: m.update(format_version="2")),
-                "format_version '2' is not supported"))
+    out.append(("format_version 3", _rewrite(blob, edit_meta=lambda m: m.update(format_version="3")),
+                "format_version '3' is not supported"))
     out.append(("no format_version", _rewrite(blob, edit_meta=lambda m: m.pop("format_version")),
                 "format_version None"))
     out.append(("JSON state edited, stale json_sha256",
