@@ -9,6 +9,7 @@ from .export import load_sparse_data, save_sparse_data
 from .distributed import CollectiveTimeoutError, RankDisagreementError, RemoteError
 from .integrations.accelerate import register_for_checkpointing
 from .norm_sparsifier import DataNormSparsifier
+from .pruned import PrunedTable, load_pruned_tables, save_pruned_tables
 from .scheduler import (
     BaseDataScheduler,
     CubicScheduler,
@@ -16,6 +17,7 @@ from .scheduler import (
     LambdaScheduler,
     LinearScheduler,
 )
+from .serving import PrunedEmbedding, PrunedEmbeddingBag
 from .sparsifier import BaseDataSparsifier
 
 __version__ = "0.1.0"
@@ -34,6 +36,11 @@ __all__ = [
     "CheckpointNotFoundError",
     "save_sparse_data",
     "load_sparse_data",
+    "save_pruned_tables",
+    "load_pruned_tables",
+    "PrunedTable",
+    "PrunedEmbeddingBag",
+    "PrunedEmbedding",
     "RankDisagreementError",
     "RemoteError",
     "CollectiveTimeoutError",
