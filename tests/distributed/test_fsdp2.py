@@ -100,6 +100,14 @@ def test_unsupported_dtensor_layouts_are_refused_at_add_data_on_every_rank(kind)
         assert "Shard(dim=1)" in results[0]["message"] and "Shard(dim=0)" in results[0]["message"]
 
 
+@pytest.mark.parametrize("row", [18, 16, 23], ids=["rank2s_first_row", "halo_row", "last_row"])
+def test_nan_in_an_fsdp2_shard_is_named_by_its_global_row_on_every_rank(row):
+    results = run_ranks(fsdp2_fns.nan_in_a_shard, 3, row, timeout=JOB_TIMEOUT)
+    for res in results:
+        assert res["raised"] and "'emb.weight'" in res["message"], res
+        assert f"first at row {row}, column 5 of the 2-D view (value nan)" in res["message"], res
+
+
 def test_ranks_disagreeing_on_a_sharded_groups_global_shape_fail_fast_on_every_rank():
     results = run_ranks(fsdp2_fns.disagreeing_global_shapes, 2, timeout=JOB_TIMEOUT)
     for res in results:
