@@ -490,13 +490,22 @@ def shard_block_scores(matrix: torch.Tensor, row_start: int, row_stop: int,
     part = matrix[row_start:row_stop]
     scores = block_scores(part, block_shape, norm)
     if scores.numel() and not bool(torch.isfinite(scores.amax())):
-        bad = ~torch.isfinite(part)
-        if bool(bad.any()):
-            r, c = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"data contains {int(bad.sum())} NaN/Inf value(s) in rows "
-                             f"[{row_start}, {row_stop}), first at row {row_start + r}, column {c} "
-                             f"of the 2-D view (value {part[r, c].item()})")
+        error = nonfinite_error(part, row_start)
+        if error is not None:
+            raise error
     return scores
+
+
+def nonfinite_error(part: torch.Tensor, first_row: int) -> ValueError | None:
+    """The error for NaN/Inf values in ``part`` (rows of the 2-D view from ``first_row`` on),
+    naming the first one's row and column in the whole view; None when every value is finite."""
+    bad = ~torch.isfinite(part)
+    if not bool(bad.any()):
+        return None
+    r, c = (int(i) for i in bad.nonzero()[0])
+    return ValueError(f"data contains {int(bad.sum())} NaN/Inf value(s) in rows [{first_row}, "
+                      f"{first_row + part.shape[0]}), first at row {first_row + r}, column {c} "
+                      f"of the 2-D view (value {part[r, c].item()})")
 
 
 def shard_mask(matrix: torch.Tensor, row_start: int, row_stop: int, pruned: torch.Tensor,

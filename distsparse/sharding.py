@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .masks import packed_size, unpack_bits
+from .selection import nonfinite_error
 
 __all__ = ["ShardLayout", "ShardedRows", "is_dtensor", "layout_of", "owned_rows", "SUPPORTED_PLACEMENTS"]
 
@@ -258,10 +259,23 @@ class ShardedRows:
 
     def scores(self, sparsifier: Any, name: str, config: dict[str, Any]) -> torch.Tensor:
         """Scores of the owned blocks, row-major (the sparsifier's ``_shard_scores``)."""
-        parts = [sparsifier._shard_scores(name, self.body, 0, self.body.shape[0], config)]
+        parts = [self._scores(sparsifier, name, config, self.body, self.a)]
         if self.tail is not None:
-            parts.append(sparsifier._shard_scores(name, self.tail, 0, self.tail.shape[0], config))
+            parts.append(self._scores(sparsifier, name, config, self.tail, self.m))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    @staticmethod
+    def _scores(sparsifier: Any, name: str, config: dict[str, Any], rows: torch.Tensor,
+                first_row: int) -> torch.Tensor:
+        """Scores of ``rows`` (global rows from ``first_row`` on); NaN/Inf errors name the
+        global row, as the single-process and split paths do, not the row in the shard."""
+        try:
+            return sparsifier._shard_scores(name, rows, 0, rows.shape[0], config)
+        except ValueError:
+            error = nonfinite_error(rows, first_row) if rows.is_floating_point() else None
+            if error is None:
+                raise
+            raise error from None
 
     def build_mask(self, sparsifier: Any, name: str, config: dict[str, Any], pruned: torch.Tensor,
                    out: torch.Tensor) -> torch.Tensor | None:

@@ -69,17 +69,24 @@ def main() -> None:
         max_epochs=args.epochs, callbacks=[sparsity, ModelCheckpoint(dirpath=args.out, save_last=True)],
         logger=False, enable_progress_bar=False, enable_model_summary=False,
     )
+    sparsifier_steps = args.epochs * -(-args.samples // 64) // 10  # 64 samples a batch, every 10 steps
+    if sparsifier_steps < 12 + 1:  # step k's masks use the level of scheduler epoch k - 1
+        print(f"warning: {sparsifier_steps} sparsifier steps: the masks reach the final level 0.8 at step 13; "
+              "train longer (--epochs, --samples)")
     ckpt = os.path.join(args.out, "last.ckpt") if args.resume else None
     trainer.fit(ClickModel(), data(args.samples), ckpt_path=ckpt)
     if trainer.is_global_zero:
         sp, sch = sparsity.data_sparsifier, sparsity.data_scheduler
         print(f"world_size={trainer.world_size} global_step={trainer.global_step} sparsifier steps={sp.step_count} "
               f"scheduler epoch={sch.last_epoch} loss={float(trainer.callback_metrics['loss']):.4f}")
+        def level(name: str) -> str:  # the level the masks were computed with
+            return "-" if sparsity.mask_params is None else f"{sparsity.mask_params[name]:.3f}"
+
         for name in sp.data_groups:
             weight, mask = sp.get_data(name), sp.get_mask(name)
             print(f"  {name:10s} {tuple(weight.shape)!s:10s} pruned {1 - float(mask.double().mean()):.4f} "
-                  f"zeros {float((weight == 0).double().mean()):.4f} next level {sch.get_last_param()[name]:.3f} "
-                  f"(mask computed by rank {sp.owner_of(name)})")
+                  f"zeros {float((weight == 0).double().mean()):.4f} level {level(name)} "
+                  f"(next {sp.data_groups[name]['sparsity_level']:.3f}, mask computed by rank {sp.owner_of(name)})")
 
 
 if __name__ == "__main__":

@@ -361,9 +361,10 @@ def evaluate(model, data, device, batch=8192):
     return {"loss": loss, "auc": auc_score(logits, data["label"])}
 
 
-def table_summary_lines(summary: dict) -> list[str]:
+def table_summary_lines(summary: dict, folder: Path | None = None) -> list[str]:
     """The summary's per-table rows (shape, zeroed, sparsity, dense and kept-block bytes), the
-    total and the exported file's size: shared by the main job and its TorchRec variant."""
+    total and the exported file's size (its full path in ``folder``): shared by the main job
+    and its TorchRec variant."""
     lines = [f"{'table':<14}{'shape':>12}{'zeroed':>18}{'sparsity':>10}{'dense B':>11}{'blocks B':>11}{'saved':>8}"]
     tot_d = tot_s = 0
     for name, t in summary["tables"].items():
@@ -374,7 +375,8 @@ def table_summary_lines(summary: dict) -> list[str]:
     lines.append(f"{'all tables':<14}{'':>12}{'':>18}{'':>10}{tot_d:>11}{tot_s:>11}{1 - tot_s / tot_d:>8.1%}")
     if summary["export"] is not None:
         e = summary["export"]
-        lines.append(f"saved file  {EXPORT_NAME}: {e['file_bytes']} B on disk vs {e['dense_file_bytes']} B for the "
+        lines.append(f"saved file  {(folder / EXPORT_NAME).resolve() if folder else EXPORT_NAME}: "
+                     f"{e['file_bytes']} B on disk vs {e['dense_file_bytes']} B for the "
                      f"same tables dense in safetensors ({1 - e['file_bytes'] / e['dense_file_bytes']:.1%} smaller)")
     return lines
 
@@ -928,6 +930,18 @@ def launch_mistake(argv):
             "--expect-world-size 1.")
 
 
+def ramp_note(args) -> str | None:
+    """A warning when the schedule's final level comes after the last step. Step k's masks use
+    the level of scheduler epoch k - 1, so the final level first shapes the masks at step
+    start_step + ramp_steps + 1."""
+    first_final = args.start_step + args.ramp_steps + 1
+    if args.dense or first_final <= args.max_steps:
+        return None
+    return (f"warning: the masks reach --final-sparsity {args.final_sparsity} at step {first_final} (--start-step "
+            f"{args.start_step} + --ramp-steps {args.ramp_steps} + 1), after --max-steps {args.max_steps}: the run "
+            "ends below it")
+
+
 def epochs_note(max_steps: int, step: int, steps_per_epoch: int, n_train: int) -> str:
     """How many passes over the training rows the run makes, with a warning when many."""
     epochs = max_steps / steps_per_epoch
@@ -1006,6 +1020,7 @@ def run(args, accelerator):
                                                      "no FSDP on CPU)" if fsdp_config else "")))
 
     out = Path(args.output_dir); ckpt_root = out / "ckpt"
+    say(f"run folder {out.resolve()} (checkpoints in {ckpt_root.resolve()})")
     done = [finished_message(args, out, ckpt_root) if accelerator.is_main_process else None]
     broadcast_object_list(done)
     if done[0]:
@@ -1090,6 +1105,8 @@ def run(args, accelerator):
             sp.add_data(name, tables[name])
         sch = distsparse.CubicScheduler(sp, final_value=args.final_sparsity, initial_value=0.0,
                                         start_step=args.start_step, ramp_steps=args.ramp_steps)
+        if ramp_note(args):
+            say(ramp_note(args))
         if args.fsdp2:  # the FSDP2 mode saves and loads distsparse's file itself (fsdp2_save_files)
             say("masks computed where the rows live (rows of each rank): " + " ".join(
                 f"{n}->{'/'.join(str(b - a) for _, (a, b) in sorted(sp.assignment(n).items()))}" for n in TABLES))
@@ -1171,6 +1188,7 @@ def run(args, accelerator):
             optimizer.step()
             if sp is not None:
                 sp.step()          # masks from the current weights at the current level
+                mask_level = _level(sp)
                 sch.step()         # level for the next step
                 sp.squash_mask()   # write masks into the live tables
             if base_model is not None:  # same batch, dense, no sparsifier
@@ -1194,12 +1212,13 @@ def run(args, accelerator):
                 dt = time.perf_counter() - win_t0
                 sps = win_steps * global_batch / dt
                 spars = sparsities()
-                level = next(iter(sch.get_last_param().values())) if sch else 0.0
+                # the level this step's masks were computed with, and the one the next step uses
+                level, next_level = (mask_level, _level(sp)) if sp is not None else (0.0, 0.0)
                 pbar.set_postfix(loss=f"{mean_loss:.4f}", sps=f"{sps:.0f}", level=f"{level:.3f}")
-                say(f"step {step:5d} loss {mean_loss:.4f}{base_txt} samples/s {sps:8.0f} level {level:.3f} sparsity "
-                    + " ".join(f"{k}={v:.3f}" for k, v in spars.items()))
-                accelerator.log({"train/loss": mean_loss, "train/samples_per_s": sps,
-                                 "sparsity/level": level, **{f"sparsity/{k}": v for k, v in spars.items()},
+                say(f"step {step:5d} loss {mean_loss:.4f}{base_txt} samples/s {sps:8.0f} level {level:.3f} "
+                    f"(next {next_level:.3f}) sparsity " + " ".join(f"{k}={v:.3f}" for k, v in spars.items()))
+                accelerator.log({"train/loss": mean_loss, "train/samples_per_s": sps, "sparsity/level": level,
+                                 "sparsity/next_level": next_level, **{f"sparsity/{k}": v for k, v in spars.items()},
                                  **({"train/baseline_loss": mean_base} if base_model is not None else {})},
                                 step=step)
                 win_t0, win_steps = time.perf_counter(), 0
@@ -1219,7 +1238,7 @@ def run(args, accelerator):
                                      "dense_metrics": dense_metrics, "sparse": sp is not None,
                                      "baseline": with_baseline, "mode": mode},
                                     args.keep, distrusted, write)
-                say(f"step {step:5d} saved checkpoint {p.name}")
+                say(f"step {step:5d} saved checkpoint {p.resolve()}")
 
             if args.crash_at_step is not None and step == args.crash_at_step:
                 say(f"step {step:5d} simulated crash (--crash-at-step)")
@@ -1236,6 +1255,11 @@ def run(args, accelerator):
 
 
 # --------------------------------------------------------------------------- summary
+def _level(sp) -> float:
+    """The tables' sparsity_level now (one schedule drives them all)."""
+    return float(next(iter(sp.data_groups.values()))["sparsity_level"])
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -1304,7 +1328,7 @@ def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_
 
     lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base_model is not None else ''}, "
                  f"step {step}, world_size {accelerator.num_processes}{', FSDP2' if args.fsdp2 else ''})",
-             *table_summary_lines(summary)]
+             *table_summary_lines(summary, out)]
     if base_final is not None:
         lines.append(f"validation  dense baseline @ step {step:<5}: loss {base_final['loss']:.4f}  AUC {base_final['auc']:.4f}"
                      f"   (same init, batches and steps, no sparsifier)")

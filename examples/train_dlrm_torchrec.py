@@ -100,10 +100,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_dlrm import (  # noqa: E402  the main job's data, metrics and checkpoint conventions
-    EXPORT_NAME, N_DENSE, EpochSampler, JobError, _HelpFormatter, _number, _one_line, _Parser,
+    EXPORT_NAME, N_DENSE, EpochSampler, JobError, _HelpFormatter, _level, _number, _one_line, _Parser,
     all_ranks, auc_score, epochs_note, file_sha256, finished_message, inspect_checkpoint,
-    list_checkpoints, mask_digest, mask_stats, position_after_resume, synthetic_clicks, table_summary_lines,
-    tensor_digest)
+    list_checkpoints, mask_digest, mask_stats, position_after_resume, ramp_note, synthetic_clicks,
+    table_summary_lines, tensor_digest)
 
 import distsparse  # noqa: E402
 
@@ -442,7 +442,7 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
 
     lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base is not None else ''}, step {step}, "
                  f"world_size {dist.get_world_size()}, TorchRec sharding {summary['sharding']})",
-             *table_summary_lines(summary)]
+             *table_summary_lines(summary, out)]
     if base_final is not None:
         lines.append(f"validation  dense baseline @ step {step:<5}: loss {base_final['loss']:.4f}  "
                      f"AUC {base_final['auc']:.4f}"
@@ -571,6 +571,7 @@ def run(args, device):
         raise JobError("--dense trains no baseline anyway; pass only one of --dense / --no-baseline")
 
     out = Path(args.output_dir); ckpt_root = out / "ckpt"
+    say(f"run folder {out.resolve()} (checkpoints in {ckpt_root.resolve()})")
     done = broadcast(finished_message(args, out, ckpt_root) if rank == 0 else None)
     if done:
         say(done)
@@ -618,6 +619,8 @@ def run(args, device):
             raise RuntimeError(f"add_torchrec_tables added {names}, expected {list(TABLES)}")
         sch = distsparse.CubicScheduler(sp, final_value=args.final_sparsity, initial_value=0.0,
                                         start_step=args.start_step, ramp_steps=args.ramp_steps)
+        if ramp_note(args):
+            say(ramp_note(args))
 
     # ---- resume
     resumed_path, st, distrusted = resume(args, ckpt_root, trainees, sp, sch, say)
@@ -654,6 +657,7 @@ def run(args, device):
                 win_loss[key] += t.train_step(dense, kjt, label)
                 if key == "model" and sp is not None:
                     sp.step()          # masks from the current weights, where the rows live
+                    mask_level = _level(sp)
                     sch.step()         # level for the next step
                     sp.squash_mask()   # zeros back into the shards: the fused optimizer regrew them
                     if args.zero_pruned_state:
@@ -666,10 +670,11 @@ def run(args, device):
                 dist.all_reduce(losses)
                 losses = (losses / world).tolist()
                 sps = win_steps * global_batch / (time.perf_counter() - win_t0)
-                level = next(iter(sch.get_last_param().values())) if sch else 0.0
+                # the level this step's masks were computed with, and the one the next step uses
+                level, next_level = (mask_level, _level(sp)) if sp is not None else (0.0, 0.0)
                 spars = sp.sparsity() if sp is not None else {}
                 say(f"step {step:5d} loss {losses[0]:.4f}" + (f" (baseline {losses[1]:.4f})" if with_baseline else "")
-                    + f" samples/s {sps:8.0f} level {level:.3f}"
+                    + f" samples/s {sps:8.0f} level {level:.3f} (next {next_level:.3f})"
                     + (" sparsity " + " ".join(f"{k}={spars[k]:.3f}" for k in TABLES) if spars else ""))
                 win_t0, win_steps = time.perf_counter(), 0
                 win_loss = {k: torch.zeros((), device=device) for k in trainees}
@@ -680,7 +685,7 @@ def run(args, device):
                                       "batch_size": args.batch_size, "sharding": model.plan_text(),
                                       "sparse": sp is not None, "baseline": with_baseline},
                     args.keep, distrusted, trainees, sp, sch)
-                say(f"step {step:5d} saved checkpoint {final_ckpt.name}")
+                say(f"step {step:5d} saved checkpoint {final_ckpt.resolve()}")
 
             if args.crash_at_step is not None and step == args.crash_at_step:
                 say(f"step {step:5d} simulated crash (--crash-at-step)")

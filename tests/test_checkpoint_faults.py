@@ -404,12 +404,16 @@ def test_a_save_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_pa
     zygote = _Zygote(path, tmp_path / "zygote.stderr")
     rng = random.Random(20261125)
     kills, interrupted, versions_seen = 0, 0, []
-    deadline = time.monotonic() + 40
+    # Run until the counts are reached, however loaded the machine: the deadline only
+    # catches a hang (it used to be 40 s for >= 30 kills, which a machine at load 5 missed).
+    deadline = time.monotonic() + 900
     next_version = 0
     last_version = -1
     per_save = 0.05  # seconds; refined from the writer's progress lines
     try:
-        while kills < 36 and time.monotonic() < deadline:
+        while kills < 36 or ((not interrupted or len(set(versions_seen)) < 10) and kills < 300):
+            assert time.monotonic() < deadline, (f"hang? {kills} kills ({interrupted} mid-save, "
+                                                 f"{len(set(versions_seen))} versions) in 900 s")
             zygote.send(f"go {next_version}")
             pid = zygote.child = int(zygote.expect("pid"))
             # Let 0-2 saves complete, then kill at a random moment of the next one(s):
@@ -446,7 +450,6 @@ def test_a_save_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_pa
             next_version = version + 1
     finally:
         zygote.close()
-    assert kills >= 30
     assert interrupted >= 1, "no kill landed inside a save: the test would prove nothing"
     assert len(set(versions_seen)) >= 10, versions_seen  # saves really happened between kills
     # A last save removes the killed writers' leftovers.

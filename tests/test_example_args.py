@@ -271,3 +271,12 @@ def test_save_checkpoint_checksums_what_a_custom_writer_wrote(job, tmp_path):
     state = json.loads((folder / "train_state.json").read_text())
     assert state["mode"] == "fsdp2" and sorted(state["files"]) == ["model.safetensors", "random_states_0.pkl"]
     assert (folder / "COMPLETE").read_text() == "40\n"
+
+
+def test_a_ramp_ending_after_the_last_step_is_announced(job, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    args = job.parse_args(["--max-steps", "20", "--start-step", "5", "--ramp-steps", "15"])
+    assert "masks reach --final-sparsity 0.8 at step 21" in job.ramp_note(args)
+    assert "after --max-steps 20" in job.ramp_note(args)
+    assert job.ramp_note(job.parse_args(["--max-steps", "21", "--start-step", "5", "--ramp-steps", "15"])) is None
+    assert job.ramp_note(job.parse_args(["--max-steps", "20", "--ramp-steps", "15", "--dense"])) is None

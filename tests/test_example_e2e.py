@@ -227,3 +227,34 @@ def test_cpu_num_processes_launch_is_refused_with_what_to_run(tmp_path):
     assert "accelerate launch --config_file launch/cpu_2proc.yaml examples/train_dlrm.py" in r.stderr
     assert "accelerate launch --multi_gpu --num_processes N examples/train_dlrm.py" in r.stderr
     assert not (tmp_path / "x" / "ckpt").exists()   # refused before any work
+
+
+def _cubic(t, final, start, ramp):
+    """CubicScheduler's value at epoch t from 0.0 (Zhu & Gupta)."""
+    progress = min(1.0, max(0, t - start) / ramp)
+    return final if progress >= 1.0 else final - final * (1.0 - progress) ** 3
+
+
+def test_the_log_names_the_level_the_masks_used_the_next_one_and_full_paths(tmp_path):
+    # Issue 20 items 6 and 11: "level" was the next step's (sparsity seemed to lag it), and the
+    # job printed bare names ("saved checkpoint step_000200").
+    out = tmp_path / "run"
+    r = _ok(_single(out, "--max-steps", "8", "--start-step", "0", "--ramp-steps", "5", "--log-every", "1",
+                    "--save-every", "4"))
+    lines = r.stdout.splitlines()
+    assert f"run folder {out.resolve()} (checkpoints in {(out / 'ckpt').resolve()})" in lines, r.stdout[:2000]
+    for step in (4, 8):
+        ckpt = (out / "ckpt" / _ckpt(step)).resolve()
+        assert f"step {step:5d} saved checkpoint {ckpt}" in lines and ckpt.is_dir(), r.stdout
+    assert any(line.startswith(f"saved file  {(out / 'sparse_tables.safetensors').resolve()}: ") for line in lines)
+    logged = [re.match(r"step +(\d+) loss \S+ .*level (\S+) \(next (\S+)\) sparsity (.*)$", line)
+              for line in lines if re.match(r"step +\d+ loss", line)]
+    assert len(logged) == 8 and all(logged), lines
+    for m in logged:
+        step, level, next_level = int(m.group(1)), float(m.group(2)), float(m.group(3))
+        assert level == pytest.approx(_cubic(step - 1, 0.75, 0, 5), abs=6e-4), m.group(0)
+        assert next_level == pytest.approx(_cubic(step, 0.75, 0, 5), abs=6e-4), m.group(0)
+        sparsity = {k: float(v) for k, v in (kv.split("=") for kv in m.group(4).split())}
+        assert set(sparsity) == set(TABLES)
+        assert all(abs(s - level) < 0.011 for s in sparsity.values()), m.group(0)  # the masks' own level
+    assert float(logged[-1].group(2)) == 0.75  # the final level shaped the last step's masks

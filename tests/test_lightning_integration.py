@@ -284,6 +284,23 @@ def test_the_lightning_example_trains_and_resumes(tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "world_size=1 global_step=16 sparsifier steps=1 scheduler epoch=1" in out
     assert "world_size=1 global_step=32 sparsifier steps=3 scheduler epoch=3" in out
+    # The level the masks were computed with (cubic epoch 2), and the next one (epoch 3).
+    last = out[out.index("global_step=32"):]
+    assert "level 0.337 (next 0.46" in last and "next level" not in out
+    assert "warning: 1 sparsifier steps: the masks reach the final level 0.8 at step 13" in out
+
+
+def test_mask_params_hold_the_level_the_last_masks_were_computed_with(tmp_path):
+    cb = training_aware(every_n_train_steps=3)
+    assert cb.mask_params is None
+    trainer = make_trainer(tmp_path, [cb], max_epochs=2)
+    trainer.fit(Module(), loader(24))  # 3 optimizer steps per epoch: 2 sparsifier steps
+    sp = cb.data_sparsifier
+    assert sp.step_count == 2
+    # epoch 1 of the 0.1 -> 0.75 ramp over 8 shaped the masks; data_groups holds epoch 2's
+    assert cb.mask_params == {n: pytest.approx(0.1 + 0.65 / 8) for n in sp.data_groups}
+    assert {n: c["sparsity_level"] for n, c in sp.data_groups.items()} == \
+        {n: pytest.approx(0.1 + 2 * 0.65 / 8) for n in sp.data_groups}
 
 
 def test_a_second_fit_continues_the_same_model_and_starts_fresh_for_another(tmp_path):

@@ -256,6 +256,9 @@ class TrainingAwareDataSparsity(pl.Callback):
         self.sparsified: nn.Module | None = None
         #: ``trainer.global_step`` of the last sparsifier step (-1: none yet).
         self.last_step_at = -1
+        #: ``{group: schedule value}`` the last sparsifier step's masks were computed with
+        #: (``data_groups`` then holds the *next* step's values); None before the first step.
+        self.mask_params: dict[str, Any] | None = None
         self._pending_state: dict[str, Any] | None = None
         self._restored = False
 
@@ -301,6 +304,8 @@ class TrainingAwareDataSparsity(pl.Callback):
     # -- stepping -------------------------------------------------------------------
     def _sparsify(self, pl_module: Any, global_step: int) -> None:
         self.data_sparsifier.step()
+        param = self.data_scheduler.schedule_param
+        self.mask_params = {name: config[param] for name, config in self.data_sparsifier.data_groups.items()}
         self.data_scheduler.step()
         self.data_sparsifier.squash_mask()
         self.last_step_at = global_step

@@ -192,6 +192,23 @@ def refusals(kind: str) -> dict:
     return {**outcome, "registered": "t" in sp.data_groups, "step_raised": capture_error(sp.step)["raised"]}
 
 
+def nan_in_a_shard(global_row: int) -> dict:
+    """World 3, a 24x8 FSDP2 table (rows 0-7, 8-15, 16-23), (3, 4) blocks: rank 1's last
+    owned block [15, 18) straddles into rank 2's rows. A NaN at ``global_row``, column 5."""
+    from rank_fns import capture_error
+
+    assert dist.get_world_size() == 3
+    model = _sharded_model(24, 8, "random", [3])
+    weight = model.emb.weight
+    start = dist.get_rank() * 8
+    if start <= global_row < start + 8:
+        with torch.no_grad():
+            weight.to_local()[global_row - start, 5] = float("nan")
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(3, 4))
+    sp.add_data("emb.weight", weight)
+    return capture_error(sp.step)
+
+
 def disagreeing_global_shapes() -> dict:
     """Ranks whose DTensor of one group has different global shapes (10 vs 12 rows): the
     first step() raises RankDisagreementError naming the group on every rank, fast."""

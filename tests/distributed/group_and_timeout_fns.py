@@ -57,19 +57,25 @@ def _single_process(tables: dict, sp) -> str:
     return digest.hexdigest()
 
 
-def rank1_skips_a_step() -> dict:
+def rank1_skips_a_step(folder: str) -> dict:
     """Rank 1 never calls step(): rank 0 must give up after DISTSPARSE_COLLECTIVE_TIMEOUT
-    with an error naming the collective, instead of hanging for the process group's timeout."""
+    with an error naming the collective, instead of hanging for the process group's timeout.
+    Rank 1 stays alive until rank 0 is done (a flag file, not a fixed sleep: on a loaded
+    machine rank 1's exit must not be what ends rank 0's wait)."""
     import time
 
+    done = os.path.join(folder, "rank0_done")
     sp = distsparse.DataNormSparsifier()
     sp.add_data("w", nn.Parameter(torch.ones(8, 8)))
     if dist.get_rank() == 1:
-        time.sleep(8)
+        while not os.path.exists(done):  # the job timeout catches a hang
+            time.sleep(0.05)
         return {"skipped": True}
     started = time.monotonic()
     try:
         sp.step()
     except RuntimeError as exc:
         return {"error": str(exc), "seconds": time.monotonic() - started}
+    finally:
+        open(done, "w").close()
     return {"error": None}

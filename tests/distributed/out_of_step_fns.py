@@ -89,8 +89,11 @@ def any_exception_in_update_mask(kind: str) -> dict:
     return {**outcome, "owner": owner, "unchanged": before == _masks_digest(sp), "step_count": sp.step_count}
 
 
-def slow_coordinator_schedule(sleep_seconds: float) -> dict:
-    """Rank 0's get_schedule_param is slower than DISTSPARSE_COLLECTIVE_TIMEOUT."""
+def slow_coordinator_schedule(folder: str) -> dict:
+    """Rank 0's get_schedule_param is slower than DISTSPARSE_COLLECTIVE_TIMEOUT: it returns
+    only once rank 1 has given up waiting (a flag file, not a fixed sleep that a loaded
+    machine could outlast)."""
+    gave_up = os.path.join(folder, "rank1_gave_up")
     sp = distsparse.DataNormSparsifier(sparsity_level=0.2)
     sp.add_data("w", nn.Parameter(torch.randn(16, 16, generator=torch.Generator().manual_seed(1))))
 
@@ -98,8 +101,8 @@ def slow_coordinator_schedule(sleep_seconds: float) -> dict:
         slow = False
 
         def get_schedule_param(self):
-            if self.slow:
-                time.sleep(sleep_seconds)
+            while self.slow and not os.path.exists(gave_up):  # the job timeout catches a hang
+                time.sleep(0.05)
             return {n: 0.5 for n in self.data_sparsifier.data_groups}
 
     sch = Slow(sp, "sparsity_level")
@@ -107,6 +110,8 @@ def slow_coordinator_schedule(sleep_seconds: float) -> dict:
     epoch, level = sch.last_epoch, sp.data_groups["w"]["sparsity_level"]
     sch.slow = True
     outcome = capture_error(sch.step)
+    if dist.get_rank() == 1:
+        open(gave_up, "w").close()
     state = {"epoch_unchanged": sch.last_epoch == epoch,
              "level_unchanged": sp.data_groups["w"]["sparsity_level"] == level}
     later = capture_error(sp.step)  # refused at once: the ranks are no longer in step

@@ -93,18 +93,26 @@ def test_unsupported_dtensor_layouts_are_refused_at_add_data_on_every_rank(kind)
     results = run_ranks(fsdp2_fns.refusals, 2, kind, timeout=JOB_TIMEOUT)
     for res in results:
         assert res["raised"] and not res["registered"] and not res["step_raised"], res
-        assert "'t'" in res["message"] and res["seconds"] < 5, res
+        assert "'t'" in res["message"] and res["seconds"] < 30, res
     expected = "ValueError" if kind == "mesh_not_the_group" else "TypeError"
     assert results[0]["error_type"] == expected, results[0]
     if kind == "shard1":
         assert "Shard(dim=1)" in results[0]["message"] and "Shard(dim=0)" in results[0]["message"]
 
 
+@pytest.mark.parametrize("row", [18, 16, 23], ids=["rank2s_first_row", "halo_row", "last_row"])
+def test_nan_in_an_fsdp2_shard_is_named_by_its_global_row_on_every_rank(row):
+    results = run_ranks(fsdp2_fns.nan_in_a_shard, 3, row, timeout=JOB_TIMEOUT)
+    for res in results:
+        assert res["raised"] and "'emb.weight'" in res["message"], res
+        assert f"first at row {row}, column 5 of the 2-D view (value nan)" in res["message"], res
+
+
 def test_ranks_disagreeing_on_a_sharded_groups_global_shape_fail_fast_on_every_rank():
     results = run_ranks(fsdp2_fns.disagreeing_global_shapes, 2, timeout=JOB_TIMEOUT)
     for res in results:
         assert res["raised"] and res["error_type"] == "RankDisagreementError", res
-        assert "'t'" in res["message"] and "global_shape" in res["message"] and res["seconds"] < 5, res
+        assert "'t'" in res["message"] and "global_shape" in res["message"] and res["seconds"] < 30, res
 
 
 def test_checkpoints_reshard_fsdp2_2_to_replicated_3_to_single_to_fsdp2_4(tmp_path):
@@ -137,7 +145,7 @@ def test_a_writer_killed_during_a_save_leaves_the_previous_file_whole_and_the_ne
     assert "rank 0: killed by signal 9 (SIGKILL)" in report and "--- rank 1: ok" in report, report
     survivor = json.loads((tmp_path / "rank1.json").read_text())
     # The other rank learns of the dead writer from gloo at once ("Connection closed by peer").
-    assert survivor["save"]["raised"] and survivor["save"]["seconds"] < 20, survivor
+    assert survivor["save"]["raised"] and survivor["save"]["seconds"] < 60, survivor
     assert "save_checkpoint" in survivor["save"]["message"], survivor
     assert "crashed or closed its connection" in survivor["save"]["message"], survivor  # not "waited 300 s"
     assert not (tmp_path / "rank0.json").exists()

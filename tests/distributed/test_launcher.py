@@ -45,7 +45,7 @@ def test_a_hung_rank_is_killed_at_the_job_timeout_and_named_with_its_stack():
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
         run_ranks(rank_fns.hang_on_rank, 2, 0, timeout=10)
-    assert time.monotonic() - start < 20
+    assert time.monotonic() - start < 45
     msg = str(info.value)
     assert "job timed out after 10s" in msg
     assert "rank 0: HUNG: still running at the 10s job timeout" in msg
@@ -61,7 +61,7 @@ def test_ranks_still_running_after_another_rank_failed_are_killed_after_the_grac
     start = time.monotonic()
     with pytest.raises(RankFailure) as info:
         run_ranks(rank_fns.raise_on_rank_others_sleep, 2, 0, grace=1, timeout=60)
-    assert time.monotonic() - start < 20
+    assert time.monotonic() - start < 45
     msg = str(info.value)
     assert "deliberate failure on rank 0" in msg
     assert "rank 1: HUNG: still running 1s after rank 0 failed" in msg

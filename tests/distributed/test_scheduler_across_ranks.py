@@ -71,4 +71,4 @@ def test_an_exception_in_rank_0s_get_schedule_param_raises_on_every_rank(world_s
         assert res["raised"], f"rank {rank} did not raise: {res}"
         assert {"ValueError", "RuntimeError"} & set(res["mro"]), (rank, res["mro"])
         assert f"boom from rank 0 at call {raise_at_call}" in res["message"], (rank, res["message"])
-        assert res["seconds"] < 10, (rank, res["seconds"])
+        assert res["seconds"] < 30, (rank, res["seconds"])

@@ -55,7 +55,7 @@ def test_nan_in_one_ranks_rows_of_a_split_group_fails_every_rank_and_changes_no_
     for res in results:
         assert res["raised"] and "'big'" in res["message"], res
         assert res["unchanged"], res
-        assert res["seconds"] < 10
+        assert res["seconds"] < 30
     owner_of_row_380 = next(int(r) for r, (a, b) in results[0]["ranges"].items() if a <= 380 < b)
     assert "ValueError" in results[owner_of_row_380]["mro"]
     assert results[1 - owner_of_row_380]["error_type"] == "RemoteError"

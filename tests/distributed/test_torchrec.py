@@ -114,7 +114,7 @@ def test_shards_that_overlap_or_leave_a_gap_fail_the_first_step_on_every_rank():
         assert "shards overlap" in res["overlap"]["message"] and "'bad.table'" in res["overlap"]["message"]
         assert "cover 72 of the table's 80 elements" in res["gap"]["message"], res["gap"]
         for kind in ("overlap", "gap"):
-            assert res[kind]["error_type"] == "ValueError" and res[kind]["seconds"] < 5, res[kind]
+            assert res[kind]["error_type"] == "ValueError" and res[kind]["seconds"] < 30, res[kind]
             assert res[kind]["mask_untouched"], res[kind]
 
 
