@@ -220,7 +220,7 @@ class _Contribution:
 def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool = True) -> _Contribution:
     """This rank's facts and packed masks (``writer`` is kept for callers of version 1)."""
     del writer
-    sd = sparsifier.state_dict()
+    sd = sparsifier._state(clone=False)  # the live masks: only packed (copied bit-packed) here
     shared_groups: dict[str, Any] = {}
     local: dict[str, Any] = {}
     pieces: dict[str, list[list[int]]] = {}
@@ -1394,6 +1394,10 @@ def _load_in_operation(comm: Any, target: Path, where: str, sparsifier: BaseData
                 if scheduler_state is None:
                     raise CheckpointError(f"{where}: the checkpoint holds no scheduler state "
                                           f"(it was saved without one); load it with scheduler=None")
+                unknown = sorted(set(scheduler_state.get("base_param") or ()) - set(parsed.state["groups"]))
+                if unknown:
+                    raise CheckpointError(f"{where}: the scheduler state schedules groups {unknown} that the "
+                                          "checkpoint does not hold (damaged file)")
                 _scheduler_probe(scheduler, scheduler_state, where)
             result = (sd, fill, scheduler_state if scheduler is not None else None)
         except Exception as exc:  # noqa: BLE001 - raised on every rank just below
