@@ -220,7 +220,7 @@ class _Contribution:
 def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool = True) -> _Contribution:
     """This rank's facts and packed masks (``writer`` is kept for callers of version 1)."""
     del writer
-    sd = sparsifier.state_dict()
+    sd = sparsifier._state(clone=False)  # the live masks: only packed (copied bit-packed) here
     shared_groups: dict[str, Any] = {}
     local: dict[str, Any] = {}
     pieces: dict[str, list[list[int]]] = {}
@@ -1065,6 +1065,17 @@ def _copy_piece(packed: torch.Tensor, piece: tuple[int, int, int, int], region: 
     pr, pc, _, pcs = piece
     tr, tc = region[0], region[1]
     data = packed.numpy()
+    if (c0, c1) == (pc, pc + pcs) and (c0, c1) == (tc, tc + region[3]) and out.is_contiguous() \
+            and out.device.type == "cpu" and ((r0 - pr) * pcs) % 8 == 0:
+        # Whole rows into a contiguous region from a byte boundary: every packed byte becomes
+        # 8 mask bytes in one table lookup written straight into the mask (no temporary).
+        flat = out.view(-1)[(r0 - tr) * pcs : (r1 - tr) * pcs].numpy().view(np.uint8)
+        whole = flat.size // 8
+        byte0 = (r0 - pr) * pcs // 8
+        np.take(_BYTE_TO_BOOLS, data[byte0 : byte0 + whole], out=flat[: 8 * whole].view(np.uint64))
+        if flat.size > 8 * whole:  # the last bits of the piece
+            flat[8 * whole :] = np.unpackbits(data[byte0 + whole : byte0 + whole + 1])[: flat.size - 8 * whole]
+        return
     step = max(1, _UNPACK_ELEMENTS // max(pcs, 1))
     for a in range(r0, r1, step):
         b = min(r1, a + step)
@@ -1073,6 +1084,17 @@ def _copy_piece(packed: torch.Tensor, piece: tuple[int, int, int, int], region: 
         bits = np.unpackbits(data[byte0 : (bit1 + 7) // 8])[bit0 - 8 * byte0 : bit1 - 8 * byte0]
         rows = torch.from_numpy(bits).view(torch.bool).view(b - a, pcs)
         out[a - tr : b - tr, c0 - tc : c1 - tc].copy_(rows[:, c0 - pc : c1 - pc])
+
+
+def _byte_to_bools() -> Any:
+    """For each byte value, its 8 bits (most significant first) as 8 bytes 0/1, read as one
+    ``uint64`` in memory order: ``take`` of packed bytes then writes unpacked masks."""
+    import numpy as np
+
+    return np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).copy().view(np.uint64).reshape(256)
+
+
+_BYTE_TO_BOOLS = _byte_to_bools()
 
 
 def _popcount_zeros(packed: torch.Tensor, numel: int) -> int:
@@ -1394,6 +1416,10 @@ def _load_in_operation(comm: Any, target: Path, where: str, sparsifier: BaseData
                 if scheduler_state is None:
                     raise CheckpointError(f"{where}: the checkpoint holds no scheduler state "
                                           f"(it was saved without one); load it with scheduler=None")
+                unknown = sorted(set(scheduler_state.get("base_param") or ()) - set(parsed.state["groups"]))
+                if unknown:
+                    raise CheckpointError(f"{where}: the scheduler state schedules groups {unknown} that the "
+                                          "checkpoint does not hold (damaged file)")
                 _scheduler_probe(scheduler, scheduler_state, where)
             result = (sd, fill, scheduler_state if scheduler is not None else None)
         except Exception as exc:  # noqa: BLE001 - raised on every rank just below

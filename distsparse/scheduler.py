@@ -219,9 +219,27 @@ class BaseDataScheduler(abc.ABC):
             value = state_dict[key]
             if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                 raise ValueError(f"scheduler state {key} must map group names to values")
+            for name in sorted(value):
+                number = value[name]
+                if isinstance(number, bool) or not isinstance(number, numbers.Real) or not math.isfinite(number):
+                    raise ValueError(f"scheduler state {key}[{name!r}] must be a finite real number, got {number!r}")
+                self._check_value(f"scheduler state {key}[{name!r}]", name, number)
+        extra = sorted(set(state_dict["last_param"]) - set(state_dict["base_param"]))
+        if extra:
+            raise ValueError(f"scheduler state last_param has groups {extra} that base_param lacks "
+                             "(every scheduled group has a base value)")
         self.last_epoch = epoch
         self.base_param = dict(state_dict["base_param"])
         self._last_param = dict(state_dict["last_param"])
+
+    def _check_value(self, what: str, name: str, value: Any) -> None:
+        """A restored value must be one the sparsifier accepts for a group it holds."""
+        sparsifier = self.data_sparsifier
+        config = sparsifier.data_groups.get(name, sparsifier.defaults)
+        try:
+            sparsifier._canonical_config(name, {**config, self.schedule_param: value})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{what}: {exc}") from None
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(schedule_param={self.schedule_param!r}, "

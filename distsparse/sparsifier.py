@@ -865,13 +865,18 @@ class BaseDataSparsifier(abc.ABC):
         rows, cols], ...], "global_zeros": n}``. Sharded entries record ``global_zeros``
         (pruned elements over all ranks) for :meth:`sparsity`.
         """
+        return self._state(clone=True)
+
+    def _state(self, clone: bool) -> dict[str, Any]:
+        """:meth:`state_dict`; ``clone=False`` hands out the live masks (to read at once:
+        a checkpoint packs them without a full-size copy)."""
         groups: dict[str, Any] = {}
         masks: dict[str, torch.Tensor] = {}
         for name, pend in self._pending.items():
             groups[name] = {"config": _to_json_config(pend.config), "shape": list(pend.shape),
                             "replicated": pend.replicated}
             if pend.mask is not None:
-                masks[name] = pend.mask.clone()
+                masks[name] = pend.mask.clone() if clone else pend.mask
         for name, group in self._groups.items():
             groups[name] = {"config": _to_json_config(self.data_groups[name]),
                             "shape": list(group.data.shape), "replicated": group.replicated}
@@ -884,7 +889,7 @@ class BaseDataSparsifier(abc.ABC):
                 groups[name]["rects"] = {"shards": [[r, c, int(t.shape[0]), int(t.shape[1])]
                                                     for (r, c), t in group.rects.local_shards()],
                                          "global_zeros": group.global_zeros}
-            masks[name] = group.mask.clone()
+            masks[name] = group.mask.clone() if clone else group.mask
         return {
             "format_version": STATE_FORMAT_VERSION,
             "sparsifier": type(self).__name__,

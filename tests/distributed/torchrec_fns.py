@@ -305,7 +305,7 @@ def checkpoint_load_replicated(folder: str, src: str, dst: str) -> dict:
     sp = distsparse.DataNormSparsifier(sparsity_level=0.1, sparse_block_shape=(1, 1))
     for name, (rows, cols) in sorted(CKPT_TABLES.items()):
         sp.add_data(name, nn.Parameter(torch.ones(rows, cols)))
-    distsparse.load_checkpoint(f"{folder}/{src}", sp)
+    distsparse.load_checkpoint(f"{folder}/{src}", sp, config="checkpoint")  # the file's (2, 3) blocks
     distsparse.save_checkpoint(f"{folder}/{dst}", sp)
     masks = {n: sp.get_mask(n).clone() for n in CKPT_TABLES}
     masks["sparsity"] = sp.sparsity()
@@ -327,7 +327,7 @@ def checkpoint_load_torchrec(folder: str, src: str) -> dict:
 
     sp = distsparse.DataNormSparsifier(sparsity_level=0.1, sparse_block_shape=(1, 1))
     add_torchrec_tables(sp, model, ["rw", "cw"])
-    distsparse.load_checkpoint(f"{folder}/{src}", sp)
+    distsparse.load_checkpoint(f"{folder}/{src}", sp, config="checkpoint")
     add_torchrec_tables(sp, model, ["tw"])  # restored pending: takes its shards' parts when added
     out = {n: _whole(sp.get_mask(n), CKPT_TABLES[n]) for n in CKPT_TABLES}
     out["sparsity"] = sp.sparsity()
