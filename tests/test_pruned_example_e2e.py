@@ -76,3 +76,13 @@ def test_prune_rows_serves_the_validation_set_with_the_trained_auc(tmp_path, mod
         r = _torchrun(SCRIPT, out, *TINY, *(["--fsdp2"] if mode == "fsdp2" else []), "--expect-world-size", "2")
     summary = _check_served(out, r.stdout, 16)
     assert summary["world_size"] == (1 if mode == "single" else 2)
+
+
+@pytest.mark.parametrize("sharding", ["auto", "column_wise"])
+def test_torchrec_prune_rows_writes_from_the_sharded_tables_and_serves_with_the_trained_auc(tmp_path, sharding):
+    out = tmp_path / sharding
+    args = [a for a in TINY if a != "--no-progress"]  # the TorchRec job has no progress bar
+    r = _torchrun(ROOT / "examples" / "train_dlrm_torchrec.py", out, *args, "--sharding", sharding,
+                  "--row-wise-min-rows", "100", "--expect-world-size", "2")
+    summary = _check_served(out, r.stdout, 16)
+    assert ("column_wise" if sharding == "column_wise" else "row_wise") in summary["sharding"], summary["sharding"]
