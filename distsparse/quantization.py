@@ -71,7 +71,7 @@ def quantize_rows(rows: torch.Tensor, bits: int) -> torch.Tensor:
 
 def dequantize_rows(packed: torch.Tensor, bits: int, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of :func:`quantize_rows`: ``(n, row bytes)`` uint8 -> ``(n, dim)`` of ``dtype``,
-    computed as ``q * scale + bias`` in float32 (FBGEMM's dequantization)."""
+    computed as ``bias + q * scale`` in float32 (FBGEMM's dequantization)."""
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != quantized_row_bytes(dim, bits):
         raise ValueError(f"expected uint8 rows of {quantized_row_bytes(dim, bits)} bytes for dim {dim} at {bits} "
@@ -81,4 +81,4 @@ def dequantize_rows(packed: torch.Tensor, bits: int, dim: int, dtype: torch.dtyp
     data = packed[:, SCALE_BIAS_BYTES:]
     if bits == 4:
         data = torch.stack([data & 0x0F, data >> 4], dim=2).reshape(packed.shape[0], -1)[:, :dim]
-    return (data.to(torch.float32) * scale + bias).to(dtype)
+    return torch.addcmul(bias, data.to(torch.float32), scale).to(dtype)

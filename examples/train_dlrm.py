@@ -897,6 +897,9 @@ def parse_args(argv=None):
     p.add_argument("--fsdp2", action="store_true",
                    help="shard the tables (and MLPs, and the baseline) with FSDP2 fully_shard instead of DDP "
                         "(see 'FSDP2 mode' in the docstring)")
+    p.add_argument("--prune", choices=("blocks", "rows"), default="blocks",
+                   help="'blocks': (1, 4) blocks; 'rows': whole rows ((1, dim) blocks, same schedule), then write "
+                        "the pruned tables (kept rows + int32 remap) and serve the validation set from them")
     args = p.parse_args(argv)
     if args.csv is not None and not os.path.isfile(args.csv):
         p.error(f"argument --csv: {args.csv!r} is not a file")
@@ -1100,7 +1103,8 @@ def run(args, accelerator):
     # ---- sparsity
     sp = sch = None
     if not args.dense:
-        sp = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4))
+        block = (1, args.dim) if args.prune == "rows" else (1, 4)  # --prune rows: whole rows
+        sp = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=block)
         for name in TABLES:
             sp.add_data(name, tables[name])
         sch = distsparse.CubicScheduler(sp, final_value=args.final_sparsity, initial_value=0.0,
@@ -1279,6 +1283,48 @@ def model_digest(net: nn.Module, sharded: bool = False) -> str:
     return h.hexdigest()
 
 
+PRUNED_NAME = "pruned_tables.safetensors"
+
+
+def serve_pruned(net, sp, val: dict, trained: dict, out: Path, is_main: bool):
+    """--prune rows: write the pruned tables (kept rows + int32 remap; sharded FSDP2 tables
+    without gathering them), then on the main process rebuild the model with
+    PrunedEmbedding / PrunedEmbeddingBag tables loaded from that file and evaluate it on
+    the validation set. Returns (summary entry, summary lines); the served AUC must equal
+    the trained masked model's (same vectors, same order: exact in float32)."""
+    path = out / PRUNED_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    distsparse.save_pruned_tables(str(path), sp, names=list(TABLES))
+    rest = {k: full_tensor(v).detach().cpu() for k, v in net.state_dict().items()
+            if not k.startswith("tables.")}  # a collective for FSDP2's DTensors: every rank
+    if not is_main:
+        return None, []
+    pruned = distsparse.load_pruned_tables(path)
+    served = DLRM(pruned["user"].rows, pruned["item"].rows, pruned["item_category"].rows - 1, pruned["user"].dim)
+    served.load_state_dict(rest, strict=False)
+    for name in TABLES:
+        old = served.tables[name]
+        if isinstance(old, nn.EmbeddingBag):
+            served.tables[name] = distsparse.PrunedEmbeddingBag.from_pruned(pruned[name], mode=old.mode,
+                                                                            padding_idx=old.padding_idx)
+        else:
+            served.tables[name] = distsparse.PrunedEmbedding.from_pruned(pruned[name])
+    metrics = evaluate(served, val, torch.device("cpu"))
+    dense_bytes = sum(t.rows * t.dim * 4 for t in pruned.values())
+    served_bytes = sum(m.served_bytes() for m in served.tables.values())
+    entry = {"path": str(path), "file_bytes": path.stat().st_size, "dense_bytes": dense_bytes,
+             "served_bytes": served_bytes, "kept_rows": {n: t.kept for n, t in pruned.items()},
+             "rows": {n: t.rows for n, t in pruned.items()}, "val": metrics,
+             "auc_equal": metrics["auc"] == trained["auc"]}
+    kept, rows = sum(entry["kept_rows"].values()), sum(entry["rows"].values())
+    lines = [f"served from {PRUNED_NAME}: {kept} of {rows} rows kept; tables {served_bytes} B served vs "
+             f"{dense_bytes} B dense ({served_bytes / dense_bytes:.3f}x), file {entry['file_bytes']} B",
+             f"validation  served (pruned)  : loss {metrics['loss']:.4f}  AUC {metrics['auc']:.4f}   "
+             f"({'equal to' if entry['auc_equal'] else 'DIFFERS from'} the trained masked model's AUC "
+             f"{trained['auc']:.4f})"]
+    return entry, lines
+
+
 def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_metrics, step, resumed_from,
               run_steps, train_time, global_batch, out: Path, say):
     """Evaluate, export the sparsified tables, print the summary and write summary.json."""
@@ -1326,6 +1372,9 @@ def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_
                              "dense_file_bytes": dense_file,
                              "dense_bytes": sum(t["dense_bytes"] for t in summary["tables"].values())}
 
+    served_lines = []
+    if sp is not None and args.prune == "rows":  # collective: every rank takes part in the save
+        summary["served"], served_lines = serve_pruned(net, sp, val, final, out, accelerator.is_main_process)
     lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base_model is not None else ''}, "
                  f"step {step}, world_size {accelerator.num_processes}{', FSDP2' if args.fsdp2 else ''})",
              *table_summary_lines(summary, out)]
@@ -1339,6 +1388,7 @@ def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_
     lines.append(f"validation  {label:<14} @ step {step:<5}: loss {final['loss']:.4f}  AUC {final['auc']:.4f}")
     if cost is not None:
         lines.append(f"cost of sparsity (sparse - baseline): loss {cost['loss']:+.4f}  AUC {cost['auc']:+.4f}")
+    lines += served_lines
     if run_steps:
         lines.append(f"this run: {run_steps} steps in {train_time:.1f} s, {summary['samples_per_s']:.0f} samples/s"
                      + (" (each sample trains both models)" if base_model is not None else ""))

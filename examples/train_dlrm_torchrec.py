@@ -388,6 +388,68 @@ def dense_state(dmp) -> dict:
     return {k: v for k, v in dmp.state_dict().items() if ".embedding_bags." not in k}
 
 
+PRUNED_NAME = "pruned_tables.safetensors"
+
+
+def serve_pruned(args, sp, dense_sd: dict, val: dict, trained: dict, out: Path):
+    """--prune rows: write the pruned tables (kept rows + int32 remap) from the sharded tables
+    (a collective: rank 0 streams each rank's kept rows into the file, no table gathered),
+    then on rank 0 serve the validation set from a one-process DLRM whose embedding bags
+    are distsparse.PrunedEmbeddingBag modules over that file. Returns (summary entry,
+    lines) on rank 0, (None, []) elsewhere."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    path = out / PRUNED_NAME
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    distsparse.save_pruned_tables(str(path), sp, names=list(TABLES))
+    if dist.get_rank() != 0:
+        return None, []
+    pruned = distsparse.load_pruned_tables(path)
+
+    class ServedBags(torch.nn.Module):
+        """The EmbeddingBagCollection's forward (KJT -> KeyedTensor) over pruned tables."""
+
+        def __init__(self):
+            super().__init__()
+            self.bags = torch.nn.ModuleDict({n: distsparse.PrunedEmbeddingBag.from_pruned(
+                pruned[n], mode="mean" if n == "item_category" else "sum", include_last_offset=True)
+                for n in TABLES})
+
+        def forward(self, kjt):
+            pooled = [self.bags[n](kjt[n].values(), kjt[n].offsets()) for n in TABLES]
+            return KeyedTensor(keys=list(TABLES), length_per_key=[p.shape[1] for p in pooled],
+                               values=torch.cat(pooled, dim=1))
+
+    rows = {n: pruned[n].rows for n in TABLES}
+    served = build_model(rows, args.dim, torch.device("cpu"), args.seed)
+    served.sparse_arch.embedding_bag_collection = ServedBags()
+    missing, unexpected = served.load_state_dict(dense_sd, strict=False)
+    if unexpected or any(not k.startswith("sparse_arch.embedding_bag_collection") for k in missing):
+        raise RuntimeError(f"serving: the dense state does not fit the model (missing {missing}, "
+                           f"unexpected {unexpected})")
+    served.eval()
+    with torch.no_grad():
+        logits = torch.cat([served(*batch_of(val, idx, torch.device("cpu"))[:2]).float().squeeze(-1)
+                            for idx in torch.arange(val["label"].numel()).split(8192)])
+    metrics = {"loss": F.binary_cross_entropy_with_logits(logits, val["label"]).item(),
+               "auc": auc_score(logits, val["label"])}
+    dense_bytes = sum(t.rows * t.dim * 4 for t in pruned.values())
+    served_bytes = sum(b.served_bytes() for b in served.sparse_arch.embedding_bag_collection.bags.values())
+    entry = {"path": str(path), "file_bytes": path.stat().st_size, "dense_bytes": dense_bytes,
+             "served_bytes": served_bytes, "kept_rows": {n: t.kept for n, t in pruned.items()}, "rows": rows,
+             "val": metrics, "auc_equal": metrics["auc"] == trained["auc"]}
+    kept = sum(entry["kept_rows"].values())
+    lines = [f"served from {PRUNED_NAME} (written from the sharded tables): {kept} of {sum(rows.values())} rows "
+             f"kept; tables {served_bytes} B served vs {dense_bytes} B dense ({served_bytes / dense_bytes:.3f}x), "
+             f"file {entry['file_bytes']} B",
+             f"validation  served (pruned)  : loss {metrics['loss']:.4f}  AUC {metrics['auc']:.4f}   "
+             f"({'equal to' if entry['auc_equal'] else 'DIFFERS from'} the trained masked model's AUC "
+             f"{trained['auc']:.4f})"]
+    return entry, lines
+
+
 def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resumed_from, run_steps,
               train_time, global_batch, out: Path, say) -> None:
     model, base = trainees["model"], trainees.get("baseline")
@@ -398,6 +460,9 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
     global_sparsity = sp.sparsity() if sp is not None else None
     dense_sd = {k: v.cpu() for k, v in dense_state(model.dmp).items()}
     base_dense_sd = {k: v.cpu() for k, v in dense_state(base.dmp).items()} if base is not None else None
+    served, served_lines = None, []
+    if sp is not None and args.prune == "rows":  # collective: the sharded tables are written where they live
+        served, served_lines = serve_pruned(args, sp, dense_sd, val, final, out)
     # a one-process sparsifier on rank 0 over the gathered tables (every rank creates the group)
     solo_group = dist.new_group([0], backend="gloo") if sp is not None else None
     if dist.get_rank() != 0:
@@ -440,6 +505,7 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
                              "dense_file_bytes": dense_file,
                              "dense_bytes": sum(t["dense_bytes"] for t in summary["tables"].values())}
 
+    summary["served"] = served
     lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base is not None else ''}, step {step}, "
                  f"world_size {dist.get_world_size()}, TorchRec sharding {summary['sharding']})",
              *table_summary_lines(summary, out)]
@@ -451,6 +517,7 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
     lines.append(f"validation  {label:<14} @ step {step:<5}: loss {final['loss']:.4f}  AUC {final['auc']:.4f}")
     if cost is not None:
         lines.append(f"cost of sparsity (sparse - baseline): loss {cost['loss']:+.4f}  AUC {cost['auc']:+.4f}")
+    lines += served_lines
     if run_steps:
         lines.append(f"this run: {run_steps} steps in {train_time:.1f} s, {summary['samples_per_s']:.0f} samples/s"
                      + (" (each sample trains both models)" if base is not None else ""))
@@ -506,6 +573,9 @@ def parse_args(argv=None):
                    help="os._exit(1) on every rank after this step (tests)")
     p.add_argument("--log-every", type=_number(int, 0), default=50, help="steps between log lines; 0: only at the end")
     p.add_argument("--expect-world-size", type=count, default=None, help="exit with an error on another world size")
+    p.add_argument("--prune", choices=("blocks", "rows"), default="blocks",
+                   help="'blocks': (1, 4) blocks; 'rows': whole rows ((1, dim) blocks, same schedule), then write "
+                        "the pruned tables from the sharded tables and serve the validation set from them")
     args = p.parse_args(argv)
     if args.resume not in ("auto", "none") and not os.path.isdir(args.resume):
         p.error(f"argument --resume: {args.resume!r} is neither 'auto', 'none' nor a checkpoint folder")
@@ -613,7 +683,8 @@ def run(args, device):
     if not args.dense:
         from distsparse.integrations.torchrec import add_torchrec_tables, zero_pruned_optimizer_state
 
-        sp = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4))
+        block = (1, args.dim) if args.prune == "rows" else (1, 4)  # --prune rows: whole rows
+        sp = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=block)
         names = add_torchrec_tables(sp, model.dmp)
         if sorted(names) != sorted(TABLES):
             raise RuntimeError(f"add_torchrec_tables added {names}, expected {list(TABLES)}")

@@ -300,4 +300,14 @@ def test_served_bytes_hold_the_kept_rows_and_one_byte_per_row(tmp_path, weight):
     sp = _sparsifier(weight, level=0.8)
     table, _ = _table(tmp_path, sp)
     bag = PrunedEmbeddingBag.from_pruned(table)
-    assert bag.served_bytes() == (table.kept + 1) * DIM * 4 + -(-ROWS // 8) * 8
+    assert bag.served_bytes() == (table.kept + 1) * DIM * 4 + ROWS + -(-ROWS // 128) * 8
+
+
+@pytest.mark.parametrize("rows,level", [(1000, 0.5), (128 * 3, 0.0), (129, 1.0), (128 * 5 + 1, 0.9)])
+def test_the_compact_remap_serves_the_int32_remap_over_many_row_groups(tmp_path, rows, level):
+    torch.manual_seed(rows)
+    table, _ = _table(tmp_path, _sparsifier(torch.randn(rows, DIM), level=level))
+    bag = PrunedEmbeddingBag.from_pruned(table)
+    served = bag._remap(torch.arange(rows))
+    expect = torch.where(table.remap >= 0, table.remap.long(), torch.full((rows,), table.kept))
+    assert torch.equal(served, expect)
