@@ -9,14 +9,20 @@ Payloads are raw bytes (JSON or bit-packed masks) carried in ``uint8`` tensors: 
 is pickled, so a rank can never execute code another rank sent.
 
 Every distsparse operation (a sparsifier step, a scheduler step, a checkpoint save or
-load) is framed by :meth:`Comm.begin` and :meth:`Comm.finish`, two all-gathers of one
-fixed size that carry the operation's name and a per-``Comm`` call counter. Ranks that are
-out of step (one calls ``step()`` while another calls ``save_checkpoint``) therefore meet
-in a collective of the same size and raise :class:`RankDisagreementError` naming both
-operations, instead of aborting inside gloo on mismatched buffer sizes. ``finish`` is the
-commit point: state changes only after every rank reached it, so a rank that gave up
-waiting (the backstop timeout) cannot leave the others committed alone — they wait in
-``finish`` and give up too.
+load) is framed by :meth:`Comm.begin` and :meth:`Comm.finish`. On the success path each is
+ONE all-reduce (MIN) of eight ``int64``: MIN and MAX (as MIN of the negation) of a key of
+the operation's name and phase, the per-``Comm`` call counter and a digest of the
+operation's description, plus the MAX of an error flag and of a payload length. Its size
+does not depend on the world size or on the operation, so ranks that are out of step (one
+calls ``step()`` while another calls ``save_checkpoint``) still meet in collectives of the
+same size. Every rank sees the same MIN and MAX, so every rank detects a mismatch at once;
+only then do they all-gather a small fixed frame (name, phase, counter) to raise
+:class:`RankDisagreementError` naming every rank's call, or their descriptions to name the
+groups that differ. Payloads (the scheduler's values, ``begin``'s ``inline`` bytes) travel
+in a broadcast or all-gather sized by the payload, after the frame said how long it is.
+``finish`` is the commit point: state changes only after every rank reached it, so a rank
+that gave up waiting (the backstop timeout) cannot leave the others committed alone — they
+wait in ``finish`` and give up too.
 """
 
 from __future__ import annotations
@@ -94,6 +100,8 @@ class Comm:
         #: Bytes this rank has sent in all-reduces so far (ring model: 2(N-1)/N of the
         #: buffer); the sparsifier reports the difference per step.
         self.all_reduce_bytes_sent = 0
+        #: Bytes this rank has sent in the frames of begin/finish (same ring model).
+        self.framing_bytes_sent = 0
 
     def _wait(self, work: Any, what: str) -> None:
         started = time.monotonic()
@@ -130,12 +138,12 @@ class Comm:
     def begin(self, op: str, description: dict[str, Any] | None = None, inline: bytes = b"") -> list[bytes]:
         """Collective: the first call of every distsparse operation.
 
-        One all-gather of a fixed-size frame: the operation's name, this Comm's call
-        counter, a digest of ``description`` ({name: JSON-able facts} every rank must
-        share) and up to 4 KiB of ``inline`` bytes. Raises
-        :class:`RankDisagreementError` on every rank when the ranks are in different
-        operations (naming each rank's operation) or hold different descriptions (naming
-        the groups). Returns every rank's ``inline`` bytes, indexed by rank.
+        One all-reduce of the frame (:func:`_frame`): this operation's name, this Comm's
+        call counter and a digest of ``description`` ({name: JSON-able facts} every rank
+        must share). Raises :class:`RankDisagreementError` on every rank when the ranks are
+        in different operations (naming each rank's call) or hold different descriptions
+        (naming the groups). Returns every rank's ``inline`` bytes, indexed by rank; they
+        take one more all-gather, sized by the longest, only when some rank sent any.
         """
         self._check_usable()
         if len(inline) > _INLINE_BYTES:
@@ -144,32 +152,57 @@ class Comm:
         if not self.is_distributed or self.world_size == 1:
             self._operation = op
             return [inline]
+        _, longest = self._open(op, description, failed=False, length=len(inline))
+        if not longest:
+            return [b""] * self.world_size
+        return self.all_gather_bytes(inline)
+
+    def _open(self, op: str, description: dict[str, Any] | None, failed: bool, length: int) -> tuple[bool, int]:
+        """The distributed part of :meth:`begin`: returns (any rank flagged ``failed``, the
+        longest ``length``) once every rank is in the same call with the same description."""
         blob = _canonical(description or {})
-        frame = _frame(op, self.calls, hashlib.sha256(blob).digest(), inline)
-        parts = self._all_gather_fixed(frame, f"the start of {op}")
-        headers = [_unframe(p) for p in parts]
-        if any(h[:2] != headers[0][:2] for h in headers):
-            shown = "; ".join(f"rank {r}: {h[0]} (distsparse call #{h[1]})" for r, h in enumerate(headers))
-            raise RankDisagreementError(
-                f"distsparse: ranks are in different collective calls (rank {self.rank} of "
-                f"{self.world_size}): {shown}. Every rank must call step(), scheduler.step(), "
-                "save_checkpoint() and load_checkpoint() in the same order."
-            )
+        seen = self._frame_all_reduce("<begin> " + op, _digest62(blob), failed, length, f"the start of {op}")
         self._operation = op
-        self._raise_on_disagreement([h[2] for h in headers], blob, op)
-        return [h[3] for h in headers]
+        if seen.digests_differ:
+            self._raise_on_disagreement(blob, op)
+        return seen.failed, seen.longest
 
     def finish(self, op: str) -> None:
         """Collective: the commit point of an operation. Every rank returns only once every
         rank reached it; a caller changes its state only after this returns."""
         if self.is_distributed and self.world_size > 1:
-            parts = self._all_gather_fixed(_frame("<finish> " + op, self.calls, b"\0" * 32, b""),
-                                           f"the end of {op}")
-            headers = [_unframe(p) for p in parts]
-            if any(h[:2] != headers[0][:2] for h in headers):
-                shown = "; ".join(f"rank {r}: {h[0]} (distsparse call #{h[1]})" for r, h in enumerate(headers))
-                raise RankDisagreementError(f"distsparse: ranks are in different collective calls: {shown}")
+            self._frame_all_reduce("<finish> " + op, 0, False, 0, f"the end of {op}")
         self._operation = None
+
+    def _frame_all_reduce(self, call: str, digest: int, failed: bool, length: int, what: str) -> "_Frames":
+        """Collective: one all-reduce (MIN) of the fixed-size frame of ``call`` (see
+        :func:`_frame`). Raises :class:`RankDisagreementError` on every rank, naming every
+        rank's call, when the ranks are not in the same call."""
+        frame = torch.tensor(_frame(call, self.calls, digest, failed, length), dtype=torch.int64, device=self.device)
+        n = self.world_size
+        self.framing_bytes_sent += 2 * (n - 1) * frame.numel() * frame.element_size() // n
+        self._wait(dist.all_reduce(frame, op=dist.ReduceOp.MIN, group=self._group, async_op=True),
+                   f"all_reduce ({what})")
+        seen = _Frames(frame.cpu().tolist())
+        if seen.calls_differ:
+            self._raise_different_calls(call)
+        return seen
+
+    def _raise_different_calls(self, call: str) -> None:
+        """Collective, on a mismatch only (every rank saw it): all-gather every rank's call
+        name and counter, and raise naming them all."""
+        name = call.encode()[:_NAME_BYTES].ljust(_NAME_BYTES, b"\0")
+        parts = self._all_gather_fixed(name + self.calls.to_bytes(8, "little"), "the names of the calls")
+        shown = []
+        for r, part in enumerate(parts):
+            called = part[:_NAME_BYTES].rstrip(b"\0").decode(errors="replace").removeprefix("<begin> ")
+            shown.append(f"rank {r}: {called} (distsparse call #{int.from_bytes(part[_NAME_BYTES:], 'little')})")
+        self._operation = None
+        raise RankDisagreementError(
+            f"distsparse: ranks are in different collective calls (rank {self.rank} of "
+            f"{self.world_size}): {'; '.join(shown)}. Every rank must call step(), scheduler.step(), "
+            "save_checkpoint() and load_checkpoint() in the same order."
+        )
 
     @contextmanager
     def operation(self, op: str, description: dict[str, Any] | None = None,
@@ -183,8 +216,14 @@ class Comm:
         inside a collective: the Comm is marked broken and refuses later calls.
         """
         parts = self.begin(op, description, inline)
-        try:
+        with self._guard(op):
             yield parts
+
+    @contextmanager
+    def _guard(self, op: str) -> Iterator[None]:
+        """Mark the Comm broken when the body of ``op`` raises on this rank alone."""
+        try:
+            yield
         except BaseException as exc:
             everywhere = getattr(exc, "_distsparse_everywhere", False) or isinstance(
                 exc, (RankDisagreementError, RemoteError, CollectiveTimeoutError))
@@ -411,10 +450,10 @@ class Comm:
                 raise RemoteError(local.decode())
             return
         if failed is None:
-            flags = torch.tensor([1 if errors else 0], dtype=torch.int64, device=self.device)
-            gathered = [torch.empty_like(flags) for _ in range(self.world_size)]
-            self._wait(dist.all_gather(gathered, flags, group=self._group, async_op=True), "all_gather (status)")
-            failed = [bool(int(g.item())) for g in gathered]
+            flag = torch.tensor([1 if errors else 0], dtype=torch.int64, device=self.device)
+            self._wait(dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
+                       "all_reduce (status)")
+            failed = [bool(int(flag.item()))]
         if not any(failed):
             return
         messages = self.all_gather_bytes(local)
@@ -430,9 +469,10 @@ class Comm:
     def decided_operation(self, op: str, description: dict[str, dict[str, Any]],
                           fn: Callable[[], T], encode: Callable[[T], bytes],
                           decode: Callable[[bytes], T], src: int = 0):
-        """Collective: :meth:`operation` whose first all-gather also carries ``fn()``'s
-        result, computed on rank ``src`` alone — one round trip for "decide on rank 0 and
-        share" (the scheduler's step). Results over 4 KiB take a second broadcast.
+        """Collective: :meth:`operation` whose value is ``fn()``'s result, computed on rank
+        ``src`` alone — "decide on rank 0 and share" (the scheduler's step). The frame of
+        :meth:`begin` carries ``src``'s error flag and the result's length; the result then
+        takes one broadcast of exactly that many bytes.
 
         Use as ``with comm.decided_operation(...) as value:``. If ``fn`` raises on the
         coordinator, every rank raises (the coordinator its own exception, the others a
@@ -440,38 +480,52 @@ class Comm:
         hold the same bits.
         """
         self._check_usable()
-        body, status, error = b"", 0, None
+        body, error = b"", None
         if self.rank == src:
             try:
                 body = encode(fn())
             except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-                error, status = exc, 1
+                error = exc
                 body = f"{type(exc).__name__}: {exc}".encode()
-        inline = bytes([status]) + len(body).to_bytes(8, "little")
-        inline += body if len(body) <= _INLINE_BYTES - len(inline) else b""
-        return self._decided(op, description, inline, body, error, decode, src)
+        return self._decided(op, description, body, error, decode, src)
 
     @contextmanager
-    def _decided(self, op, description, inline, body, error, decode, src):
-        with self.operation(op, description, inline) as parts:
-            theirs = parts[src]
-            status, length = theirs[0], int.from_bytes(theirs[1:9], "little")
-            if length > _INLINE_BYTES - 9:
-                body = self.broadcast_bytes(body if self.rank == src else None, src=src)
-            else:
-                body = theirs[9 : 9 + length]
-            if status:
+    def _decided(self, op, description, body, error, decode, src):
+        self._check_usable()
+        self.calls += 1
+        failed, length = error is not None, len(body)
+        distributed = self.is_distributed and self.world_size > 1
+        if distributed:
+            failed, length = self._open(op, description, failed, length)
+        else:
+            self._operation = op
+        with self._guard(op):
+            if distributed:
+                body = self._broadcast_known(body if self.rank == src else None, length, src,
+                                             "broadcast (the decided values)")
+            if failed:
                 if error is not None:
                     raise mark_raised_everywhere(error)
                 raise RemoteError(f"rank {src} raised: {body.decode(errors='replace')}")
             yield decode(body)
 
-    def _raise_on_disagreement(self, digests: list[bytes], blob: bytes, what: str) -> None:
-        """Collective only on a mismatch (every rank sees the same digests, so all enter)."""
-        if all(d == digests[0] for d in digests):
-            return
+    def _broadcast_known(self, payload: bytes | None, length: int, src: int, what: str) -> bytes:
+        """Collective: ``payload`` (``length`` bytes, a length every rank already knows) from
+        group rank ``src``, in one broadcast."""
+        if not length:
+            return b""
+        buf = torch.empty(length, dtype=torch.uint8, device=self.device)
+        if self.rank == src:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))  # type: ignore[arg-type]
+        self._wait(dist.broadcast(buf, src=self._global_rank(src), group=self._group, async_op=True), what)
+        return buf.cpu().numpy().tobytes()
+
+    def _raise_on_disagreement(self, blob: bytes, what: str) -> None:
+        """Collective, on a mismatch only (every rank saw it): all-gather every rank's
+        description and raise naming what differs."""
         described = [json.loads(b) for b in self.all_gather_bytes(blob)]
         problems = describe_differences(described)
+        self._operation = None
         raise RankDisagreementError(
             f"{what}: ranks disagree (rank {self.rank} of {self.world_size}):\n  "
             + "\n  ".join(problems)
@@ -509,29 +563,36 @@ def describe_differences(per_rank: Sequence[dict[str, dict[str, Any]]], noun: st
     return problems
 
 
-# Bytes of payload that ride along in an operation's first all-gather (the scheduler's values).
+# Most bytes ``begin`` accepts as ``inline`` payload (they take their own all-gather).
 _INLINE_BYTES = 4096
-_OP_BYTES = 64
-_MAGIC = b"DSOP"
+# Bytes of a call's name in the all-gather that names every rank's call after a mismatch.
+_NAME_BYTES = 120
+# Every frame field is kept below 2**62 so that its negation (MAX as MIN) cannot overflow.
+_FIELD = (1 << 62) - 1
 
 
-def _frame(op: str, calls: int, digest: bytes, inline: bytes) -> bytes:
-    """Fixed-size frame: magic, operation name, call counter, digest, inline payload."""
-    name = op.encode()[:_OP_BYTES].ljust(_OP_BYTES, b"\0")
-    head = _MAGIC + name + calls.to_bytes(8, "little") + digest + len(inline).to_bytes(4, "little")
-    return head + inline.ljust(_INLINE_BYTES, b"\0")
+def _digest62(data: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & _FIELD
 
 
-def _unframe(frame: bytes) -> tuple[str, int, bytes, bytes]:
-    if frame[:4] != _MAGIC:
-        return ("<not a distsparse operation>", -1, b"", b"")
-    at = 4
-    name = frame[at : at + _OP_BYTES].rstrip(b"\0").decode(errors="replace")
-    at += _OP_BYTES
-    calls = int.from_bytes(frame[at : at + 8], "little")
-    digest = frame[at + 8 : at + 40]
-    length = int.from_bytes(frame[at + 40 : at + 44], "little")
-    return name, calls, digest, frame[at + 44 : at + 44 + length]
+def _frame(call: str, calls: int, digest: int, failed: bool, length: int) -> list[int]:
+    """The eight ``int64`` all-reduced (MIN) at the start and end of every operation:
+    MIN and MAX of (call key, call counter, description digest), MAX of (error flag,
+    payload length). 64 bytes at every world size."""
+    key = _digest62(call.encode())
+    counter = calls & _FIELD
+    return [key, counter, digest, -key, -counter, -digest, -int(failed), -min(length, _FIELD)]
+
+
+class _Frames:
+    """What one frame all-reduce says about every rank's frame."""
+
+    def __init__(self, reduced: list[int]) -> None:
+        key_min, calls_min, digest_min, key_max, calls_max, digest_max, failed, longest = reduced
+        self.calls_differ = key_min != -key_max or calls_min != -calls_max
+        self.digests_differ = digest_min != -digest_max
+        self.failed = failed != 0
+        self.longest = -longest
 
 
 def _canonical(description: dict[str, Any]) -> bytes:

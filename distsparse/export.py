@@ -194,6 +194,12 @@ def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifie
     same ``names``; rank 0 writes from its copy of the (replicated) groups and every rank
     returns once the file is complete. An error on any rank is raised on every rank.
 
+    Sharded groups (FSDP2 ``DTensor`` rows, TorchRec rectangles) are written by the ranks
+    holding them: each rank writes one part file beside ``path`` and rank 0 then writes
+    ``path`` as the index naming them (format version 2, :mod:`distsparse.export_shards`);
+    no rank gathers a table. :func:`load_sparse_data` reads it in one process, whole or by
+    row range.
+
     Raises:
         ValueError: an unknown group name; a *local* group selected when more than one rank
             takes part (its data differs per rank: pass ``names=`` with replicated groups);
@@ -204,6 +210,7 @@ def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifie
     target = Path(os.fspath(path))
     what = f"save_sparse_data({str(target)!r})"
     selected: list[str] = []
+    sharded: list[str] = []
     error: Exception | None = None
     description: dict[str, Any] = {}
     try:
@@ -213,20 +220,9 @@ def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifie
             description[name] = {"shape": list(data.shape), "dtype": str(data.dtype),
                                  "scope": "replicated" if sparsifier._groups[name].replicated else "local",
                                  "block_shape": list(_block_shape(sparsifier, name))}
-        from .sharding import is_dtensor
-
-        dtensors = [n for n in selected if is_dtensor(sparsifier._groups[n].data)]
-        if dtensors:
-            raise ValueError(
-                f"groups {dtensors} hold DTensors (FSDP2 / HSDP / Replicate() placements); exporting "
-                "them is not supported yet: pass names= without them, or export "
-                "get_data(name, return_original=False).full_tensor() yourself")
-        in_rects = [n for n in selected if sparsifier._groups[n].rects is not None]
-        if in_rects:
-            raise ValueError(
-                f"groups {in_rects} are sharded in rectangles (TorchRec ShardedTensor shards); exporting "
-                "them is not supported yet: pass names= without them, or gather the tables and export "
-                "them from a one-process sparsifier (examples/train_dlrm_torchrec.py does)")
+        sharded = [n for n in selected if sparsifier._groups[n].distributed_rows]
+        for name in sharded:
+            description[name]["scope"] = "sharded"
         local = [n for n in selected if description[n]["scope"] == "local"]
         if local and comm.world_size > 1:
             raise ValueError(
@@ -241,10 +237,15 @@ def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifie
     with comm.operation("save_sparse_data", description):
         comm.raise_if_any_failed([f"{type(error).__name__}: {error}"] if error else [], what, local_error=error)
 
-        def write() -> None:
-            _atomic_write(target, _build(sparsifier, selected))
+        if sharded:  # written by the ranks holding the rows, plus an index (distsparse.export_shards)
+            from .export_shards import save_sharded
 
-        comm.run_on_coordinator(write, encode=lambda _: b"", decode=lambda _: None)
+            save_sharded(target, sparsifier, selected, comm)
+        else:
+            def write() -> None:
+                _atomic_write(target, _build(sparsifier, selected))
+
+            comm.run_on_coordinator(write, encode=lambda _: b"", decode=lambda _: None)
         comm.finish("save_sparse_data")
 
 
@@ -377,10 +378,17 @@ def _decode_group(name: str, bitmap_packed: torch.Tensor, values: torch.Tensor, 
     return out.reshape(shape)
 
 
-def load_sparse_data(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_sparse_data(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
+                     names: Any = None, rows: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Read a file written by :func:`save_sparse_data` and return ``{group name: dense
     tensor}`` with the original shapes and dtypes on ``device`` — bit-exact to the masked
     data that was saved (unstored blocks are ``+0.0``).
+
+    ``names``: only these groups (a name or a list; unknown names raise ``ValueError``).
+    ``rows=(start, stop)``: only ``data[start:stop]`` of every group of 2 or more dimensions
+    (clipped like a slice; 1-D groups load whole) — for a job that shards the tables again,
+    on any world size. An index of a sharded export (format version 2) is then read only in
+    the part files holding the wanted groups and rows.
 
     Not a collective: any process may call it. Everything is verified before a tensor is
     returned: the safetensors layout, ``format``/``format_version``, the JSON checksum,
@@ -394,8 +402,14 @@ def load_sparse_data(path: str | os.PathLike[str], device: str | torch.device = 
 
     target = Path(os.fspath(path))
     where = f"sparse data file {str(target)!r}"
+    if rows is not None and not (len(rows) == 2 and 0 <= int(rows[0]) <= int(rows[1])):
+        raise ValueError(f"load_sparse_data: rows must be (start, stop) with 0 <= start <= stop, got {rows!r}")
     blob = _read(target)
     header = _check_layout(blob, where)
+    if (header.get("__metadata__") or {}).get("format") == FORMAT and _is_index(header):
+        from .export_shards import load_index
+
+        return _only(load_index(target, header, device, rows, _names(names)), names, where)
     state = _parse_state(header, where)
     _check_specs(header, state["groups"], len(blob) - 8 - _header_size(blob), where)
     try:
@@ -412,8 +426,32 @@ def load_sparse_data(path: str | os.PathLike[str], device: str | torch.device = 
             raise CheckpointError(f"{where}: group {group!r}: tensor {key!r} does not match its sha256 checksum "
                                   "(damaged file)")
     out: dict[str, torch.Tensor] = {}
+    wanted = _names(names)
     for name in sorted(state["groups"]):
+        if wanted is not None and name not in wanted:
+            continue
         shape, _, block, _ = _check_group_entry(name, state["groups"][name], where)
         dense = _decode_group(name, tensors[_blocks_key(name)], tensors[_values_key(name)], shape, block, where)
+        if rows is not None and dense.dim() > 1:
+            dense = dense[int(rows[0]) : int(rows[1])].clone()
         out[name] = dense.to(device)
+    return _only(out, names, where)
+
+
+def _names(names: Any) -> list[str] | None:
+    return None if names is None else [names] if isinstance(names, str) else list(names)
+
+
+def _only(out: dict[str, torch.Tensor], names: Any, where: str) -> dict[str, torch.Tensor]:
+    """``out``, after checking that every requested name was found."""
+    missing = sorted(set(_names(names) or []) - set(out))
+    if missing:
+        raise ValueError(f"{where} holds no group(s) {missing}")
     return out
+
+
+def _is_index(header: dict[str, Any]) -> bool:
+    """Whether ``header`` is the index of a sharded export (:mod:`distsparse.export_shards`)."""
+    from .export_shards import INDEX_VERSION
+
+    return header["__metadata__"].get("format_version") == INDEX_VERSION

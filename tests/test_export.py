@@ -215,7 +215,7 @@ def test_missing_and_foreign_files(tmp_path):
         load_sparse_data(tmp_path / "model.safetensors")
 
 
-def test_groups_sharded_in_rectangles_are_refused_by_name_and_nothing_is_written(tmp_path):
+def test_groups_sharded_in_rectangles_export_as_pieces_and_load_whole(tmp_path):
     from distsparse.rects import RectShards
 
     table = torch.randn(12, 8, generator=torch.Generator().manual_seed(3))
@@ -223,11 +223,13 @@ def test_groups_sharded_in_rectangles_are_refused_by_name_and_nothing_is_written
     sp.add_data("rows", RectShards((12, 8), [((0, 0), table[:5].clone()), ((5, 0), table[5:].clone())]))
     sp.add_data("plain", torch.nn.Parameter(table.clone()))
     sp.step()
-    with pytest.raises(ValueError, match=r"\['rows'\].*rectangles"):
-        save_sparse_data(tmp_path / "out.safetensors", sp)
-    assert not (tmp_path / "out.safetensors").exists()
-    save_sparse_data(tmp_path / "plain.safetensors", sp, names=["plain"])
-    assert torch.equal(load_sparse_data(tmp_path / "plain.safetensors")["plain"], sp.get_data("plain", return_original=False))
+    save_sparse_data(tmp_path / "out.safetensors", sp)
+    loaded = load_sparse_data(tmp_path / "out.safetensors")
+    masked = sp.get_data("rows", return_original=False)
+    whole = torch.cat([t for _, t in masked.local_shards()])
+    assert torch.equal(loaded["rows"], whole)
+    assert torch.equal(loaded["plain"], sp.get_data("plain", return_original=False))
+    assert len(list(tmp_path.iterdir())) == 2  # the index and one part (this process holds every piece)
 
 
 def _handmade_file(path: Path, shape: list[int], block: list[int], stored: torch.Tensor, values: torch.Tensor) -> Path:

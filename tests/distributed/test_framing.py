@@ -1,0 +1,81 @@
+"""Operation framing (Comm.begin / finish): on the success path one fixed 64-byte
+all-reduce opens and one closes every operation, at every world size; payloads travel in
+collectives sized by what they carry; mismatches still fail on every rank, named."""
+
+from __future__ import annotations
+
+import pytest
+
+import framing_fns
+from launcher import run_ranks
+
+JOB_TIMEOUT = 60
+FRAME_BYTES = 64  # eight int64
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda ws: f"ws{ws}")
+def success(request):
+    return request.param, run_ranks(framing_fns.success_path, request.param, timeout=JOB_TIMEOUT)
+
+
+def test_scheduler_step_is_two_frame_all_reduces_and_one_broadcast_of_its_values(success):
+    world, results = success
+    for rank, res in enumerate(results):
+        names = [c[0] for c in res["scheduler"]]
+        assert names == ["all_reduce", "broadcast", "all_reduce"], (rank, res["scheduler"])
+        assert res["scheduler"][0][1] == res["scheduler"][2][1] == FRAME_BYTES, (rank, res["scheduler"])
+        assert 0 < res["scheduler"][1][1] < 200, (rank, res["scheduler"])  # the JSON of 3 levels
+    assert len({repr(res["levels"]) for res in results}) == 1
+
+
+def test_framing_bytes_per_operation_do_not_grow_with_the_world_size(success):
+    world, results = success
+    ring = 2 * (world - 1) * FRAME_BYTES // world  # what one all-reduce of the frame sends (ring model)
+    for rank, res in enumerate(results):
+        assert res["scheduler_framing_bytes"] == 2 * ring <= 4 * FRAME_BYTES, (rank, res)
+        assert res["step_framing_bytes"] == 2 * ring, (rank, res)
+        frames = [c for c in res["step"] if c == ["all_reduce", FRAME_BYTES]]
+        assert res["step"][0] == ["all_reduce", FRAME_BYTES] and res["step"][-1] == ["all_reduce", FRAME_BYTES]
+        assert len(frames) >= 2, (rank, res["step"])
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda ws: f"ws{ws}")
+def mismatch(request):
+    return request.param, run_ranks(framing_fns.mismatches, request.param, timeout=JOB_TIMEOUT)
+
+
+def test_a_rank_in_finish_meeting_a_rank_in_another_begin_fails_on_every_rank_naming_both(mismatch):
+    world, results = mismatch
+    for rank, res in enumerate(results):
+        case = res["finish_vs_begin"]
+        assert case["raised"] and case["error_type"] == "RankDisagreementError", (rank, case)
+        assert "rank 0: <finish> A (distsparse call #1)" in case["message"], case["message"]
+        for other in range(1, world):
+            assert f"rank {other}: B (distsparse call #2)" in case["message"], case["message"]
+        assert case["seconds"] < 10
+
+
+def test_inline_payloads_of_any_length_reach_every_rank(mismatch):
+    world, results = mismatch
+    expected = [list(bytes(range(r * 3 % 256)) * (r + 1)) for r in range(world)]
+    for rank, res in enumerate(results):
+        assert res["inline"] == expected, rank
+        assert res["empty_inline"] == [[]] * world, rank
+
+
+def test_a_decided_value_over_4_kib_from_rank_1_and_its_error_reach_every_rank(mismatch):
+    _, results = mismatch
+    for rank, res in enumerate(results):
+        assert res["decided_equal"], rank
+        err = res["decided_error"]
+        assert err["raised"] and "no decision from rank 1" in err["message"], (rank, err)
+        assert err["error_type"] == ("ValueError" if rank == 1 else "RemoteError"), (rank, err)
+
+
+def test_one_ranks_error_makes_every_rank_raise_and_the_comm_stays_usable(mismatch):
+    _, results = mismatch
+    for rank, res in enumerate(results):
+        err = res["any_failed"]
+        assert err["raised"] and "rank 1's disk is full" in err["message"], (rank, err)
+        assert err["error_type"] == ("OSError" if rank == 1 else "RemoteError"), (rank, err)
+        assert res["usable"], rank
