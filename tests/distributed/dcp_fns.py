@@ -231,3 +231,63 @@ def torchrec_load(folder: str) -> dict:
     out["config"] = list(sp.data_groups["rw"]["sparse_block_shape"])
     dist.barrier()
     return out
+
+
+# -- a rank killed during a DCP save ---------------------------------------------------------------
+
+
+def _mark_complete(folder: str) -> None:
+    """The examples' protocol: a step folder counts once every rank returned from dcp.save."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(f"{folder}/COMPLETE", "w") as f:
+            f.write("done\n")
+    dist.barrier()
+
+
+class _DyingWriter(dcp.FileSystemWriter):
+    """Rank 1 writes its data file, then dies (``os._exit``) before DCP gathers the results:
+    the coordinator never writes the folder's ``.metadata``."""
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        if dist.get_rank() == 1:
+            import os
+
+            future.wait()
+            os._exit(17)
+        return future
+
+
+def save_then_die(root: str) -> dict:
+    """Save step_1 (marked COMPLETE), step again, then save step_2 with rank 1 killed mid-save."""
+    model, sp, sched = _build("fsdp2")
+    sp.step()
+    sched.step()
+    dcp.save({"model": _model_state(model, "fsdp2"), "sparsity": distsparse.dcp_state(sp, sched)},
+             storage_writer=dcp.FileSystemWriter(f"{root}/step_1"))
+    _mark_complete(f"{root}/step_1")
+    first = _summary(sp, sched)
+    torch.save(first["masks"], f"{root}/masks_1_rank{dist.get_rank()}.pt")
+    for _ in range(3):
+        sp.step()
+        sched.step()
+    dcp.save({"model": _model_state(model, "fsdp2"), "sparsity": distsparse.dcp_state(sp, sched)},
+             storage_writer=_DyingWriter(f"{root}/step_2"))
+    _mark_complete(f"{root}/step_2")  # never reached on any rank
+    return first
+
+
+def resume_newest_complete(root: str) -> dict:
+    """Load the newest folder with COMPLETE (the examples' resume) at this world size."""
+    import os
+
+    folders = sorted(p for p in os.listdir(root) if p.startswith("step_") and os.path.isfile(f"{root}/{p}/COMPLETE"))
+    model, sp, sched = _build("fsdp2", level=0.1)
+    dcp.load({"model": _model_state(model, "fsdp2"), "sparsity": distsparse.dcp_state(sp, sched)},
+             storage_reader=dcp.FileSystemReader(f"{root}/{folders[-1]}"))
+    out = _summary(sp, sched)
+    out["folder"] = folders[-1]
+    out["expected_masks"] = torch.load(f"{root}/masks_1_rank0.pt")
+    dist.barrier()
+    return out

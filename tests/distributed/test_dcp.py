@@ -90,3 +90,15 @@ def test_torchrec_masks_move_to_another_plan_and_world_size(tmp_path):
             assert torch.equal(res[name], saved[0][name]), name
         assert res["sparsity"] == saved[0]["sparsity"]
         assert res["config"] == [2, 3]
+
+
+def test_a_rank_killed_during_a_dcp_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    with pytest.raises(AssertionError) as failed:  # launcher.RankFailure: rank 1's exit code 17
+        run_ranks(dcp_fns.save_then_die, 2, str(tmp_path), timeout=JOB_TIMEOUT, grace=5)
+    assert "exit code 17" in str(failed.value), str(failed.value)
+    assert not (tmp_path / "step_2" / "COMPLETE").exists() and not (tmp_path / "step_2" / ".metadata").exists()
+    assert (tmp_path / "step_2").is_dir()  # rank 1's data file may be there: the folder is incomplete
+    for res in run_ranks(dcp_fns.resume_newest_complete, 2, str(tmp_path), timeout=JOB_TIMEOUT):
+        assert res["folder"] == "step_1" and res["step_count"] == 1
+        for name, mask in res["expected_masks"].items():
+            assert torch.equal(res["masks"][name], mask), name
