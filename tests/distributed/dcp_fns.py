@@ -62,8 +62,8 @@ def _summary(sp, sched) -> dict:
                                                     "base_param": sched.base_param}}
 
 
-def _fsdp2_groups(sp, world: int):
-    model = _sharded_model(ROWS, COLS, "few_values", [world])
+def _fsdp2_groups(sp, mesh: list):
+    model = _sharded_model(ROWS, COLS, "few_values", mesh)
     sp.add_data("emb.weight", model.emb.weight)
     sp.add_data("small.weight", model.small)
     return model
@@ -81,12 +81,16 @@ def _replicated_groups(sp):
 
 def _build(mode: str, level: float = LEVEL, norm: str = "L1"):
     sp = _sparsifier(level, norm)
-    model = _fsdp2_groups(sp, dist.get_world_size()) if mode == "fsdp2" else _replicated_groups(sp)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if mode == "replicated":
+        model = _replicated_groups(sp)
+    else:  # FSDP2 over every rank, or HSDP: 2 replicas of world/2 shards, placements (Replicate(), Shard(0))
+        model = _fsdp2_groups(sp, [world] if mode == "fsdp2" else [2, world // 2])
     return model, sp, _scheduler(sp)
 
 
 def _model_state(model, mode: str) -> dict:
-    if mode == "fsdp2":
+    if mode != "replicated":
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(model)

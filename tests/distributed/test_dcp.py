@@ -51,8 +51,9 @@ def test_fsdp2_masks_reshard_from_4_to_2_ranks_to_one_process(tmp_path, kind):
 
 
 @pytest.mark.parametrize("src, dst, world_src, world_dst", [("replicated", "fsdp2", 2, 3),
-                                                            ("fsdp2", "replicated", 3, 1)])
-def test_masks_move_between_replicated_groups_and_fsdp2(tmp_path, src, dst, world_src, world_dst):
+                                                            ("fsdp2", "replicated", 3, 1),
+                                                            ("hsdp", "fsdp2", 4, 2)])
+def test_masks_move_between_replicated_groups_fsdp2_and_hsdp(tmp_path, src, dst, world_src, world_dst):
     saved = run_ranks(dcp_fns.save, world_src, str(tmp_path / "a"), src, "fs", timeout=JOB_TIMEOUT)
     loaded = run_ranks(dcp_fns.load, world_dst, str(tmp_path / "a"), dst, "fs", None, False, timeout=JOB_TIMEOUT)
     for res in loaded:
