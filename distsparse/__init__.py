@@ -5,6 +5,7 @@ no process-group calls).
 """
 
 from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, save_checkpoint
+from .dcp import dcp_state
 from .export import load_sparse_data, save_sparse_data
 from .distributed import CollectiveTimeoutError, RankDisagreementError, RemoteError
 from .integrations.accelerate import register_for_checkpointing
@@ -34,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "dcp_state",
     "save_sparse_data",
     "load_sparse_data",
     "save_pruned_tables",

@@ -109,26 +109,24 @@ its own rows and only the selection's counts travel (never the data or a mask).
   examples/train_dlrm.py --fsdp2` (no launcher) opens a 1-rank process group itself. Either
   way the tables are checked to be sharded `Shard(0)` DTensors before training; a launch
   config that turns FSDP on without `--fsdp2`, or FSDP1 (`fsdp_version: 1`), is refused.
-* Checkpoints: the same folder, files and format as the DDP mode, written by this script
-  (not by `accelerator.save_state`): `get_model_state_dict` / `get_optimizer_state_dict`
-  (full state dicts, gathered to rank 0's CPU) become `model.safetensors` and `optimizer.bin`
-  (torch's optimizer format, parameters by index) -- `model_1` / `optimizer_1` for the
-  baseline -- beside `distsparse_state.safetensors` (written by `distsparse.save_checkpoint`
-  as the DDP mode's hook does), accelerate's `random_states_<rank>.pkl`, `train_state.json`
-  (with `"mode"`) and `COMPLETE`. Loading: rank 0 reads and checks the files (names and
-  shapes against this run's model), then `set_model_state_dict` /
-  `set_optimizer_state_dict` (`broadcast_from_rank0`) give every rank its rows. So a
-  checkpoint of either mode resumes in the other (and on another number of ranks):
-  masks reshard, the model and optimizer go through full state dicts; the run says which
-  mode wrote it. A folder written by an unknown mode is refused, naming it.
+* Checkpoints: ONE sharded DCP checkpoint (`torch.distributed.checkpoint`) per step folder,
+  `dcp/`, written by every rank for its own rows: each model's and optimizer's state
+  (`get_model_state_dict` / `get_optimizer_state_dict`, by parameter name) and the sparsity
+  (`distsparse.dcp_state`: masks row-packed as `Shard(0)` DTensors, configs and schedule as
+  JSON), beside accelerate's `random_states_<rank>.pkl`, `train_state.json` (with `"mode"`
+  and a sha256 of every file, those in `dcp/` too) and `COMPLETE`. No full state dict passes
+  through any rank. Either mode resumes the other's checkpoint (and on another number of
+  ranks): the FSDP2 mode reads a DDP folder's files (rank 0 checks them, then
+  `set_model_state_dict(broadcast_from_rank0)` gives each rank its rows), the DDP mode reads
+  `dcp/` into its whole tensors (DCP reshards); the masks reshard either way; the run says
+  which mode wrote it. A folder written by an unknown mode is refused, naming it.
 * Same settings, same numbers: both modes run the same float32 operations (the forward on
   the whole gathered weights; gradients halved, then summed over 2 ranks; elementwise
   Adam), so at world 2 on gloo (tests/test_example_fsdp2.py) and at world 1 on one GPU
   (checked on an H100) the FSDP2 mode ends bit-identical to the DDP mode: weights, masks,
   validation figures. It is slower on CPU (all-gathers and reduce-scatters per table).
-* The full model and optimizer state pass through rank 0's CPU memory at every save and
-  load (fine while one host holds the model; not a sharded, DCP-style checkpoint). The
-  summary at the end gathers the tables and masks (`full_tensor()`) for its figures,
+* Resuming a DDP folder in the FSDP2 mode passes the full state through rank 0's CPU
+  memory once (that folder holds full tensors). The summary at the end gathers the tables and masks (`full_tensor()`) for its figures,
   digests and the export (`distsparse.save_sparse_data` does not take DTensor groups: the
   masked tables are gathered and exported by rank 0 through a one-rank sparsifier).
 """
@@ -455,7 +453,7 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
     if accelerator.is_main_process:
         # accelerate's files carry no checksum (a flipped byte in model.safetensors would load
         # silently): record one per file; distsparse's own file checks each of its tensors
-        state = dict(state, files={f.name: file_sha256(f) for f in sorted(path.iterdir())
+        state = dict(state, files={str(f.relative_to(path)): file_sha256(f) for f in sorted(path.rglob("*"))
                                    if f.is_file() and not f.name.startswith("distsparse")})
         with open(path / "train_state.json", "w") as f:
             json.dump(state, f, indent=1)
@@ -735,35 +733,62 @@ def fsdp2_pairs_names(pairs) -> list:
     return out
 
 
-def fsdp2_save_files(accelerator, path: Path, pairs, sp, sch) -> None:
-    """Every rank: the FSDP2 mode's checkpoint files into `path`, the DDP mode's layout.
+DCP_DIR = "dcp"  # the FSDP2 mode's one DCP checkpoint (models, optimizers, sparsity) inside a step folder
 
-    distsparse's file (collective), each model's and optimizer's full state dict (gathered
-    to rank 0's CPU, written by it as model[_i].safetensors / optimizer[_i].bin in the
-    format accelerate's save_state writes for DDP), and this rank's RNG states (accelerate's
-    random_states_<rank>.pkl)."""
-    from accelerate.checkpointing import save_accelerator_state
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
 
-    if sp is not None:
-        distsparse.save_checkpoint(path / default_filename(sp), sp, sch)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 holds it, the others {}
+def dcp_state_dict(pairs, sp, sch) -> dict:
+    """The state dict of a DCP checkpoint, in either mode: each model's and optimizer's state
+    by parameter name (this rank's rows as DTensors under FSDP2, whole tensors under DDP) and
+    the sparsity (`distsparse.dcp_state`: masks in their own layout, configs, scheduler)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {}
     for i, (model, opt) in enumerate(pairs):
-        msd = get_model_state_dict(model, options=full)
-        osd = get_optimizer_state_dict(model, opt, options=full)
-        if accelerator.is_main_process:
-            save_file({k: v.contiguous() for k, v in msd.items()}, str(path / model_file(i)), metadata={"format": "pt"})
-            torch.save(optimizer_by_index(osd), path / optimizer_file(i))
-        del msd, osd
+        state[f"model_{i}"] = get_model_state_dict(model)
+        state[f"optim_{i}"] = get_optimizer_state_dict(model, opt)
+    if sp is not None:
+        state["sparsity"] = distsparse.dcp_state(sp, sch)
+    return state
+
+
+def fsdp2_save_files(accelerator, path: Path, pairs, sp, sch) -> None:
+    """Every rank: ONE sharded DCP checkpoint `path/dcp` (each rank writes its own rows of the
+    models, optimizer states and masks: no full state dict anywhere) and this rank's RNG states
+    (accelerate's random_states_<rank>.pkl)."""
+    import torch.distributed.checkpoint as dcp
+    from accelerate.checkpointing import save_accelerator_state
+
+    dcp.save(dcp_state_dict(pairs, sp, sch), storage_writer=dcp.FileSystemWriter(str(path / DCP_DIR)))
     save_accelerator_state(str(path), [], [], [], [], accelerator.process_index, accelerator.step)
+
+
+def load_dcp_files(accelerator, path: Path, pairs, sp, sch) -> None:
+    """Every rank, either mode: load `path/dcp` (DCP reshards: each rank reads its rows, or the
+    whole tensors under DDP), then the RNG states. DCP's own error (a shape change, say,
+    raised on every rank) becomes one line naming the first failing rank's cause."""
+    import torch.distributed.checkpoint as dcp
+    from accelerate.checkpointing import load_accelerator_state
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = dcp_state_dict(pairs, sp, sch)
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path / DCP_DIR)))
+    except CheckpointException as exc:  # a BaseException: resume() catches Exceptions
+        first = next(iter(exc.failures.values()), None)
+        cause = first[0] if isinstance(first, tuple) else first
+        raise RuntimeError(f"{DCP_DIR}: {cause if cause is not None else exc}") from None
+    for i, (model, opt) in enumerate(pairs):
+        set_model_state_dict(model, state[f"model_{i}"])
+        set_optimizer_state_dict(model, opt, state[f"optim_{i}"])
+    override = load_accelerator_state(str(path), [], [], [], [], accelerator.process_index)
+    accelerator.step = override.get("step", accelerator.step)
 
 
 def fsdp2_load_files(accelerator, path: Path, pairs, sp, sch) -> None:
     """Every rank: load a checkpoint folder of either mode into the sharded models.
 
-    Rank 0 reads and checks the model and optimizer files first (before any collective, so
+    An FSDP2 folder (`dcp/`) goes through load_dcp_files. For a DDP folder, rank 0 reads and checks the model and optimizer files first (before any collective, so
     a damaged or mismatched file fails on every rank alike: no rank waits in a broadcast
     that will never come); then distsparse's file (collective; masks reshard), then the
     state dicts, sent from rank 0 (broadcast_from_rank0) so each rank keeps only its rows."""
@@ -772,6 +797,8 @@ def fsdp2_load_files(accelerator, path: Path, pairs, sp, sch) -> None:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    if (path / DCP_DIR).is_dir():
+        return load_dcp_files(accelerator, path, pairs, sp, sch)
     names = fsdp2_pairs_names(pairs)
     states, error = [({}, {}) for _ in pairs], None
     if accelerator.is_main_process:
@@ -1132,6 +1159,12 @@ def run(args, accelerator):
 
         def write(path):
             fsdp2_save_files(accelerator, path, pairs, sp, sch)
+    else:
+        def load(path):  # the DDP mode's files through accelerate; an FSDP2 folder's DCP checkpoint whole
+            if (path / DCP_DIR).is_dir():
+                load_dcp_files(accelerator, path, pairs, sp, sch)
+            else:
+                accelerator.load_state(str(path))
     resumed_path, st, distrusted = resume(accelerator, args, ckpt_root, sp is not None, with_baseline, say, load)
     distrusted = set(distrusted)
     step, dense_metrics, resumed_from, epoch, epoch_pos = 0, None, None, 0, 0
@@ -1144,7 +1177,8 @@ def run(args, accelerator):
             say(note)
         if st.get("mode", "ddp") != mode:
             say(f"resume: {resumed_from} was written in the {st.get('mode', 'ddp')} mode and continues in the {mode} "
-                f"mode (both modes save full model and optimizer state dicts in the same files; the masks reshard)")
+                f"mode (each mode reads the other's checkpoint: the DDP mode's files, the FSDP2 mode's DCP checkpoint; "
+                "the masks reshard)")
     else:
         say("starting from scratch")
 

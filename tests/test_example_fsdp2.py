@@ -6,14 +6,15 @@ Tiny settings as in test_example_e2e.py (sparse model + dense baseline, both sha
 a checkpoint every 7 steps (inside epochs), the newest 3 kept.
 
 * A  --fsdp2, uninterrupted: tables are Shard(0) DTensors, masks computed where the rows live,
-     the checkpoint holds the DDP mode's files, the export loads back equal to the weights.
+     each step folder holds one sharded DCP checkpoint (models, optimizers, sparsity), the
+     export loads back equal to the weights.
 * D  the DDP mode on the same settings. At world 2 on gloo the two modes run the same float32
      operations (forward on the whole weights, gradients halved then summed over the 2 ranks,
      elementwise Adam), so A and D end bit-identical: weights, masks, validation figures.
 * B  --fsdp2 killed at a random step in 49..59 (epochs 1-2; seeded, DLRM_FSDP2_SEED=<seed>
      replays it);
-     the newest checkpoint loses COMPLETE, the next gets a flipped byte in its distsparse file
-     (the library's checksum error, raised on every rank inside the FSDP2 loader); resumed
+     the newest checkpoint loses COMPLETE, the next gets a flipped byte in a DCP file (its
+     sha256 in train_state.json no longer matches); resumed
      through `accelerate launch
      --config_file launch/fsdp2_gpu.yaml` (CPU: the script calls fully_shard itself) it skips
      both and ends bit-identical to A.
@@ -30,7 +31,6 @@ import random
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -118,14 +118,6 @@ def _same_end(a, b, why=""):
     assert set(sa["mask_sha256"]) == set(TABLES) and sa["final_step"] == sb["final_step"] == STEPS
 
 
-def _flip_a_data_byte(path: Path):
-    raw = bytearray(path.read_bytes())
-    header = struct.unpack("<Q", raw[:8])[0]
-    assert len(raw) > 8 + header, "no tensor data to damage"
-    raw[8 + header] ^= 0x01
-    path.write_bytes(bytes(raw))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The uninterrupted runs: {"fsdp2": (folder, result), "ddp": (folder, result)}."""
@@ -134,7 +126,7 @@ def runs(tmp_path_factory):
             "ddp": (root / "d", _ok(_torchrun(root / "d", "--expect-world-size", "2")))}
 
 
-def test_fsdp2_run_shards_the_tables_and_writes_the_ddp_modes_checkpoint_files(runs):
+def test_fsdp2_run_shards_the_tables_and_writes_one_sharded_dcp_checkpoint(runs):
     a, ra = runs["fsdp2"]
     d, _ = runs["ddp"]
     assert "world_size=2 backend=gloo" in ra.stdout, ra.stdout
@@ -152,19 +144,23 @@ def test_fsdp2_run_shards_the_tables_and_writes_the_ddp_modes_checkpoint_files(r
         assert t["weight_zeros"] >= t["zeroed"] > 0
         assert t["sparsity"] == pytest.approx(0.75, abs=0.02)
 
-    # the DDP mode's files, full (unsharded) tensors, and "mode" in train_state.json
+    # one DCP checkpoint, one file per rank (no full state dict anywhere), "mode" in train_state.json
     folder = a / "ckpt" / _ckpt(STEPS)
     files = sorted(p.name for p in folder.iterdir())
-    assert files == sorted(p.name for p in (d / "ckpt" / _ckpt(STEPS)).iterdir()), files
+    assert files == ["COMPLETE", "dcp", "random_states_0.pkl", "random_states_1.pkl", "train_state.json"], files
+    assert sorted(p.name for p in (folder / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     state = json.loads((folder / "train_state.json").read_text())
     assert state["mode"] == "fsdp2" and state["world_size"] == 2
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(state["files"])  # checksummed
     assert json.loads((d / "ckpt" / _ckpt(STEPS) / "train_state.json").read_text())["mode"] == "ddp"
-    from safetensors.torch import load_file
-    model = load_file(str(folder / "model.safetensors"))
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(folder / "dcp", a / "whole.pt")                # the DCP checkpoint, whole, in one process
+    whole = torch.load(a / "whole.pt", weights_only=False)
+    model = whole["model_0"]
     assert model["tables.user.weight"].shape == (400, 16) and model["tables.item_category.weight"].shape == (21, 16)
-    opt = torch.load(folder / "optimizer.bin", weights_only=True)
-    assert opt["state"][0]["exp_avg"].shape == (400, 16)            # by index, whole, as torch saves it
-    assert opt["param_groups"][0]["params"] == list(range(len(model)))
+    assert whole["optim_0"]["state"]["tables.user.weight"]["exp_avg"].shape == (400, 16)
+    assert set(whole["sparsity"]) >= {"state", "rows/user", "rows/item_category"}
+    assert whole["sparsity"]["rows/user"].shape == (400, 2)          # row-packed: 16 bits -> 2 bytes a row
 
     # the export (gathered from the shards) loads back equal to the weights
     import distsparse
@@ -209,7 +205,8 @@ def test_fsdp2_crash_and_damaged_checkpoints_resume_bit_exactly(runs, tmp_path):
     assert _complete_ckpts(b) == [_ckpt(k1), _ckpt(k2), _ckpt(k3)], why
 
     (b / "ckpt" / _ckpt(k3) / "COMPLETE").unlink()
-    _flip_a_data_byte(b / "ckpt" / _ckpt(k2) / "distsparse_state.safetensors")
+    damaged = b / "ckpt" / _ckpt(k2) / "dcp" / "__1_0.distcp"
+    damaged.write_bytes(bytes([damaged.read_bytes()[0] ^ 1]) + damaged.read_bytes()[1:])
 
     # resumed through the FSDP2 launch config (on CPU accelerate's plugin is off: fully_shard here)
     rb2 = _ok(_accelerate_fsdp2(b, "--fsdp2"))
@@ -217,7 +214,7 @@ def test_fsdp2_crash_and_damaged_checkpoints_resume_bit_exactly(runs, tmp_path):
     skip = [line for line in rb2.stdout.splitlines() if line.startswith("resume: skipped")]
     assert len(skip) == 1, rb2.stdout
     assert (f"{_ckpt(k3)} (no COMPLETE marker" in skip[0] and f"{_ckpt(k2)} (" in skip[0]
-            and "distsparse_state.safetensors" in skip[0] and skip[0].endswith(f"resuming from {_ckpt(k1)}")), skip[0]
+            and "dcp/__1_0.distcp does not match its sha256" in skip[0] and skip[0].endswith(f"resuming from {_ckpt(k1)}")), skip[0]
     assert re.search(rf"resumed from {_ckpt(k1)} at step {k1} \(epoch {k1 // STEPS_PER_EPOCH}, ", rb2.stdout)
     assert "written in the" not in rb2.stdout                     # same mode: nothing to say
     sb = _summary(b)
@@ -234,7 +231,8 @@ def test_a_checkpoint_of_one_mode_resumes_in_the_other_bit_exactly(runs, tmp_pat
     r = _ok(_torchrun(x, *(["--fsdp2"] if resumed == "fsdp2" else [])))
     assert "resumed from step_000049 at step 49 (epoch 1, sample 5376 of 7200)" in r.stdout, r.stdout
     assert (f"resume: step_000049 was written in the {written} mode and continues in the {resumed} mode "
-            "(both modes save full model and optimizer state dicts in the same files; the masks reshard)") in r.stdout
+            "(each mode reads the other's checkpoint: the DDP mode's files, the FSDP2 mode's DCP checkpoint; "
+            "the masks reshard)") in r.stdout
     assert _summary(x)["parallelism"] == resumed
     _same_end(runs["fsdp2"][0], x, f"({written} -> {resumed})")
 
@@ -264,8 +262,8 @@ def test_a_checkpoint_of_another_model_shape_is_refused_on_every_rank_with_one_m
     r = _torchrun(x, "--fsdp2", "--dim", "8", "--resume", str(x / "ckpt" / _ckpt(STEPS)))
     both = r.stdout + r.stderr
     assert r.returncode != 0, both
-    assert both.count(f"error: cannot resume from {x / 'ckpt' / _ckpt(STEPS)}: model.safetensors: ") == 1, both
-    assert "has shape [400, 16], this run's model [400, 8]" in both, both
+    assert both.count(f"error: cannot resume from {x / 'ckpt' / _ckpt(STEPS)}: dcp: Size mismatch ") == 1, both
+    assert "saved torch.Size([400, 16]) and current: torch.Size([400, 8]) for model_0.tables.user.weight" in both, both
     assert "[rank0]: Traceback" not in both and "[rank1]: Traceback" not in both, both
 
 
