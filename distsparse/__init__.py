@@ -4,6 +4,8 @@ Public names are re-exported here; importing has no side effects (no warning fil
 no process-group calls).
 """
 
+from importlib.metadata import PackageNotFoundError, version as _version
+
 from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, save_checkpoint
 from .dcp import dcp_state
 from .export import load_sparse_data, save_sparse_data
@@ -21,7 +23,10 @@ from .scheduler import (
 from .serving import PrunedEmbedding, PrunedEmbeddingBag
 from .sparsifier import BaseDataSparsifier
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("distsparse")
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0.1.0+unknown"
 
 __all__ = [
     "BaseDataSparsifier",

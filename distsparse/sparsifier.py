@@ -40,14 +40,14 @@ from torch import nn
 
 from . import distributed_step
 from .distributed import Comm
-from .masks import as_matrix
+from .masks import as_matrix, pack_bits, unpack_bits
 from .planner import DEFAULT_MIN_SPLIT_ELEMENTS, GroupSpec, Plan
 from .planner import plan as plan_step
 from .rects import RectLayout, RectShards, as_rect_shards, flat_views, layout_from_gathered
 from .selection import DIGIT_BITS_CHOICES
 from .sharding import ShardLayout, is_dtensor, layout_of
 
-__all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION"]
+__all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION", "pack_mask", "unpack_mask", "check_scheduler"]
 
 #: Version of the ``state_dict()`` layout (also written into checkpoints).
 STATE_FORMAT_VERSION = 1
@@ -609,6 +609,18 @@ class BaseDataSparsifier(abc.ABC):
         return self._comm.world_size
 
     @property
+    def global_ranks(self) -> list[int]:
+        """The global rank of every rank of this sparsifier's process group, in group-rank order
+        (``[0]`` when not distributed): which processes share its masks."""
+        return self._comm.global_ranks()
+
+    @property
+    def job_world_size(self) -> int:
+        """Processes in the whole job (``torch.distributed``'s default group; 1 when not
+        distributed): integrations compare it with their framework's process count."""
+        return self._comm.job_world_size()
+
+    @property
     def comm(self) -> Comm:
         """The collective channel of this sparsifier (its process group, call counter and
         backstop timeout); schedulers and checkpoints run their collectives through it."""
@@ -1109,3 +1121,24 @@ class BaseDataSparsifier(abc.ABC):
         for name in sorted(self._pending):
             lines.append(f"  {name!r}: pending (restored, waiting for add_data)")
         return "\n".join(lines) + ")"
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A ``bool`` mask as 1 bit per element: 1-D ``uint8``, row-major, most significant bit
+    first, last byte zero-padded, 1 keeps — the encoding of distsparse checkpoints, for
+    integrations that keep masks in their framework's own checkpoints."""
+    return pack_bits(mask)
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The ``bool`` mask of ``shape`` that :func:`pack_mask` packed."""
+    return unpack_bits(packed, shape)
+
+
+def check_scheduler(sparsifier: Any, scheduler: Any) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``sparsifier`` is a distsparse sparsifier and
+    ``scheduler`` is ``None`` or a distsparse scheduler built on it: the pair the checkpoint
+    functions accept, checked early by the integrations."""
+    from .checkpoint import _check_scheduler
+
+    _check_scheduler(sparsifier, scheduler)

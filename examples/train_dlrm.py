@@ -1149,6 +1149,8 @@ def run(args, accelerator):
     if args.log_with:
         accelerator.init_trackers("distsparse_dlrm", config={k: v for k, v in vars(args).items()
                                                               if isinstance(v, (int, float, str, bool))})
+    from report import RunHistory  # examples/report.py: every accelerator.log row also goes to OUTPUT_DIR/history.jsonl
+    accelerator.trackers.append(RunHistory(out))
 
     # ---- resume
     mode = "fsdp2" if args.fsdp2 else "ddp"
@@ -1433,6 +1435,8 @@ def summarize(args, accelerator, model, base_model, sp, sch, tables, val, dense_
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=1)
         os.replace(tmp, out / "summary.json")
+        from report import write_report  # report.png: sparsity, loss vs the baseline, bytes per table
+        say(f"report: {write_report(out)}")
 
 
 if __name__ == "__main__":

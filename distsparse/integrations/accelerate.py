@@ -41,8 +41,8 @@ import os
 import re
 from typing import Any
 
+from ..sparsifier import check_scheduler
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..distributed import Comm
 
 __all__ = ["register_for_checkpointing", "default_filename", "DEFAULT_FILENAME"]
 
@@ -63,11 +63,8 @@ def default_filename(sparsifier: Any) -> str:
     contiguous range), ``distsparse_state.ranks0_2_5.safetensors`` (up to 8 others), else
     ``distsparse_state.ranks-<12 hex of their sha256>.safetensors``.
     """
-    comm = sparsifier.comm
-    if not comm.is_distributed:
-        return DEFAULT_FILENAME
-    ranks = [comm._global_rank(r) for r in range(comm.world_size)]
-    if ranks == list(range(Comm().world_size)):
+    ranks = sparsifier.global_ranks
+    if ranks == list(range(sparsifier.job_world_size)):
         return DEFAULT_FILENAME
     if ranks == list(range(ranks[0], ranks[0] + len(ranks))):
         tag = f"ranks{ranks[0]}-{ranks[-1]}"
@@ -99,9 +96,9 @@ class _Handle:
         self.remove()
 
 
-def _check_world(accelerator: Any) -> None:
+def _check_world(accelerator: Any, sparsifier: Any) -> None:
     """Raise when accelerate and torch.distributed disagree on the number of processes."""
-    dist_world = Comm().world_size
+    dist_world = sparsifier.job_world_size
     acc_world = int(getattr(accelerator, "num_processes", 1))
     if dist_world != acc_world:
         raise RuntimeError(
@@ -135,6 +132,7 @@ def register_for_checkpointing(accelerator: Any, sparsifier: Any, scheduler: Any
             already taken by another sparsifier registered on this accelerator, or this
             sparsifier is registered on it already.
     """
+    check_scheduler(sparsifier, scheduler)  # validate the pair now rather than at the first save
     if filename is None:
         filename = default_filename(sparsifier)
     if not isinstance(filename, str) or not filename or os.path.basename(filename) != filename \
@@ -146,18 +144,14 @@ def register_for_checkpointing(accelerator: Any, sparsifier: Any, scheduler: Any
         if not callable(getattr(accelerator, method, None)):
             raise TypeError(f"accelerator has no {method}() (accelerate >= 0.28 is needed), "
                             f"got {type(accelerator).__name__}")
-    _check_world(accelerator)
-    # Validate the pair now rather than at the first save.
-    from ..checkpoint import _check_scheduler
-
-    _check_scheduler(sparsifier, scheduler)
+    _check_world(accelerator, sparsifier)
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        _check_world(accelerator)
+        _check_world(accelerator, sparsifier)
         save_checkpoint(os.path.join(output_dir, filename), sparsifier, scheduler)
 
     def load_hook(models: list, input_dir: str) -> None:
-        _check_world(accelerator)
+        _check_world(accelerator, sparsifier)
         load_checkpoint(os.path.join(input_dir, filename), sparsifier, scheduler)
 
     registry: dict[str, Any] = getattr(accelerator, _REGISTRY, None) or {}

@@ -73,8 +73,7 @@ try:  # the unified package first; torch.ao's callbacks import pytorch_lightning
 except ImportError:  # pragma: no cover - depends on what is installed
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
-from ..distributed import Comm
-from ..masks import pack_bits, unpack_bits
+from ..sparsifier import pack_mask, unpack_mask
 
 __all__ = ["PostTrainingDataSparsity", "TrainingAwareDataSparsity", "select_parameters", "STATE_FORMAT"]
 
@@ -141,7 +140,7 @@ def _check_world(trainer: Any, sparsifier: Any, who: str) -> None:
     if expected != actual:
         raise RuntimeError(
             f"{who}: Lightning runs {expected} process(es) but the sparsifier's process group has "
-            f"{actual} rank(s) (torch.distributed world size {Comm().world_size}); masks would not be "
+            f"{actual} rank(s) (torch.distributed world size {sparsifier.job_world_size}); masks would not be "
             "shared over the ranks training the model. Build the sparsifier on the whole world "
             "(no process_group= in data_sparsifier_args) and launch as many processes as Lightning "
             "expects (devices=N, num_nodes=M).")
@@ -176,9 +175,10 @@ class PostTrainingDataSparsity(pl.Callback):
     is a collective) and every rank's copy carries the identical masks.
 
     Args:
-        data_sparsifier_class, data_sparsifier_args: as torch.ao.
-        include, module_types: which parameters (see :func:`select_parameters`);
-            default every parameter, as torch.ao.
+        data_sparsifier_class: as torch.ao.
+        data_sparsifier_args: as torch.ao.
+        include: which parameters (see :func:`select_parameters`); default every parameter, as torch.ao.
+        module_types: which parameters (see :func:`select_parameters`).
         model_attr: attribute of the LightningModule holding the model (torch.ao: ``model``);
             the LightningModule itself when absent or ``None``.
     """
@@ -223,11 +223,14 @@ class TrainingAwareDataSparsity(pl.Callback):
     ``ValueError`` instead of silently starting the masks and the schedule from scratch.
 
     Args:
-        data_sparsifier_class, data_sparsifier_args, data_scheduler_class,
-            data_scheduler_args: as torch.ao.
+        data_sparsifier_class: as torch.ao.
+        data_sparsifier_args: as torch.ao.
+        data_scheduler_class: as torch.ao.
+        data_scheduler_args: as torch.ao.
         every_n_train_steps: step every N optimizer steps (``trainer.global_step``);
             ``None`` (default, torch.ao): once per epoch, in ``on_train_epoch_end``.
-        include, module_types: which parameters (see :func:`select_parameters`).
+        include: which parameters (see :func:`select_parameters`).
+        module_types: which parameters (see :func:`select_parameters`).
         model_attr: attribute holding the model (torch.ao: ``model``); the LightningModule
             itself when absent or ``None``.
         log_sparsity: log each group's sparsity with ``pl_module.log``.
@@ -340,7 +343,7 @@ class TrainingAwareDataSparsity(pl.Callback):
             {"format": "distsparse.lightning", "format_version": 1,
              "every_n_train_steps": 10, "last_step_at": 40,
              "sparsifier": {...data_sparsifier.state_dict() without "masks"...},
-             "masks": {"linears.0.weight": <uint8 tensor, bit-packed (distsparse.masks.pack_bits)>},
+             "masks": {"linears.0.weight": <uint8 tensor, bit-packed (distsparse.sparsifier.pack_mask)>},
              "scheduler": {...data_scheduler.state_dict()...}}
 
         The model's weights are not in it (they are in the checkpoint's ``state_dict``).
@@ -360,7 +363,7 @@ class TrainingAwareDataSparsity(pl.Callback):
         for name, mask in sd.pop("masks").items():
             if sd["groups"][name].pop("sharded", None) is not None:  # this rank's rows only
                 mask = self.data_sparsifier.get_mask(name).full_tensor()
-            masks[name] = pack_bits(mask).cpu()
+            masks[name] = pack_mask(mask).cpu()
         scheduler = json.loads(json.dumps(self.data_scheduler.state_dict(), allow_nan=False))
         return {
             "format": STATE_FORMAT,
@@ -403,7 +406,7 @@ class TrainingAwareDataSparsity(pl.Callback):
             entry = sd["groups"].get(name)
             if entry is None:
                 raise ValueError(f"{who}: checkpoint holds a mask for {name!r} but no group entry")
-            masks[name] = unpack_bits(packed, tuple(int(s) for s in entry["shape"]))
+            masks[name] = unpack_mask(packed, tuple(int(s) for s in entry["shape"]))
         sd["masks"] = masks
         # The sparsifier validates everything before changing anything; restore the
         # scheduler first and undo it if the sparsifier refuses.

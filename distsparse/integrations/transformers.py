@@ -58,8 +58,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..checkpoint import CheckpointNotFoundError, _check_scheduler, load_checkpoint, save_checkpoint
-from ..distributed import Comm
+from ..sparsifier import check_scheduler
+from ..checkpoint import CheckpointNotFoundError, load_checkpoint, save_checkpoint
 
 __all__ = ["DataSparsityCallback", "STATE_FILENAME"]
 
@@ -89,7 +89,7 @@ class DataSparsityCallback(TrainerCallback):
     def __init__(self, sparsifier: Any, scheduler: Any | None = None, *, every_n_steps: int = 1,
                  filename: str = STATE_FILENAME, resume_from_checkpoint: str | os.PathLike[str] | None = None,
                  log_sparsity: bool = True) -> None:
-        _check_scheduler(sparsifier, scheduler)
+        check_scheduler(sparsifier, scheduler)
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
         if not isinstance(filename, str) or not filename or os.path.basename(filename) != filename:
@@ -108,7 +108,7 @@ class DataSparsityCallback(TrainerCallback):
             raise RuntimeError(
                 f"DataSparsityCallback: the Trainer runs {trainer_world} process(es) but the sparsifier's "
                 f"process group has {self.sparsifier.world_size} rank(s) (torch.distributed world size "
-                f"{Comm().world_size}); masks would not be shared over the ranks training the model. Build "
+                f"{self.sparsifier.job_world_size}); masks would not be shared over the ranks training the model. Build "
                 "the sparsifier on the whole world (no process_group=), and launch with `torchrun "
                 "--nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N` (on CPU: "
                 "TrainingArguments(use_cpu=True)).")

@@ -1,0 +1,169 @@
+"""`distsparse inspect` / `verify` (issue 21 item 4) on good, damaged and foreign files,
+and `distsparse.__version__` from the package metadata."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import distsparse
+from distsparse import CubicScheduler, DataNormSparsifier, save_checkpoint, save_sparse_data
+from distsparse.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sparsifier() -> tuple[DataNormSparsifier, CubicScheduler]:
+    g = torch.Generator().manual_seed(0)
+    sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))
+    sp.add_data("emb.weight", torch.nn.Parameter(torch.randn(64, 16, generator=g)))
+    sp.add_data("odd", torch.randn(7, 10, generator=g, dtype=torch.float64), sparse_block_shape=(2, 3),
+                sparsity_level=0.25)
+    sch = CubicScheduler(sp, final_value=0.5, ramp_steps=4)
+    for _ in range(6):
+        sp.step()
+        sch.step()
+    sp.step()  # masks at the scheduler's final level
+    return sp, sch
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("cli")
+    sp, sch = _sparsifier()
+    out = {"checkpoint": folder / "sparsity.safetensors", "export": folder / "tables.safetensors",
+           "plain": folder / "plain.safetensors", "text": folder / "notes.txt"}
+    save_checkpoint(out["checkpoint"], sp, sch)
+    save_sparse_data(out["export"], sp)
+    save_file({"w": torch.zeros(3)}, str(out["plain"]), metadata={"format": "pt"})
+    out["text"].write_text("not a safetensors file\n")
+    out["masks"] = {n: sp.get_mask(n) for n in ("emb.weight", "odd")}
+    return out
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _damaged(src: Path, dst: Path, offset_from_end: int) -> Path:
+    blob = bytearray(src.read_bytes())
+    blob[-offset_from_end] ^= 0xFF
+    dst.write_bytes(bytes(blob))
+    return dst
+
+
+def test_version_comes_from_the_installed_package_metadata():
+    assert distsparse.__version__ == importlib.metadata.version("distsparse")
+
+
+def test_inspect_json_of_a_checkpoint_reports_each_groups_measured_sparsity_and_the_schedule(files, capsys):
+    rc, out, _ = _run(capsys, "inspect", str(files["checkpoint"]), "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert (info["format"], info["format_version"]) == ("distsparse.checkpoint", "1")
+    assert info["world_size"] == 1 and info["sparsifier"]["step_count"] == 7
+    emb, odd = info["groups"]["emb.weight"], info["groups"]["odd"]
+    for name, g in (("emb.weight", emb), ("odd", odd)):
+        mask = files["masks"][name]
+        assert g["sparsity"] == 1.0 - int(mask.sum()) / mask.numel()
+        assert g["bytes"] == (mask.numel() + 7) // 8
+    assert emb["shape"] == [64, 16] and emb["block_shape"] == [1, 4] and emb["level"] == 0.5
+    assert odd["block_shape"] == [2, 3] and odd["level"] == pytest.approx(0.5)
+    assert emb["sparsity"] == 0.5
+    assert info["scheduler"]["scheduler"] == "CubicScheduler" and info["scheduler"]["last_epoch"] == 6
+
+
+def test_inspect_text_of_a_checkpoint_is_a_table_with_one_row_per_group(files, capsys):
+    rc, out, _ = _run(capsys, "inspect", str(files["checkpoint"]))
+    assert rc == 0
+    assert "distsparse.checkpoint version 1" in out and "world size 1" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("emb.weight"))
+    assert row.split()[1:] == ["replicated", "64x16", "-", "1x4", "0.5000", "0.5000", "128"]
+    assert "scheduler CubicScheduler: last_epoch 6" in out
+
+
+def test_inspect_of_an_export_reports_dtype_block_sparsity_and_stored_bytes(files, capsys):
+    rc, out, _ = _run(capsys, "inspect", str(files["export"]), "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["format"] == "distsparse.sparse_data"
+    odd = info["groups"]["odd"]
+    assert odd["dtype"] == "float64" and odd["block_shape"] == [2, 3] and odd["shape"] == [7, 10]
+    # whole blocks are zeroed (zeros_per_block=None): block sparsity equals the mask's
+    assert odd["sparsity"] == pytest.approx(1.0 - int(files["masks"]["odd"].sum()) / 70)
+    assert info["groups"]["emb.weight"]["bytes"] < info["groups"]["emb.weight"]["dense_bytes"]
+
+
+def test_verify_accepts_good_files(files, capsys):
+    for key in ("checkpoint", "export"):
+        rc, out, err = _run(capsys, "verify", str(files[key]))
+        assert rc == 0 and "OK" in out, err
+
+
+@pytest.mark.parametrize("key", ["checkpoint", "export"])
+def test_verify_names_a_flipped_byte_in_a_tensor_and_exits_1(files, tmp_path, capsys, key):
+    bad = _damaged(files[key], tmp_path / f"bad_{key}.safetensors", 1)   # the last data byte
+    rc, _, err = _run(capsys, "verify", str(bad))
+    assert rc == 1
+    assert "DAMAGED" in err and "checksum" in err and str(bad) in err
+
+
+def test_verify_names_a_truncated_checkpoint_and_exits_1(files, tmp_path, capsys):
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(files["checkpoint"].read_bytes()[:-5])
+    rc, _, err = _run(capsys, "verify", str(bad))
+    assert rc == 1 and "truncated" in err
+    rc, _, err = _run(capsys, "inspect", str(bad))
+    assert rc == 1 and "DAMAGED" in err
+
+
+def test_foreign_files_are_refused_with_exit_2_naming_why(files, tmp_path, capsys):
+    for command in ("inspect", "verify"):
+        rc, _, err = _run(capsys, command, str(files["plain"]))
+        assert rc == 2 and "unknown format 'pt'" in err
+        rc, _, err = _run(capsys, command, str(files["text"]))
+        assert rc == 2 and "not a safetensors file" in err
+        rc, _, err = _run(capsys, command, str(tmp_path / "missing.safetensors"))
+        assert rc == 2 and "no such file" in err
+
+
+def test_inspect_reads_only_the_masks_not_the_exported_values(files, monkeypatch, capsys):
+    from safetensors import safe_open
+
+    read: list[str] = []
+    real = safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self._f = real(*a, **k)
+
+        def metadata(self):
+            return self._f.metadata()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self._f.get_tensor(key)
+
+    monkeypatch.setattr("safetensors.safe_open", Spy)
+    assert _run(capsys, "inspect", str(files["export"]))[0] == 0
+    assert read and all(k.startswith("blocks/") for k in read)
+
+
+def test_python_dash_m_and_the_console_script_run_the_same_cli(files):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    r = subprocess.run([sys.executable, "-m", "distsparse", "inspect", str(files["checkpoint"])],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "emb.weight" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "distsparse", "verify", str(files["plain"])],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
