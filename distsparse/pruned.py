@@ -72,6 +72,8 @@ from .checkpoint import (
     _sha256,
     check_spans_tile,
 )
+from .distributed import mark_raised_everywhere
+from .export import _selected  # names= as save_sparse_data takes it
 from .masks import as_matrix
 from .quantization import dequantize_rows, quantize_rows, quantized_row_bytes
 from .safetensors_stream import StreamingSafetensorsWriter, safetensors_dtype
@@ -201,17 +203,6 @@ class _Plan:
     source_dtype: str
     #: This rank's pieces: (global row, global col, 2-D data, its 2-D mask); masked band by band.
     local: list[tuple[int, int, torch.Tensor, torch.Tensor]]
-
-
-def _selected(sparsifier: BaseDataSparsifier, names: Any) -> list[str]:
-    if names is None:
-        return sorted(sparsifier._groups)
-    if isinstance(names, str):
-        names = [names]
-    selected = list(dict.fromkeys(names))
-    for name in selected:
-        sparsifier._group(name)  # ValueError naming the unknown group and the known ones
-    return sorted(selected)
 
 
 def _plan_group(sparsifier: BaseDataSparsifier, name: str, dtype: Any) -> _Plan:
@@ -389,8 +380,6 @@ def save_pruned_tables(path: str | os.PathLike[str], sparsifier: BaseDataSparsif
             except ValueError as exc:
                 problems.append(str(exc))
         if problems:  # every rank saw the same pieces, so every rank raises here alike
-            from .distributed import mark_raised_everywhere
-
             raise mark_raised_everywhere(ValueError("; ".join(problems)))
         kept_rows = {}
         for plan in plans:

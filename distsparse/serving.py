@@ -7,7 +7,8 @@ contributes a zero vector (it still counts in a ``mean`` bag and takes part in a
 bag, as the dense zero row does). How: the module's weight is the kept rows plus one zero
 row, and pruned ids are remapped to that row; ``padding_idx`` ids go to a row of their own
 that ``F.embedding_bag`` skips, as ``nn.EmbeddingBag`` skips the padding row. The remap is
-held in about 1 byte per row (:func:`_compact_remap`) rather than the file's 4-byte int32 remap, so that a 64-dim table 80 % pruned serves in 0.20x of its dense bytes.
+held in about 1 byte per row (:func:`_compact_remap`) rather than the file's 4-byte int32
+remap, so that a 64-dim table 80 % pruned serves in 0.20x of its dense bytes.
 
 Quantized tables (``int8`` / ``int4``) stay quantized in memory: the rows a batch touches
 are dequantized per call (``q * scale + bias``, FBGEMM's arithmetic), then pooled.
@@ -105,15 +106,8 @@ class _PrunedLookup(nn.Module):
         ``IndexError`` as ``nn.Embedding`` does (negative ids too: no wrap-around)."""
         if input.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"expected int32 or int64 ids, got {input.dtype}")
-        flat = input.reshape(-1)
-        if flat.numel():
-            lo, hi = int(flat.min()), int(flat.max())
-            if lo < 0 or hi >= self.num_embeddings:
-                bad = lo if lo < 0 else hi
-                raise IndexError(f"index out of range in self: id {bad} is outside the table's "
-                                 f"{self.num_embeddings} rows")
-        ids = flat.to(torch.int64)
-        rank = self.rank.index_select(0, ids)
+        ids = input.reshape(-1).to(torch.int64)
+        rank = self.rank.index_select(0, ids)  # IndexError "index out of range in self" for ids < 0 or >= rows
         served = torch.where(rank == _PRUNED, self.kept, self.base.index_select(0, ids >> _GROUP_SHIFT) + rank)
         if self._pad_ids:
             served = torch.where(ids == self.padding_idx, self.kept + 1, served)

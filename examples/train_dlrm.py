@@ -88,6 +88,12 @@ What it does
   in safetensors, validation loss and AUC of each model and their difference;
   `OUTPUT_DIR/summary.json` holds it all with a sha256 digest of every mask, of every
   table's final weights, of both models' weights and the last scheduled values.
+* `--prune rows`: whole rows are pruned (`sparse_block_shape=(1, dim)`, same schedule). At
+  the end `distsparse.save_pruned_tables` writes `OUTPUT_DIR/pruned_tables.safetensors`
+  (kept rows + int32 remap; with `--fsdp2` from the sharded tables, none gathered), a
+  one-process copy of the model with `distsparse.PrunedEmbedding` / `PrunedEmbeddingBag`
+  tables loaded from it serves the validation set, and the summary prints the served size
+  vs dense and the served AUC, equal to the trained masked model's.
 * `--crash-at-step N` ends every rank with `os._exit(1)` right after step N (after that
   step's checkpoint, if any): used to test crash/resume.
 

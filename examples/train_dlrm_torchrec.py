@@ -75,6 +75,12 @@ What it does
   tables with `distsparse.save_sparse_data` to `OUTPUT_DIR/sparse_tables.safetensors`
   (kept (1,4) blocks + 1 bit per block) and writes `OUTPUT_DIR/summary.json` (the main
   job's fields, with sha256 digests of every mask, table and both models).
+* `--prune rows`: whole rows are pruned (`(1, dim)` blocks, same schedule); at the end
+  `distsparse.save_pruned_tables` writes `OUTPUT_DIR/pruned_tables.safetensors` from the
+  sharded tables (rank 0 streams each rank's kept rows; column-wise shards are joined row by
+  row) and rank 0 serves the validation set from a one-process DLRM whose embedding bags
+  are `distsparse.PrunedEmbeddingBag`s over that file: served size vs dense, served AUC
+  (equal to the trained model's).
 * `--crash-at-step N` ends every rank with `os._exit(1)` right after step N (after that
   step's checkpoint, if any): used to test crash/resume.
 """

@@ -75,6 +75,22 @@ def test_the_tbe_equals_the_masked_dense_embedding_bag(tmp_path, sparsifier, enc
     assert (tbe(indices, offsets) != 0).any()
 
 
+def test_weighted_tbe_bags_equal_weighted_masked_dense_bags(tmp_path, sparsifier):
+    distsparse.save_pruned_tables(tmp_path / "t", sparsifier)
+    tbe = build_inference_tbe(distsparse.load_pruned_tables(tmp_path / "t"), pooling="sum")
+    indices, offsets, per_table = _batch()
+    weights = torch.rand(indices.numel(), generator=torch.Generator().manual_seed(7))
+    outs, at = [], 0
+    for name in tbe_table_order(SHAPES):
+        ids, offs = per_table[name]
+        masked = sparsifier.get_data(name, return_original=False).detach()
+        w = weights[at : at + ids.numel()]
+        at += ids.numel()
+        outs.append(nn.EmbeddingBag.from_pretrained(masked, mode="sum")(ids, offs, per_sample_weights=w))
+    assert torch.allclose(tbe(indices, offsets, per_sample_weights=weights), torch.cat(outs, dim=1),
+                          rtol=1e-5, atol=1e-5)
+
+
 def test_a_fully_pruned_table_serves_zeros_and_bad_requests_are_refused(tmp_path):
     sp = distsparse.DataNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 8))
     sp.add_data("z", nn.Parameter(torch.randn(10, 8)))

@@ -22,7 +22,8 @@ Limitations:
     :class:`distsparse.PrunedEmbeddingBag`); a pruned id adds nothing and still counts in a
     ``mean`` bag, so both equal the masked dense ``nn.EmbeddingBag`` (to float32 rounding: FBGEMM
     sums in its own order and dequantizes with fused multiply-adds). No ``padding_idx``;
-    per-sample weights go to ``forward`` as FBGEMM takes them. ``bfloat16`` and ``float64`` rows are not TBE weight types: save with
+    per-sample weights go to ``forward`` as FBGEMM takes them. ``bfloat16`` and ``float64``
+    rows are not TBE weight types: save with
     ``dtype=torch.float16`` / ``None`` (float32) / ``"int8"`` / ``"int4"``. A table with every
     row pruned is given one zero row (FBGEMM needs at least one).
 """
