@@ -159,7 +159,12 @@ def test_inspect_reads_only_the_masks_not_the_exported_values(files, monkeypatch
     assert read and all(k.startswith("blocks/") for k in read)
 
 
-def test_python_dash_m_and_the_console_script_run_the_same_cli(files):
+def test_the_console_script_entry_point_is_the_clis_main():
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n\n", 1)[0]
+    assert section.strip() == 'distsparse = "distsparse.cli:main"'  # (tomllib needs Python 3.11)
+
+
+def test_python_dash_m_distsparse_runs_the_cli(files):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     r = subprocess.run([sys.executable, "-m", "distsparse", "inspect", str(files["checkpoint"])],
                        capture_output=True, text=True, env=env, timeout=120)
