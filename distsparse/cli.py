@@ -47,11 +47,12 @@ class NotDistsparseFile(ValueError):
 
 @dataclass(frozen=True)
 class Handler:
-    """How the CLI reads one format: ``summarize(state, tensor)`` returns the groups'
-    summary, reading tensors only through ``tensor(key)``; ``verify(path)`` checks the
-    whole file with the library's own loader and raises ``CheckpointError`` naming the damage."""
+    """How the CLI reads one format: ``summarize(state, f)`` returns the groups' summary from
+    the JSON state and the open ``safe_open`` file ``f`` (``f.get_tensor(key)`` reads one
+    tensor, ``f.get_slice(key)`` only its shape and dtype); ``verify(path)`` checks the whole
+    file with the library's own loader and raises ``CheckpointError`` naming the damage."""
 
-    summarize: Callable[[dict[str, Any], Callable[[str], torch.Tensor]], dict[str, Any]]
+    summarize: Callable[[dict[str, Any], Any], dict[str, Any]]
     verify: Callable[[Path], None]
 
 
@@ -67,7 +68,7 @@ def _block_config(config: dict[str, Any]) -> tuple[list[int] | None, Any, Any]:
 # -- distsparse.checkpoint ---------------------------------------------------------------
 
 
-def _checkpoint_summary(state: dict[str, Any], tensor: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+def _checkpoint_summary(state: dict[str, Any], f: Any) -> dict[str, Any]:
     groups = {}
     for name, entry in state.get("groups", {}).items():
         block, level, zeros = _block_config(entry.get("config", {}))
@@ -79,7 +80,7 @@ def _checkpoint_summary(state: dict[str, Any], tensor: Callable[[str], torch.Ten
         numel = kept = stored = 0
         for key, shape in zip(keys, shapes):
             if key in state.get("checksums", {}):
-                packed = tensor(key)
+                packed = f.get_tensor(key)
                 numel, kept, stored = numel + math.prod(shape), kept + _ones(packed), stored + packed.numel()
         groups[name] = {"scope": entry.get("scope"), "shape": entry.get("shape", shapes), "dtype": None,
                         "block_shape": block, "level": level, "zeros_per_block": zeros,
@@ -96,13 +97,13 @@ def _checkpoint_verify(path: Path) -> None:
 # -- distsparse.sparse_data ----------------------------------------------------------------
 
 
-def _sparse_data_summary(state: dict[str, Any], tensor: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+def _sparse_data_summary(state: dict[str, Any], f: Any) -> dict[str, Any]:
     groups = {}
     for name, entry in state.get("groups", {}).items():
         shape, (bh, bw), grid = entry["shape"], entry["block_shape"], entry["grid"]
         rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
         cols = shape[-1] if shape else 1
-        stored = unpack_bits(tensor(_export._blocks_key(name)), tuple(grid)).to(torch.int64)
+        stored = unpack_bits(f.get_tensor(_export._blocks_key(name)), tuple(grid)).to(torch.int64)
         row_h = torch.tensor([min(bh, rows - i * bh) for i in range(grid[0])], dtype=torch.int64)
         col_w = torch.tensor([min(bw, cols - j * bw) for j in range(grid[1])], dtype=torch.int64)
         covered = int((stored * row_h[:, None] * col_w[None, :]).sum())
@@ -121,14 +122,39 @@ def _sparse_data_verify(path: Path) -> None:
     _export.load_sparse_data(path)  # verifies layout, checksums, bitmaps and padding before returning
 
 
-# -- formats without a dedicated handler yet ------------------------------------------------
+# -- distsparse.pruned_tables (written by distsparse.pruned.save_pruned_tables) ----------------
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _generic_summary(state: dict[str, Any], tensor: Callable[[str], torch.Tensor]) -> dict[str, Any]:
-    groups = {name: {k: entry.get(k) for k in ("shape", "dtype", "block_shape")} if isinstance(entry, dict) else {}
-              for name, entry in (state.get("groups") or {}).items()}
-    return {"sparsifier": state.get("sparsifier"), "world_size": state.get("world_size"),
-            "writer": state.get("writer"), "scheduler": state.get("scheduler"), "groups": groups}
+def _pruned_summary(state: dict[str, Any], f: Any) -> dict[str, Any]:
+    """Per table: the rows kept (row sparsity = pruned rows / rows) and the bytes of its remap
+    and kept rows, from the header alone (no tensor is read)."""
+    keys = set(f.keys())
+    groups = {}
+    for name, entry in state.get("tables", {}).items():
+        size = 0
+        for key in (f"remap/{name}", f"weight/{name}"):
+            if key in keys:
+                piece = f.get_slice(key)
+                size += math.prod(piece.get_shape()) * _ST_ITEMSIZE.get(piece.get_dtype(), 0)
+        rows, kept = entry.get("rows"), entry.get("kept")
+        encoding, source = entry.get("encoding"), entry.get("source_dtype")
+        groups[name] = {"scope": "replicated", "shape": entry.get("shape"),
+                        "dtype": source if encoding in (None, source) else f"{source}->{encoding}",
+                        "block_shape": [1, entry.get("dim")], "level": None, "zeros_per_block": None,
+                        "sparsity": None if not rows else 1.0 - kept / rows, "kept_rows": kept, "bytes": size}
+    return {"sparsifier": state.get("sparsifier"), "world_size": None, "writer": None, "scheduler": None,
+            "groups": groups}
+
+
+def _pruned_verify(path: Path) -> None:
+    try:
+        from .pruned import load_pruned_tables  # type: ignore[import-not-found]
+    except ImportError:  # a distsparse without the serving module: the checks every format shares
+        _generic_verify(path)
+    else:
+        load_pruned_tables(path)
 
 
 def _generic_verify(path: Path) -> None:
@@ -154,7 +180,7 @@ def _generic_verify(path: Path) -> None:
 HANDLERS: dict[str, Handler] = {
     _checkpoint.FORMAT: Handler(_checkpoint_summary, _checkpoint_verify),
     _export.FORMAT: Handler(_sparse_data_summary, _sparse_data_verify),
-    "distsparse.pruned_tables": Handler(_generic_summary, _generic_verify),
+    "distsparse.pruned_tables": Handler(_pruned_summary, _pruned_verify),
 }
 
 
@@ -211,7 +237,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     target = Path(path)
     fmt, version, state, f = _open(target)
     try:
-        summary = HANDLERS[fmt].summarize(state, f.get_tensor)
+        summary = HANDLERS[fmt].summarize(state, f)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CheckpointError(f"{str(target)!r}: malformed {fmt} state ({type(exc).__name__}: {exc}); "
                               "run `distsparse verify` to locate the damage") from None

@@ -60,6 +60,14 @@ class RunHistory:
         pass
 
 
+_RUNS: dict[Path, RunHistory] = {}
+
+
+def log_run(folder: str | os.PathLike[str], step: int, values: dict[str, Any]) -> None:
+    """`RunHistory(folder).log(values, step)` for a job without accelerate trackers (call it on one rank)."""
+    _RUNS.setdefault(Path(folder), RunHistory(folder)).log(values, step=step)
+
+
 def read_history(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The logged rows in step order, the last row of each step winning."""
     path = Path(folder) / HISTORY

@@ -533,6 +533,8 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(tmp, out / "summary.json")
+    from report import write_report  # report.png: sparsity, loss vs the baseline, bytes per table
+    say(f"report: {write_report(out)}")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -753,6 +755,11 @@ def run(args, device):
                 say(f"step {step:5d} loss {losses[0]:.4f}" + (f" (baseline {losses[1]:.4f})" if with_baseline else "")
                     + f" samples/s {sps:8.0f} level {level:.3f} (next {next_level:.3f})"
                     + (" sparsity " + " ".join(f"{k}={spars[k]:.3f}" for k in TABLES) if spars else ""))
+                if rank == 0:  # the rows examples/report.py draws report.png from
+                    from report import log_run
+                    log_run(out, step, {"train/loss": losses[0], "sparsity/level": level,
+                                        **({"train/baseline_loss": losses[1]} if with_baseline else {}),
+                                        **{f"sparsity/{k}": v for k, v in spars.items()}})
                 win_t0, win_steps = time.perf_counter(), 0
                 win_loss = {k: torch.zeros((), device=device) for k in trainees}
 

@@ -46,7 +46,23 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_file({"w": torch.zeros(3)}, str(out["plain"]), metadata={"format": "pt"})
     out["text"].write_text("not a safetensors file\n")
     out["masks"] = {n: sp.get_mask(n) for n in ("emb.weight", "odd")}
+    out["pruned"] = _pruned_tables_file(folder / "pruned.safetensors")
     return out
+
+
+def _pruned_tables_file(path: Path) -> Path:
+    """A `distsparse.pruned_tables` file as its format documents it (distsparse.pruned, being
+    added on another branch): 6 rows of 4, rows 1 and 4 kept."""
+    import hashlib
+
+    tensors = {"remap/emb": torch.tensor([-1, 0, -1, -1, 1, -1], dtype=torch.int32),
+               "weight/emb": torch.arange(8, dtype=torch.float32).reshape(2, 4)}
+    checksums = {k: hashlib.sha256(t.numpy().tobytes()).hexdigest() for k, t in tensors.items()}
+    text = json.dumps({"tables": {"emb": {"shape": [6, 4], "rows": 6, "dim": 4, "kept": 2, "encoding": "float32",
+                                          "source_dtype": "float32"}}, "checksums": checksums}, sort_keys=True)
+    save_file(tensors, str(path), metadata={"format": "distsparse.pruned_tables", "format_version": "1",
+                                            "state": text, "json_sha256": hashlib.sha256(text.encode()).hexdigest()})
+    return path
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -104,13 +120,21 @@ def test_inspect_of_an_export_reports_dtype_block_sparsity_and_stored_bytes(file
     assert info["groups"]["emb.weight"]["bytes"] < info["groups"]["emb.weight"]["dense_bytes"]
 
 
+def test_inspect_of_pruned_tables_reports_the_kept_rows_from_the_header(files, capsys):
+    rc, out, _ = _run(capsys, "inspect", str(files["pruned"]), "--json")
+    assert rc == 0
+    emb = json.loads(out)["groups"]["emb"]
+    assert emb["kept_rows"] == 2 and emb["sparsity"] == pytest.approx(4 / 6)
+    assert emb["bytes"] == 6 * 4 + 2 * 4 * 4 and emb["block_shape"] == [1, 4] and emb["dtype"] == "float32"
+
+
 def test_verify_accepts_good_files(files, capsys):
-    for key in ("checkpoint", "export"):
+    for key in ("checkpoint", "export", "pruned"):
         rc, out, err = _run(capsys, "verify", str(files[key]))
         assert rc == 0 and "OK" in out, err
 
 
-@pytest.mark.parametrize("key", ["checkpoint", "export"])
+@pytest.mark.parametrize("key", ["checkpoint", "export", "pruned"])
 def test_verify_names_a_flipped_byte_in_a_tensor_and_exits_1(files, tmp_path, capsys, key):
     bad = _damaged(files[key], tmp_path / f"bad_{key}.safetensors", 1)   # the last data byte
     rc, _, err = _run(capsys, "verify", str(bad))
@@ -159,7 +183,12 @@ def test_inspect_reads_only_the_masks_not_the_exported_values(files, monkeypatch
     assert read and all(k.startswith("blocks/") for k in read)
 
 
-def test_python_dash_m_and_the_console_script_run_the_same_cli(files):
+def test_the_console_script_entry_point_is_the_clis_main():
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n\n", 1)[0]
+    assert section.strip() == 'distsparse = "distsparse.cli:main"'  # (tomllib needs Python 3.11)
+
+
+def test_python_dash_m_distsparse_runs_the_cli(files):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     r = subprocess.run([sys.executable, "-m", "distsparse", "inspect", str(files["checkpoint"])],
                        capture_output=True, text=True, env=env, timeout=120)

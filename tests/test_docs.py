@@ -78,3 +78,14 @@ def test_the_docs_site_shows_the_version_and_excludes_the_drafts():
         sys.path.pop(0)
     from importlib.metadata import version
     assert hook.on_page_markdown("distsparse **{{ version }}**") == f"distsparse **{version('distsparse')}**"
+
+
+def test_the_command_line_page_shows_what_inspect_prints_for_the_getting_started_checkpoint(tmp_path):
+    example = next(code for page, _, code in _runnable() if page == "docs/getting-started.md")
+    shown = re.search(r"```text\n\$ distsparse inspect sparsity.safetensors\n(.*?)```",
+                      (ROOT / "docs" / "cli.md").read_text(), flags=re.S).group(1)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "distsparse", "inspect", "sparsity.safetensors"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == shown, (r.stdout, shown)

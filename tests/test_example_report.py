@@ -69,3 +69,21 @@ def test_a_resumed_run_replaces_the_history_from_its_resume_step_on(tmp_path):
     resumed.log({"train/loss": -40.0}, step=40)
     assert [(r["step"], r["train/loss"]) for r in report.read_history(tmp_path)] == [(10, 10.0), (20, -20.0),
                                                                                      (40, -40.0)]
+
+
+def test_the_torchrec_job_writes_the_same_three_panel_report(tmp_path):
+    out = tmp_path / "torchrec"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = [a for a in TINY if a != "--no-progress"]
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_dlrm_torchrec.py"), "--output-dir", str(out),
+                        *args], env=env, capture_output=True, text=True, timeout=500, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [row["step"] for row in report.read_history(out)] == list(range(4, 25, 4))
+    fig = report.draw(out)
+    assert len(fig.axes) == 3
+    assert {line.get_label() for line in fig.axes[0].get_lines()} == {"scheduled level", *TABLES}
+    assert {line.get_label() for line in fig.axes[1].get_lines()} == {"sparse model", "dense baseline"}
