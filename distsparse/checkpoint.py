@@ -116,6 +116,7 @@ __all__ = [
     "load_checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "verify_checkpoint",
     "FORMAT",
     "FORMAT_VERSION",
 ]
@@ -1432,3 +1433,85 @@ def _load_in_operation(comm: Any, target: Path, where: str, sparsifier: BaseData
             CheckpointError(f"{where}: another rank refused it, nothing was loaded:\n{exc}")) from None
     assert result is not None
     return result
+
+
+# ----------------------------------------------------------------------------------------
+# verify (no sparsifier needed: `distsparse verify`)
+# ----------------------------------------------------------------------------------------
+
+# Bytes of a packed mask popcounted at a time while verifying.
+_COUNT_CHUNK = 16 << 20
+
+
+def _zeros_of(packed: torch.Tensor, numel: int) -> int:
+    """Pruned elements of a packed mask (its padding bits are zero: checked before), a chunk
+    of bytes at a time (no unpacked copy)."""
+    import numpy as np
+
+    data, ones = packed.numpy(), 0
+    for at in range(0, data.size, _COUNT_CHUNK):
+        ones += int(_BYTE_ONES[data[at : at + _COUNT_CHUNK]].sum(dtype=np.int64))
+    return numel - ones
+
+
+_BYTE_ONES = _byte_to_bools().view("uint8").reshape(256, 8).sum(axis=1).astype("uint8")
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a checkpoint file (format version 1 or 2) as :func:`load_checkpoint` would,
+    short of a sparsifier to load into, and summarize it. Not a collective.
+
+    Verified: the safetensors layout, ``format``/``format_version``, the JSON checksum and
+    schema (the pieces of every sharded group tile its mask), that the tensors are the
+    groups', every tensor's checksum and zero padding bits, and each piece's recorded zero
+    count against its bits. Tensors are memory-mapped and read one at a time. Raises
+    :class:`CheckpointError` naming the file and the damage (:class:`CheckpointNotFoundError`
+    for a missing file).
+
+    Returns ``{"format", "format_version", "bytes", "sparsifier", "world_size", "writer",
+    "scheduler", "groups"}``; each group: ``scope``, ``shape`` (a local group: one shape per
+    saved rank), ``config``, ``numel`` and measured ``zeros`` over the masks stored (summed
+    over pieces and ranks), ``tensors`` (how many) and ``bytes`` (packed bytes stored).
+    ``writer`` is recorded by version 1 only (else ``None``)."""
+    from safetensors import SafetensorError, safe_open
+
+    target = Path(os.fspath(path))
+    where = f"checkpoint {str(target)!r}"
+    status, head, size = _probe(target)
+    if status[:1] == b"\x01":
+        raise CheckpointNotFoundError(status[1:].decode(errors="replace"))
+    if status[:1] == b"\x02":
+        raise CheckpointError(status[1:].decode(errors="replace"))
+    parsed = _parse_head(head, size, where)
+    state = parsed.state
+    groups: dict[str, Any] = {}
+    try:
+        with safe_open(str(target), framework="pt") as f:
+            for name in sorted(state["groups"]):
+                entry = state["groups"][name]
+                if entry["scope"] == "local":
+                    stored = [(_local_key(rank, name), math.prod(shape), None)
+                              for rank, shape in enumerate(entry["shapes"])]
+                    stored = [s for s in stored if s[0] in parsed.specs]
+                else:
+                    stored = [(key, rows * cols, zeros) for key, _, _, rows, cols, zeros in _pieces(state, name)]
+                numel = zeros = nbytes = 0
+                for key, count, recorded in stored:
+                    packed = f.get_slice(key)[:].contiguous()
+                    _check_tensors(parsed, {key: packed}, where)
+                    measured = _zeros_of(packed, count)
+                    if recorded is not None and recorded != measured:
+                        raise CheckpointError(f"{where}: group {name!r}: piece {key!r} records {recorded} pruned "
+                                              f"elements but its mask has {measured} (damaged file)")
+                    numel, zeros, nbytes = numel + count, zeros + measured, nbytes + packed.numel()
+                    del packed
+                groups[name] = {"scope": entry["scope"],
+                                "shape": entry["shapes"] if entry["scope"] == "local" else entry["shape"],
+                                "config": entry["config"], "numel": numel, "zeros": zeros,
+                                "tensors": len(stored), "bytes": nbytes}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{where}: safetensors cannot read the file ({exc})") from None
+    version = _check_head(head, size, where)["__metadata__"]["format_version"]  # checked by _parse_head
+    return {"format": FORMAT, "format_version": version, "bytes": size, "sparsifier": state["sparsifier"],
+            "world_size": state["world_size"], "writer": state.get("writer"), "scheduler": state["scheduler"],
+            "groups": groups}

@@ -38,8 +38,6 @@ from .masks import unpack_bits
 
 __all__ = ["main", "inspect_file", "verify_file", "Handler", "HANDLERS", "NotDistsparseFile"]
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
 
 class NotDistsparseFile(ValueError):
     """The file is missing, is not safetensors, or has a format this version does not know."""
@@ -56,11 +54,6 @@ class Handler:
     verify: Callable[[Path], None]
 
 
-def _ones(packed: torch.Tensor) -> int:
-    """Set bits in a packed mask (its padding bits are zero in a valid file)."""
-    return int(_POPCOUNT[packed.to(torch.int64)].sum()) if packed.numel() else 0
-
-
 def _block_config(config: dict[str, Any]) -> tuple[list[int] | None, Any, Any]:
     return config.get("sparse_block_shape"), config.get("sparsity_level"), config.get("zeros_per_block")
 
@@ -69,29 +62,43 @@ def _block_config(config: dict[str, Any]) -> tuple[list[int] | None, Any, Any]:
 
 
 def _checkpoint_summary(state: dict[str, Any], f: Any) -> dict[str, Any]:
+    """Measured sparsity per group: a sharded group's pieces (format 2) record their zero
+    counts in the JSON state (``verify`` checks them against the bits), so only replicated
+    and local masks are read and counted."""
     groups = {}
     for name, entry in state.get("groups", {}).items():
-        block, level, zeros = _block_config(entry.get("config", {}))
-        if entry.get("scope") == "replicated":
-            keys, shapes = [_checkpoint._mask_key(name)], [entry["shape"]]
-        else:  # local: one mask per saved rank, where that rank had one
-            shapes = entry.get("shapes", [])
-            keys = [_checkpoint._local_key(r, name) for r in range(len(shapes))]
-        numel = kept = stored = 0
-        for key, shape in zip(keys, shapes):
-            if key in state.get("checksums", {}):
-                packed = f.get_tensor(key)
-                numel, kept, stored = numel + math.prod(shape), kept + _ones(packed), stored + packed.numel()
-        groups[name] = {"scope": entry.get("scope"), "shape": entry.get("shape", shapes), "dtype": None,
-                        "block_shape": block, "level": level, "zeros_per_block": zeros,
-                        "sparsity": None if numel == 0 else 1.0 - kept / numel, "bytes": stored}
+        block, level, zeros_per_block = _block_config(entry.get("config", {}))
+        scope = entry.get("scope")
+        checksums = state.get("checksums", {})
+        numel = zeros = stored = pieces = 0
+        if scope == "sharded":
+            for r, c, rows, cols, z in entry.get("pieces", []):
+                key = _checkpoint._piece_key(name, r, c)
+                if rows and cols and key in checksums:
+                    numel, zeros, pieces = numel + rows * cols, zeros + z, pieces + 1
+                    stored += math.prod(f.get_slice(key).get_shape())
+        else:
+            if scope == "replicated":
+                keys, shapes = [_checkpoint._mask_key(name)], [entry["shape"]]
+            else:  # local: one mask per saved rank, where that rank had one
+                shapes = entry.get("shapes", [])
+                keys = [_checkpoint._local_key(r, name) for r in range(len(shapes))]
+            for key, shape in zip(keys, shapes):
+                if key in checksums:
+                    packed = f.get_tensor(key)
+                    count = math.prod(shape)
+                    numel, zeros, stored = numel + count, zeros + _checkpoint._zeros_of(packed, count), \
+                        stored + packed.numel()
+                    pieces += 1
+        groups[name] = {"scope": scope, "shape": entry.get("shape", entry.get("shapes")), "dtype": None,
+                        "block_shape": block, "level": level, "zeros_per_block": zeros_per_block,
+                        "sparsity": None if numel == 0 else 1.0 - (numel - zeros) / numel, "bytes": stored, "tensors": pieces}
     return {"sparsifier": state.get("sparsifier"), "world_size": state.get("world_size"),
             "writer": state.get("writer"), "scheduler": state.get("scheduler"), "groups": groups}
 
 
 def _checkpoint_verify(path: Path) -> None:
-    where = f"checkpoint {str(path)!r}"
-    _checkpoint._parse(path.read_bytes(), where)  # the loader's own checks, short of a sparsifier to load into
+    _checkpoint.verify_checkpoint(path)  # the loader's own checks, short of a sparsifier to load into
 
 
 # -- distsparse.sparse_data ----------------------------------------------------------------

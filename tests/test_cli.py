@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 
 import distsparse
 from distsparse import CubicScheduler, DataNormSparsifier, save_checkpoint, save_sparse_data
+from distsparse.checkpoint import CheckpointError, CheckpointNotFoundError, verify_checkpoint
 from distsparse.cli import main
+from distsparse.rects import RectShards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,50 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["text"].write_text("not a safetensors file\n")
     out["masks"] = {n: sp.get_mask(n) for n in ("emb.weight", "odd")}
     out["pruned"] = _pruned_tables_file(folder / "pruned.safetensors")
+    out["v1"] = _rewrite(out["checkpoint"], folder / "v1.safetensors", version="1",
+                         edit=lambda state: state.update(writer={"group_ranks": [0], "world_size": 1, "job": "ab12"}))
+    sharded = _sharded_sparsifier()
+    out["sharded"] = folder / "sharded.safetensors"
+    save_checkpoint(out["sharded"], sharded)
+    out["sharded_sparsity"] = sharded.sparsity()
     return out
+
+
+def _sharded_sparsifier() -> DataNormSparsifier:
+    """One process holding every rectangle of a 12 x 8 table cut in 2 x 2 (a TorchRec layout),
+    next to a replicated table: format 2 stores the rectangles' masks as they are, as pieces."""
+    data = torch.randn(12, 8, generator=torch.Generator().manual_seed(2))
+    rects = [((r0, c0), data[r0:r1, c0:c1]) for r0, r1 in ((0, 5), (5, 12)) for c0, c1 in ((0, 3), (3, 8))]
+    sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(2, 3))
+    sp.add_data("t", RectShards((12, 8), rects))
+    sp.add_data("emb.weight", torch.nn.Parameter(torch.randn(9, 6, generator=torch.Generator().manual_seed(3))))
+    sp.step()
+    return sp
+
+
+def _header(blob: bytes) -> tuple[int, dict]:
+    n = int.from_bytes(blob[:8], "little")
+    return 8 + n, json.loads(blob[8 : 8 + n])
+
+
+def _rewrite(src: Path, dst: Path, version: str | None = None, edit=None, drop: tuple[str, ...] = ()) -> Path:
+    """``src`` with its JSON state edited (and its checksum redone: only the edit differs),
+    its format_version set, tensors ``drop`` removed."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    tensors = {k: v for k, v in load_file(str(src)).items() if k not in drop}
+    meta = _header(src.read_bytes())[1]["__metadata__"]
+    state = json.loads(meta["state"])
+    if edit is not None:
+        edit(state)
+    text = json.dumps(state, sort_keys=True, separators=(",", ":"))
+    meta.update(state=text, json_sha256=hashlib.sha256(text.encode()).hexdigest())
+    if version is not None:
+        meta["format_version"] = version
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
 
 
 def _pruned_tables_file(path: Path) -> Path:
@@ -86,7 +131,7 @@ def test_inspect_json_of_a_checkpoint_reports_each_groups_measured_sparsity_and_
     rc, out, _ = _run(capsys, "inspect", str(files["checkpoint"]), "--json")
     assert rc == 0
     info = json.loads(out)
-    assert (info["format"], info["format_version"]) == ("distsparse.checkpoint", "1")
+    assert (info["format"], info["format_version"]) == ("distsparse.checkpoint", "2")
     assert info["world_size"] == 1 and info["sparsifier"]["step_count"] == 7
     emb, odd = info["groups"]["emb.weight"], info["groups"]["odd"]
     for name, g in (("emb.weight", emb), ("odd", odd)):
@@ -102,7 +147,7 @@ def test_inspect_json_of_a_checkpoint_reports_each_groups_measured_sparsity_and_
 def test_inspect_text_of_a_checkpoint_is_a_table_with_one_row_per_group(files, capsys):
     rc, out, _ = _run(capsys, "inspect", str(files["checkpoint"]))
     assert rc == 0
-    assert "distsparse.checkpoint version 1" in out and "world size 1" in out
+    assert "distsparse.checkpoint version 2" in out and "world size 1" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("emb.weight"))
     assert row.split()[1:] == ["replicated", "64x16", "-", "1x4", "0.5000", "0.5000", "128"]
     assert "scheduler CubicScheduler: last_epoch 6" in out
@@ -196,3 +241,76 @@ def test_python_dash_m_distsparse_runs_the_cli(files):
     r = subprocess.run([sys.executable, "-m", "distsparse", "verify", str(files["plain"])],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
+
+
+# -- format version 2: sharded groups stored as their pieces; version 1 files still read ---------
+
+
+def test_inspect_of_a_sharded_checkpoint_sums_the_measured_sparsity_over_the_pieces(files, capsys):
+    rc, out, _ = _run(capsys, "inspect", str(files["sharded"]), "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert (info["format_version"], info["world_size"], info["writer"]) == ("2", 1, None)
+    t = info["groups"]["t"]
+    assert (t["scope"], t["shape"], t["tensors"]) == ("sharded", [12, 8], 4)
+    assert t["sparsity"] == files["sharded_sparsity"]["t"]
+    assert t["bytes"] == sum((rows * cols + 7) // 8 for rows in (5, 7) for cols in (3, 5))
+    assert info["groups"]["emb.weight"]["sparsity"] == files["sharded_sparsity"]["emb.weight"]
+    rc, out, _ = _run(capsys, "inspect", str(files["sharded"]))
+    assert "distsparse.checkpoint version 2" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("t "))
+    assert row.split()[1:] == ["sharded", "12x8", "-", "2x3", "0.5000", f"{files['sharded_sparsity']['t']:.4f}",
+                               str(t["bytes"])]
+
+
+def test_verify_checkpoint_reads_every_piece_and_summarizes_the_file(files):
+    summary = verify_checkpoint(files["sharded"])
+    t = summary["groups"]["t"]
+    assert (summary["format_version"], t["numel"], t["tensors"]) == ("2", 96, 4)
+    assert 1.0 - (t["numel"] - t["zeros"]) / t["numel"] == files["sharded_sparsity"]["t"]
+    assert summary["bytes"] == files["sharded"].stat().st_size
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        verify_checkpoint(files["sharded"].with_name("missing.safetensors"))
+
+
+def test_verify_names_a_flipped_byte_in_a_piece_of_a_sharded_group(files, tmp_path, capsys):
+    blob = bytearray(files["sharded"].read_bytes())
+    data, header = _header(bytes(blob))
+    key = "piece/5,3/t"
+    start, end = header[key]["data_offsets"]
+    blob[data + start] ^= 0x01
+    bad = tmp_path / "bad_piece.safetensors"
+    bad.write_bytes(bytes(blob))
+    rc, _, err = _run(capsys, "verify", str(bad))
+    assert rc == 1
+    assert f"tensor {key!r} does not match its sha256 checksum" in err and str(bad) in err
+
+
+def test_verify_refuses_pieces_that_do_not_tile_the_table_or_miscount_their_zeros(files, tmp_path):
+    def drop_last(state):
+        r, c = state["groups"]["t"]["pieces"].pop()[:2]
+        del state["checksums"][f"piece/{r},{c}/t"]
+
+    gap = _rewrite(files["sharded"], tmp_path / "gap.safetensors", edit=drop_last, drop=("piece/5,3/t",))
+    with pytest.raises(CheckpointError, match=r"group 't'.*cover 61 of the table's 96 elements"):
+        verify_checkpoint(gap)
+
+    def miscount(state):
+        state["groups"]["t"]["pieces"][0][4] += 1
+
+    wrong = _rewrite(files["sharded"], tmp_path / "miscount.safetensors", edit=miscount)
+    with pytest.raises(CheckpointError, match=r"group 't': piece 'piece/0,0/t' records \d+ pruned elements"):
+        verify_checkpoint(wrong)
+
+
+def test_a_version_1_checkpoint_still_inspects_and_verifies(files, tmp_path, capsys):
+    rc, out, _ = _run(capsys, "inspect", str(files["v1"]))
+    assert rc == 0
+    assert "distsparse.checkpoint version 1" in out and "writer: group ranks [0], job world size 1" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("emb.weight"))
+    assert row.split()[1:] == ["replicated", "64x16", "-", "1x4", "0.5000", "0.5000", "128"]
+    rc, out, err = _run(capsys, "verify", str(files["v1"]))
+    assert rc == 0 and "OK" in out, err
+    bad = _damaged(files["v1"], tmp_path / "bad_v1.safetensors", 1)
+    rc, _, err = _run(capsys, "verify", str(bad))
+    assert rc == 1 and "checksum" in err
