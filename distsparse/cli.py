@@ -66,10 +66,10 @@ def _checkpoint_summary(state: dict[str, Any], f: Any) -> dict[str, Any]:
     counts in the JSON state (``verify`` checks them against the bits), so only replicated
     and local masks are read and counted."""
     groups = {}
+    checksums = state.get("checksums", {})
     for name, entry in state.get("groups", {}).items():
         block, level, zeros_per_block = _block_config(entry.get("config", {}))
         scope = entry.get("scope")
-        checksums = state.get("checksums", {})
         numel = zeros = stored = pieces = 0
         if scope == "sharded":
             for r, c, rows, cols, z in entry.get("pieces", []):
@@ -85,14 +85,13 @@ def _checkpoint_summary(state: dict[str, Any], f: Any) -> dict[str, Any]:
                 keys = [_checkpoint._local_key(r, name) for r in range(len(shapes))]
             for key, shape in zip(keys, shapes):
                 if key in checksums:
-                    packed = f.get_tensor(key)
-                    count = math.prod(shape)
-                    numel, zeros, stored = numel + count, zeros + _checkpoint._zeros_of(packed, count), \
-                        stored + packed.numel()
-                    pieces += 1
+                    packed, count = f.get_tensor(key), math.prod(shape)
+                    numel, zeros, pieces = numel + count, zeros + _checkpoint._zeros_of(packed, count), pieces + 1
+                    stored += packed.numel()
         groups[name] = {"scope": scope, "shape": entry.get("shape", entry.get("shapes")), "dtype": None,
                         "block_shape": block, "level": level, "zeros_per_block": zeros_per_block,
-                        "sparsity": None if numel == 0 else 1.0 - (numel - zeros) / numel, "bytes": stored, "tensors": pieces}
+                        "sparsity": None if numel == 0 else 1.0 - (numel - zeros) / numel, "bytes": stored,
+                        "tensors": pieces}
     return {"sparsifier": state.get("sparsifier"), "world_size": state.get("world_size"),
             "writer": state.get("writer"), "scheduler": state.get("scheduler"), "groups": groups}
 
