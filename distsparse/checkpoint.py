@@ -237,9 +237,8 @@ class _Contribution:
     tensors: dict[str, torch.Tensor]
 
 
-def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool = True) -> _Contribution:
-    """This rank's facts and packed masks (``writer`` is kept for callers of version 1)."""
-    del writer
+def _rank_payload(sparsifier: BaseDataSparsifier) -> _Contribution:
+    """This rank's facts and packed masks."""
     sd = sparsifier._state(clone=False)  # the live masks: only packed (copied bit-packed) here
     shared_groups: dict[str, Any] = {}
     local: dict[str, Any] = {}
@@ -1122,14 +1121,6 @@ def _popcount_zeros(packed: torch.Tensor, numel: int) -> int:
 
     ones = int(np.unpackbits(packed.numpy(), count=numel).sum(dtype=np.int64)) if numel else 0
     return numel - ones
-
-
-@dataclass
-class _LoadPlan:
-    """What this rank reads (``needed``, in order) and how it builds its state from it."""
-
-    needed: list[str]
-    groups: dict[str, Any]  # name -> (scope, pieces or local key)
 
 
 def _needed_keys(parsed: _Parsed, sparsifier: BaseDataSparsifier) -> list[str]:
