@@ -1091,7 +1091,12 @@ def _copy_piece(packed: torch.Tensor, piece: tuple[int, int, int, int], region: 
         flat = out.view(-1)[(r0 - tr) * pcs : (r1 - tr) * pcs].numpy().view(np.uint8)
         whole = flat.size // 8
         byte0 = (r0 - pr) * pcs // 8
-        np.take(_BYTE_TO_BOOLS, data[byte0 : byte0 + whole], out=flat[: 8 * whole].view(np.uint64))
+        words = flat[: 8 * whole].view(np.uint64)
+        step = _UNPACK_ELEMENTS // 8  # bounds the index array numpy converts the bytes into
+        for at in range(0, whole, step):
+            # mode="clip": numpy writes into ``out`` directly ("raise" buffers a whole copy).
+            np.take(_BYTE_TO_BOOLS, data[byte0 + at : byte0 + min(whole, at + step)], out=words[at : at + step],
+                    mode="clip")
         if flat.size > 8 * whole:  # the last bits of the piece
             flat[8 * whole :] = np.unpackbits(data[byte0 + whole : byte0 + whole + 1])[: flat.size - 8 * whole]
         return
