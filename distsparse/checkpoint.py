@@ -4,7 +4,7 @@ writes and all-or-nothing, fully verified loads. The only module that touches sa
 Both functions are *collectives* when ``torch.distributed`` is initialized: every rank of
 the sparsifier's group calls them, in the same order as its other collectives.
 
-File format ``distsparse.checkpoint``, version 1
+File format ``distsparse.checkpoint``, version 2
 -----------------------------------------------
 One safetensors file. Nothing in it is pickled; loading never runs code. The user's data
 (tables, parameters, batches) is *not* saved: it belongs to the model's checkpoint.
@@ -14,69 +14,89 @@ bit per element in row-major order, most significant bit first, last byte zero-p
 1 keeps, 0 prunes):
 
 * ``mask/<group name>`` — every *replicated* group, pending ones included (identical on
-  all ranks; written from rank 0). A *sharded* DTensor group (FSDP2, HSDP) is stored the
-  same way, as its whole mask: the contributing ranks send their bit-packed rows with the
-  save's all-gather and the writer assembles them; on load every rank takes its own rows.
-  A table sharded in rectangles (TorchRec) likewise: every rank sends its shards' masks
-  with their offsets, the writer checks that they tile the table and assembles it; on load
-  every rank takes its shards' parts. So a file loads on any sharding, world size, DDP or
-  a single process.
-* ``local/<rank>/<group name>`` — every *local* group's mask on rank ``<rank>``, gathered
-  from all ranks (absent when that rank holds the group without a mask yet).
+  all ranks; written from the writer's own copy).
+* ``piece/<row>,<col>/<group name>`` — a *sharded* group (FSDP2/HSDP ``Shard(0)`` rows, or
+  TorchRec rectangles) is stored as the pieces its ranks hold, as they are: each piece is
+  the rectangle at ``(row, col)`` of the mask viewed 2-D (dim 0 by the product of the
+  others), packed row-major. No rank ever assembles the table. On load each rank reads the
+  pieces that overlap its own rows or rectangles and unpacks their overlap into its mask,
+  so a file loads on any sharding, world size, DDP or a single process.
+* ``local/<rank>/<group name>`` — every *local* group's mask on rank ``<rank>`` (absent
+  when that rank holds the group without a mask yet).
 
 Group names are used verbatim after the prefix (they may contain ``.`` and ``/``); the
-authoritative list of groups is the JSON below, never a parse of the keys.
+authoritative list of groups and pieces is the JSON below, never a parse of the keys.
 
 ``__metadata__`` (str → str, as safetensors requires):
 
-* ``format`` = ``"distsparse.checkpoint"``, ``format_version`` = ``"1"``;
-* ``state`` — JSON text::
+* ``format`` = ``"distsparse.checkpoint"``, ``format_version`` = ``"2"``;
+* ``state`` — JSON text (sorted keys, no spaces)::
 
       {"sparsifier": {"class": "DataNormSparsifier", "format_version": 1,
                       "args": {"norm": "L1"}, "defaults": {...}, "step_count": 12},
        "world_size": 2,
        "groups": {"emb.weight": {"scope": "replicated", "config": {...}, "shape": [1000, 64]},
+                  "big.weight": {"scope": "sharded", "config": {...}, "shape": [4000000, 64],
+                                 "pieces": [[0, 0, 2000000, 64, 63999872], ...]},
                   "batch":      {"scope": "local", "config": {...}, "shapes": [[32, 16], [32, 16]]}},
        "scheduler": {...BaseDataScheduler.state_dict()...} or null,
        "checksums": {"mask/emb.weight": "<sha256 hex of the tensor's bytes>", ...}}
 
+  ``pieces`` lists ``[row, col, rows, cols, zeros]`` (they tile the table exactly; ``zeros``
+  counts the piece's pruned elements, for ``sparsity()`` without reading every piece).
   ``shapes`` of a local group lists each saved rank's shape (per-rank data may differ).
 * ``json_sha256`` — sha256 hex of the ``state`` text (UTF-8), guarding it and, through
   ``checksums``, every tensor.
 
+Version 1 (still read) stored sharded groups whole, as ``mask/<name>`` with scope
+``replicated``. The bytes are deterministic: identical runs write identical files.
+
 Writing
 -------
-Rank 0 alone writes: every rank's local masks reach it in one ``all_gather`` of bytes; it
-writes a temporary file ``.<name>.tmp-<pid>-<8 hex>`` beside the target (the *real* file
-when the target is a symlink, which stays a link; a shortened ``.<start>~<hash>`` prefix
-for names near ``NAME_MAX``), holding an exclusive ``flock`` on it, flushes and fsyncs it,
-``os.replace``\\ s it onto the target and fsyncs the folder. A crash or kill at any moment
-leaves the previous checkpoint whole. The next save removes temporary files of the same
-target that it can lock (their writer is gone): a live save of another thread, process or
-host is never touched. Every rank returns only after the file is complete, and an error on
-the writer is raised on every rank.
+Rank 0 writes. Every rank's facts (groups, configs, shapes, which pieces it holds; a few
+bytes per group) travel in one all-gather, so every rank agrees on the file's layout (or
+raises the same error). The other ranks then send rank 0 their pieces and local masks one
+after the other, point to point; rank 0 streams them into the file
+(:class:`~distsparse.safetensors_stream.StreamingSafetensorsWriter`, checksums computed on
+the way, header written last), holding one piece at a time. It writes a temporary file
+``.<name>.tmp-<pid>-<8 hex>`` beside the target (the *real* file when the target is a
+symlink, which stays a link; a shortened ``.<start>~<hash>`` prefix for names near
+``NAME_MAX``), holding an exclusive ``flock`` on it, fsyncs it, ``os.replace``\\ s it onto the
+target and fsyncs the folder. A crash or kill at any moment leaves the previous checkpoint
+whole. The next save removes temporary files of the same target that it can lock (their
+writer is gone): a live save of another thread, process or host is never touched. Every
+rank returns only after the file is complete, and an error on the writer is raised on every
+rank (it still receives every piece, so no sender hangs).
 
-The state also records ``"writer"``: the writing process group's global ranks, the world
-size and a token of the job (from the default process group's store). A save refuses
-(:class:`CheckpointError`) to replace a file another process group of the same job wrote
-(the check and the rename run under a lock on the folder); files of earlier jobs, of the
-same group, or without a writer are replaced. Headers over safetensors' 100,000,000-byte
-limit are refused before writing, in distsparse's words.
+A save refuses (:class:`CheckpointError`) to replace a file another process group of the
+same job wrote: the first group of a job to save to a path claims it in the job's store
+(the default process group's), under a lock on the folder. Files of earlier jobs are
+replaced. Nothing of this is written into the file. Headers over safetensors'
+100,000,000-byte limit are refused before writing, in distsparse's words.
 
 Loading
 -------
-Rank 0 reads the file and broadcasts its bytes, so the file need only be visible to rank 0
-(no shared filesystem needed). Every rank then verifies everything before changing
-anything: the safetensors layout (header length, JSON, dtypes, offsets covering the file
-exactly), ``format``/``format_version``, the JSON checksum, every tensor's checksum, each
-packed mask's size against its group's shape, the sparsifier's own validation
-(``strict`` semantics, class, shapes, scopes, configs) and the scheduler state. If any rank
-finds a problem, every rank raises :class:`CheckpointError` naming the file (and the
-group) and no rank changes any state.
+Every rank reads the file's header and compares (sha256 of header and file size, one small
+all-gather) with the others. When all see the same file, each rank memory-maps it
+(``safetensors.safe_open``) and reads only the tensors it needs: the pieces overlapping its
+rows or rectangles, the replicated masks, its own local masks. Otherwise rank 0 reads the
+file and sends each rank only the tensors it asked for (no shared filesystem needed). Every
+rank then verifies before changing anything: the safetensors layout (header length, JSON,
+dtypes, offsets covering the file exactly), ``format``/``format_version``, the JSON
+checksum, every JSON field (types and ranges; configs by the sparsifier, the scheduler's
+values by the scheduler), the checksum and padding of every tensor it read, each mask's size
+against its group's shape, the sparsifier's own validation (``strict`` semantics, class,
+shapes, scopes, configs, *geometry*: see ``config`` in :func:`load_checkpoint`) and the
+scheduler state. If any rank finds a problem, every rank raises :class:`CheckpointError`
+naming the file (and the group) and no rank changes any state. Then every rank unpacks its
+parts straight into its existing masks.
 
 Limitations:
-    A checkpoint loads on any world size (replicated masks are whole), but *local* groups'
-    masks are per rank: on another world size they start fresh, with a warning.
+    A checkpoint loads on any world size, but *local* groups' masks are per rank: on
+    another world size they start fresh, with a warning. A rank verifies the tensors it
+    reads (so a damaged piece is found by the rank that reads it, and then every rank
+    refuses the file); a piece no rank reads (a local mask of another world size) is not
+    verified. Loading a whole (replicated) mask into a sharded group reads the whole mask.
     Constructor arguments that change masks (``DataNormSparsifier(norm=...)``) are saved
     as ``args`` and must match on load.
 """
@@ -218,9 +238,8 @@ class _Contribution:
     tensors: dict[str, torch.Tensor]
 
 
-def _rank_payload(sparsifier: BaseDataSparsifier, writer: bool = True) -> _Contribution:
-    """This rank's facts and packed masks (``writer`` is kept for callers of version 1)."""
-    del writer
+def _rank_payload(sparsifier: BaseDataSparsifier) -> _Contribution:
+    """This rank's facts and packed masks."""
     sd = sparsifier._state(clone=False)  # the live masks: only packed (copied bit-packed) here
     shared_groups: dict[str, Any] = {}
     local: dict[str, Any] = {}
@@ -1073,7 +1092,12 @@ def _copy_piece(packed: torch.Tensor, piece: tuple[int, int, int, int], region: 
         flat = out.view(-1)[(r0 - tr) * pcs : (r1 - tr) * pcs].numpy().view(np.uint8)
         whole = flat.size // 8
         byte0 = (r0 - pr) * pcs // 8
-        np.take(_BYTE_TO_BOOLS, data[byte0 : byte0 + whole], out=flat[: 8 * whole].view(np.uint64))
+        words = flat[: 8 * whole].view(np.uint64)
+        step = _UNPACK_ELEMENTS // 8  # bounds the index array numpy converts the bytes into
+        for at in range(0, whole, step):
+            # mode="clip": numpy writes into ``out`` directly ("raise" buffers a whole copy).
+            np.take(_BYTE_TO_BOOLS, data[byte0 + at : byte0 + min(whole, at + step)], out=words[at : at + step],
+                    mode="clip")
         if flat.size > 8 * whole:  # the last bits of the piece
             flat[8 * whole :] = np.unpackbits(data[byte0 + whole : byte0 + whole + 1])[: flat.size - 8 * whole]
         return
@@ -1105,14 +1129,6 @@ def _popcount_zeros(packed: torch.Tensor, numel: int) -> int:
     return numel - ones
 
 
-@dataclass
-class _LoadPlan:
-    """What this rank reads (``needed``, in order) and how it builds its state from it."""
-
-    needed: list[str]
-    groups: dict[str, Any]  # name -> (scope, pieces or local key)
-
-
 def _needed_keys(parsed: _Parsed, sparsifier: BaseDataSparsifier) -> list[str]:
     """The tensors this rank reads: the pieces that overlap its part of each group (every
     piece for a group it does not hold yet), its own local masks."""
@@ -1130,8 +1146,11 @@ def _needed_keys(parsed: _Parsed, sparsifier: BaseDataSparsifier) -> list[str]:
             target = _target(sparsifier, name)
         except (RuntimeError, ValueError):
             target = None
-        for key, r, c, rows, cols, _ in _pieces(state, name):
-            if target is None or any(_overlap((r, c, rows, cols), reg[:4]) for reg in target.regions):
+        for key, r, c, rows, cols, zeros in _pieces(state, name):
+            # A whole mask loaded into a sharded group is read whole: its zero count (the
+            # group's sparsity) is not recorded in the file.
+            if target is None or (target.distributed and zeros is None) or \
+                    any(_overlap((r, c, rows, cols), reg[:4]) for reg in target.regions):
                 needed.append(key)
     return needed
 

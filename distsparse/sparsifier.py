@@ -993,8 +993,6 @@ class BaseDataSparsifier(abc.ABC):
         if not isinstance(sd["defaults"], Mapping):
             raise TypeError(f"state_dict 'defaults' must be a mapping, got {type(sd['defaults']).__name__}")
         defaults = self._canonical_config("<defaults>", dict(copy.deepcopy(sd["defaults"])))
-        if config == "sparsifier":
-            self._check_geometry("the defaults", self.defaults, defaults)
         groups, masks = sd["groups"], sd["masks"]
         if not isinstance(groups, Mapping) or not isinstance(masks, Mapping):
             raise TypeError("state_dict 'groups' and 'masks' must be mappings")
@@ -1059,6 +1057,8 @@ class BaseDataSparsifier(abc.ABC):
                     saved = entry.get("rects") or entry.get("sharded") or {}
                     zeros = saved.get("global_zeros") if isinstance(saved, Mapping) else None
             updates[name] = (group_config, mask, zeros)
+        if config == "sparsifier":  # after the groups: a group's mismatch is the clearer message
+            self._check_geometry("the defaults", self.defaults, defaults)
         if strict:
             missing = sorted(set(self._groups) - set(groups))
             if missing:

@@ -11,7 +11,9 @@ from distsparse.masks import pack_bits
 
 
 @pytest.mark.parametrize("rows, cols", [(7, 5), (16, 8), (9, 3), (1, 13), (40, 12), (3, 1)])
-def test_every_overlap_of_a_piece_and_a_region_is_copied_bit_exact_and_nothing_else(rows, cols):
+@pytest.mark.parametrize("chunk", [1 << 22, 16])
+def test_every_overlap_of_a_piece_and_a_region_is_copied_bit_exact_and_nothing_else(rows, cols, chunk, monkeypatch):
+    monkeypatch.setattr("distsparse.checkpoint._UNPACK_ELEMENTS", chunk)  # small: many chunks
     g = torch.Generator().manual_seed(rows * 100 + cols)
     whole = torch.rand(rows, cols, generator=g) > 0.5
     spans = sorted({(0, rows), (0, max(rows // 2, 1)), (rows // 2, rows), (min(1, rows - 1), rows)})
