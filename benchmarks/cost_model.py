@@ -278,7 +278,7 @@ def checkpoint_table(sets: dict) -> str:
     for n in [w for w in WORLDS if w >= 8]:
         m = {k: checkpoint_cost(n, c) for k, c in sets.items()}
         a = next(iter(m.values()))
-        s1, d = a["single"], a["dcp"]
+        s1 = a["single"]
         lines.append(
             f"| {n} | {_fmt_bytes(a['bool_share'])} | {_fmt_bytes(s1['save_bytes_writer'])} / "
             f"{_fmt_bytes(s1['save_mem_writer'])} | {_fmt_bytes(s1['save_bytes_other'])} / "
