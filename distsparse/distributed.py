@@ -10,16 +10,17 @@ is pickled, so a rank can never execute code another rank sent.
 
 Every distsparse operation (a sparsifier step, a scheduler step, a checkpoint save or
 load) is framed by :meth:`Comm.begin` and :meth:`Comm.finish`. On the success path each is
-ONE all-reduce (MIN) of eight ``int64``: MIN and MAX (as MIN of the negation) of a key of
-the operation's name and phase, the per-``Comm`` call counter and a digest of the
-operation's description, plus the MAX of an error flag and of a payload length. Its size
-does not depend on the world size or on the operation, so ranks that are out of step (one
+ONE all-reduce (MIN) of two ``int64``: a fingerprint of the call (name and phase, the
+per-``Comm`` call counter, a digest of the operation's description) and its negation, so
+the result holds the lowest and the highest fingerprint over the ranks. Its size (16 bytes)
+depends neither on the world size nor on the operation, so ranks that are out of step (one
 calls ``step()`` while another calls ``save_checkpoint``) still meet in collectives of the
 same size. Every rank sees the same MIN and MAX, so every rank detects a mismatch at once;
-only then do they all-gather a small fixed frame (name, phase, counter) to raise
+only then do they all-gather a small fixed frame (name, phase, counter, digest) to raise
 :class:`RankDisagreementError` naming every rank's call, or their descriptions to name the
-groups that differ. Payloads (the scheduler's values, ``begin``'s ``inline`` bytes) travel
-in a broadcast or all-gather sized by the payload, after the frame said how long it is.
+groups that differ. Payloads travel in collectives sized by what they carry: the
+scheduler's values in a broadcast from the rank that decided them, ``begin``'s ``inline``
+bytes in an all-gather.
 ``finish`` is the commit point: state changes only after every rank reached it, so a rank
 that gave up waiting (the backstop timeout) cannot leave the others committed alone — they
 wait in ``finish`` and give up too.
@@ -135,78 +136,81 @@ class Comm:
             )
 
     # -- operation framing ------------------------------------------------------------
-    def begin(self, op: str, description: dict[str, Any] | None = None, inline: bytes = b"") -> list[bytes]:
+    def begin(self, op: str, description: dict[str, Any] | None = None,
+              inline: bytes | None = None) -> list[bytes]:
         """Collective: the first call of every distsparse operation.
 
-        One all-reduce of the frame (:func:`_frame`): this operation's name, this Comm's
+        One all-reduce of the frame (:func:`_frame`) of this operation's name, this Comm's
         call counter and a digest of ``description`` ({name: JSON-able facts} every rank
         must share). Raises :class:`RankDisagreementError` on every rank when the ranks are
         in different operations (naming each rank's call) or hold different descriptions
-        (naming the groups). Returns every rank's ``inline`` bytes, indexed by rank; they
-        take one more all-gather, sized by the longest, only when some rank sent any.
+        (naming the groups). Returns every rank's ``inline`` bytes (any length, empty
+        included), indexed by rank, gathered by one more all-gather; every rank passes
+        ``inline`` or none does (whether it is passed is part of the frame).
         """
         self._check_usable()
-        if len(inline) > _INLINE_BYTES:
+        if inline is not None and len(inline) > _INLINE_BYTES:
             raise ValueError(f"inline payload of {len(inline)} bytes exceeds {_INLINE_BYTES}")
         self.calls += 1
         if not self.is_distributed or self.world_size == 1:
             self._operation = op
-            return [inline]
-        _, longest = self._open(op, description, failed=False, length=len(inline))
-        if not longest:
-            return [b""] * self.world_size
-        return self.all_gather_bytes(inline)
+            return [inline or b""]
+        self._open(op, description, carries=inline is not None)
+        return self.all_gather_bytes(inline) if inline is not None else [b""] * self.world_size
 
-    def _open(self, op: str, description: dict[str, Any] | None, failed: bool, length: int) -> tuple[bool, int]:
-        """The distributed part of :meth:`begin`: returns (any rank flagged ``failed``, the
-        longest ``length``) once every rank is in the same call with the same description."""
+    def _open(self, op: str, description: dict[str, Any] | None, carries: bool = False) -> None:
+        """The distributed part of :meth:`begin`: returns once every rank is in the same call
+        with the same description."""
         blob = _canonical(description or {})
-        seen = self._frame_all_reduce("<begin> " + op, _digest62(blob), failed, length, f"the start of {op}")
+        self._frame_all_reduce("<begin> " + op, _digest62(blob), carries, f"the start of {op}", blob)
         self._operation = op
-        if seen.digests_differ:
-            self._raise_on_disagreement(blob, op)
-        return seen.failed, seen.longest
 
     def finish(self, op: str) -> None:
         """Collective: the commit point of an operation. Every rank returns only once every
         rank reached it; a caller changes its state only after this returns."""
         if self.is_distributed and self.world_size > 1:
-            self._frame_all_reduce("<finish> " + op, 0, False, 0, f"the end of {op}")
+            self._frame_all_reduce("<finish> " + op, 0, False, f"the end of {op}", b"{}")
         self._operation = None
 
-    def _frame_all_reduce(self, call: str, digest: int, failed: bool, length: int, what: str) -> "_Frames":
-        """Collective: one all-reduce (MIN) of the fixed-size frame of ``call`` (see
-        :func:`_frame`). Raises :class:`RankDisagreementError` on every rank, naming every
-        rank's call, when the ranks are not in the same call."""
-        frame = torch.tensor(_frame(call, self.calls, digest, failed, length), dtype=torch.int64, device=self.device)
+    def _frame_all_reduce(self, call: str, digest: int, carries: bool, what: str, blob: bytes) -> None:
+        """Collective: one all-reduce (MIN) of the 16-byte frame of ``call`` (see
+        :func:`_frame`). Every rank sees the same result, so on a mismatch every rank goes on
+        to :meth:`_raise_mismatch` and raises."""
+        frame = torch.tensor(_frame(call, self.calls, digest, carries), dtype=torch.int64, device=self.device)
         n = self.world_size
         self.framing_bytes_sent += 2 * (n - 1) * frame.numel() * frame.element_size() // n
         self._wait(dist.all_reduce(frame, op=dist.ReduceOp.MIN, group=self._group, async_op=True),
                    f"all_reduce ({what})")
-        seen = _Frames(frame.cpu().tolist())
-        if seen.calls_differ:
-            self._raise_different_calls(call)
-        return seen
+        low, minus_high = frame.cpu().tolist()
+        if low != -minus_high:
+            self._raise_mismatch(call, digest, carries, blob)
 
-    def _raise_different_calls(self, call: str) -> None:
+    def _raise_mismatch(self, call: str, digest: int, carries: bool, blob: bytes) -> None:
         """Collective, on a mismatch only (every rank saw it): all-gather every rank's call
-        name and counter, and raise naming them all."""
+        name, counter and description digest, and raise :class:`RankDisagreementError`
+        naming every rank's call, or (same calls) the groups whose descriptions differ."""
         name = call.encode()[:_NAME_BYTES].ljust(_NAME_BYTES, b"\0")
-        parts = self._all_gather_fixed(name + self.calls.to_bytes(8, "little"), "the names of the calls")
-        shown = []
-        for r, part in enumerate(parts):
-            called = part[:_NAME_BYTES].rstrip(b"\0").decode(errors="replace").removeprefix("<begin> ")
-            shown.append(f"rank {r}: {called} (distsparse call #{int.from_bytes(part[_NAME_BYTES:], 'little')})")
+        mine = name + self.calls.to_bytes(8, "little") + digest.to_bytes(8, "little") + bytes([carries])
+        parts = self._all_gather_fixed(mine, "the names of the calls")
         self._operation = None
-        raise RankDisagreementError(
-            f"distsparse: ranks are in different collective calls (rank {self.rank} of "
-            f"{self.world_size}): {'; '.join(shown)}. Every rank must call step(), scheduler.step(), "
-            "save_checkpoint() and load_checkpoint() in the same order."
-        )
+        calls = [(p[:_NAME_BYTES].rstrip(b"\0").decode(errors="replace").removeprefix("<begin> "),
+                  int.from_bytes(p[_NAME_BYTES : _NAME_BYTES + 8], "little")) for p in parts]
+        if any(c != calls[0] for c in calls):
+            shown = "; ".join(f"rank {r}: {op} (distsparse call #{n})" for r, (op, n) in enumerate(calls))
+            raise RankDisagreementError(
+                f"distsparse: ranks are in different collective calls (rank {self.rank} of "
+                f"{self.world_size}): {shown}. Every rank must call step(), scheduler.step(), "
+                "save_checkpoint() and load_checkpoint() in the same order."
+            )
+        op = calls[0][0]
+        if any(p[_NAME_BYTES + 8 : _NAME_BYTES + 16] != parts[0][_NAME_BYTES + 8 : _NAME_BYTES + 16] for p in parts):
+            self._raise_on_disagreement(blob, op)
+        carried = [r for r, p in enumerate(parts) if p[-1]]
+        raise RankDisagreementError(f"{op}: only rank(s) {carried} of {self.world_size} passed inline bytes")
 
     @contextmanager
     def operation(self, op: str, description: dict[str, Any] | None = None,
-                  inline: bytes = b"") -> Iterator[list[bytes]]:
+                  inline: bytes | None = None) -> Iterator[list[bytes]]:
         """``begin`` … body … (the body calls ``finish`` before committing).
 
         If the body raises an exception that is not raised on every rank alike (those
@@ -470,9 +474,9 @@ class Comm:
                           fn: Callable[[], T], encode: Callable[[T], bytes],
                           decode: Callable[[bytes], T], src: int = 0):
         """Collective: :meth:`operation` whose value is ``fn()``'s result, computed on rank
-        ``src`` alone — "decide on rank 0 and share" (the scheduler's step). The frame of
-        :meth:`begin` carries ``src``'s error flag and the result's length; the result then
-        takes one broadcast of exactly that many bytes.
+        ``src`` alone — "decide on rank 0 and share" (the scheduler's step). After the
+        frame, one broadcast of 256 bytes carries ``src``'s status, the result's length and
+        the result when it fits; a longer result takes a second broadcast of the rest.
 
         Use as ``with comm.decided_operation(...) as value:``. If ``fn`` raises on the
         coordinator, every rank raises (the coordinator its own exception, the others a
@@ -493,32 +497,45 @@ class Comm:
     def _decided(self, op, description, body, error, decode, src):
         self._check_usable()
         self.calls += 1
-        failed, length = error is not None, len(body)
+        failed = error is not None
         distributed = self.is_distributed and self.world_size > 1
         if distributed:
-            failed, length = self._open(op, description, failed, length)
+            self._open(op, description)
         else:
             self._operation = op
         with self._guard(op):
             if distributed:
-                body = self._broadcast_known(body if self.rank == src else None, length, src,
-                                             "broadcast (the decided values)")
+                failed, body = self._broadcast_decision(failed, body if self.rank == src else None, src)
             if failed:
                 if error is not None:
                     raise mark_raised_everywhere(error)
                 raise RemoteError(f"rank {src} raised: {body.decode(errors='replace')}")
             yield decode(body)
 
-    def _broadcast_known(self, payload: bytes | None, length: int, src: int, what: str) -> bytes:
-        """Collective: ``payload`` (``length`` bytes, a length every rank already knows) from
-        group rank ``src``, in one broadcast."""
-        if not length:
-            return b""
-        buf = torch.empty(length, dtype=torch.uint8, device=self.device)
+    def _broadcast_decision(self, failed: bool, body: bytes | None, src: int) -> tuple[bool, bytes]:
+        """Collective: ``src``'s (failed, body) to every rank: one broadcast of a fixed
+        ``_DECISION_BYTES`` (status, length and the body when it fits), a second one of the
+        rest of a longer body."""
+        device = self.device
+        head = torch.zeros(_DECISION_BYTES, dtype=torch.uint8, device=device)
         if self.rank == src:
-            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))  # type: ignore[arg-type]
-        self._wait(dist.broadcast(buf, src=self._global_rank(src), group=self._group, async_op=True), what)
-        return buf.cpu().numpy().tobytes()
+            assert body is not None
+            first = bytes([failed]) + len(body).to_bytes(8, "little") + body[: _DECISION_BYTES - 9]
+            head[: len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        root = self._global_rank(src)
+        self._wait(dist.broadcast(head, src=root, group=self._group, async_op=True), "broadcast (the decision)")
+        received = head.cpu().numpy().tobytes()
+        length = int.from_bytes(received[1:9], "little")
+        out = received[9 : 9 + min(length, _DECISION_BYTES - 9)]
+        rest = length - len(out)
+        if rest > 0:
+            tail = torch.empty(rest, dtype=torch.uint8, device=device)
+            if self.rank == src:
+                tail.copy_(torch.frombuffer(bytearray(body[len(out) :]), dtype=torch.uint8))  # type: ignore[index]
+            self._wait(dist.broadcast(tail, src=root, group=self._group, async_op=True),
+                       "broadcast (the rest of the decision)")
+            out += tail.cpu().numpy().tobytes()
+        return bool(received[0]), out
 
     def _raise_on_disagreement(self, blob: bytes, what: str) -> None:
         """Collective, on a mismatch only (every rank saw it): all-gather every rank's
@@ -567,7 +584,9 @@ def describe_differences(per_rank: Sequence[dict[str, dict[str, Any]]], noun: st
 _INLINE_BYTES = 4096
 # Bytes of a call's name in the all-gather that names every rank's call after a mismatch.
 _NAME_BYTES = 120
-# Every frame field is kept below 2**62 so that its negation (MAX as MIN) cannot overflow.
+# Bytes of the first broadcast of a decided operation: status, length, then the value.
+_DECISION_BYTES = 256
+# Fingerprints are kept below 2**62 so that their negation (MAX as MIN) cannot overflow.
 _FIELD = (1 << 62) - 1
 
 
@@ -575,24 +594,14 @@ def _digest62(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & _FIELD
 
 
-def _frame(call: str, calls: int, digest: int, failed: bool, length: int) -> list[int]:
-    """The eight ``int64`` all-reduced (MIN) at the start and end of every operation:
-    MIN and MAX of (call key, call counter, description digest), MAX of (error flag,
-    payload length). 64 bytes at every world size."""
-    key = _digest62(call.encode())
-    counter = calls & _FIELD
-    return [key, counter, digest, -key, -counter, -digest, -int(failed), -min(length, _FIELD)]
-
-
-class _Frames:
-    """What one frame all-reduce says about every rank's frame."""
-
-    def __init__(self, reduced: list[int]) -> None:
-        key_min, calls_min, digest_min, key_max, calls_max, digest_max, failed, longest = reduced
-        self.calls_differ = key_min != -key_max or calls_min != -calls_max
-        self.digests_differ = digest_min != -digest_max
-        self.failed = failed != 0
-        self.longest = -longest
+def _frame(call: str, calls: int, digest: int, carries: bool) -> list[int]:
+    """The two ``int64`` all-reduced (MIN) at the start and end of every operation: a
+    fingerprint of (call name and phase, call counter, description digest, whether inline
+    bytes follow) and its negation, so one MIN gives the lowest and the highest fingerprint
+    over the ranks — equal exactly when every rank is in the same call with the same
+    description. 16 bytes at every world size."""
+    fingerprint = _digest62(f"{call}\0{calls}\0{digest}\0{int(carries)}".encode())
+    return [fingerprint, -fingerprint]
 
 
 def _canonical(description: dict[str, Any]) -> bytes:

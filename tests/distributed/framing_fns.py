@@ -88,6 +88,7 @@ def mismatches() -> dict:
     comm.finish("with inline")
     out["empty_inline"] = [list(p) for p in comm.begin("no inline")]
     comm.finish("no inline")
+    out["inline_on_rank_0_only"] = capture_error(comm.begin, "odd", None, b"x" if rank == 0 else None)
 
     big = {f"group_{i:05d}": i / 7 for i in range(400)}  # ~8 kB of JSON
 

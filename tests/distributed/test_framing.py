@@ -1,4 +1,4 @@
-"""Operation framing (Comm.begin / finish): on the success path one fixed 64-byte
+"""Operation framing (Comm.begin / finish): on the success path one fixed 16-byte
 all-reduce opens and one closes every operation, at every world size; payloads travel in
 collectives sized by what they carry; mismatches still fail on every rank, named."""
 
@@ -10,7 +10,8 @@ import framing_fns
 from launcher import run_ranks
 
 JOB_TIMEOUT = 60
-FRAME_BYTES = 64  # eight int64
+FRAME_BYTES = 16  # two int64
+DECISION_BYTES = 256
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda ws: f"ws{ws}")
@@ -18,13 +19,13 @@ def success(request):
     return request.param, run_ranks(framing_fns.success_path, request.param, timeout=JOB_TIMEOUT)
 
 
-def test_scheduler_step_is_two_frame_all_reduces_and_one_broadcast_of_its_values(success):
+def test_scheduler_step_is_two_frame_all_reduces_and_one_small_broadcast_of_its_values(success):
     world, results = success
     for rank, res in enumerate(results):
         names = [c[0] for c in res["scheduler"]]
         assert names == ["all_reduce", "broadcast", "all_reduce"], (rank, res["scheduler"])
         assert res["scheduler"][0][1] == res["scheduler"][2][1] == FRAME_BYTES, (rank, res["scheduler"])
-        assert 0 < res["scheduler"][1][1] < 200, (rank, res["scheduler"])  # the JSON of 3 levels
+        assert res["scheduler"][1][1] == DECISION_BYTES, (rank, res["scheduler"])  # status, length, values
     assert len({repr(res["levels"]) for res in results}) == 1
 
 
@@ -61,6 +62,9 @@ def test_inline_payloads_of_any_length_reach_every_rank(mismatch):
     for rank, res in enumerate(results):
         assert res["inline"] == expected, rank
         assert res["empty_inline"] == [[]] * world, rank
+        odd = res["inline_on_rank_0_only"]
+        assert odd["raised"] and odd["error_type"] == "RankDisagreementError", (rank, odd)
+        assert "only rank(s) [0]" in odd["message"], odd["message"]
 
 
 def test_a_decided_value_over_4_kib_from_rank_1_and_its_error_reach_every_rank(mismatch):
