@@ -417,7 +417,7 @@ class BaseDataSparsifier(abc.ABC):
                     raise ValueError(
                         f"group {name!r}: its data overlaps the memory of group {other!r} (the same tensor, "
                         "module or parameter, a view of it, or overlapping storage); one storage is one group: "
-                        f"add it once, or add a copy (.clone()) to mask a separate tensor")
+                        "add it once, or add a copy (.clone()) to mask a separate tensor")
 
     def _add_rects(self, name: str, shards: RectShards, reuse_mask: bool, replicated: bool | None,
                    config: dict[str, Any]) -> RectShards:

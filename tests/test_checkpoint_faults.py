@@ -389,6 +389,7 @@ class _Zygote:
                 stream.close()
 
 
+@pytest.mark.timeout(1200)  # above the loop's own 900 s hang deadline
 def test_a_save_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
