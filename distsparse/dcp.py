@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -107,13 +108,12 @@ def _row_view(mask: torch.Tensor) -> torch.Tensor:
     """The mask as ``(shape[0], rest)`` (a 0-d mask is one row of one element)."""
     if mask.dim() == 0:
         return mask.reshape(1, 1)
-    return mask.reshape(mask.shape[0], -1)
+    return mask.reshape(mask.shape[0], math.prod(mask.shape[1:]))
 
 
 def _row_bytes(shape: tuple[int, ...]) -> int:
-    rows = shape[0] if shape else 1
-    rest = (int(np.prod(shape)) // rows if rows else int(np.prod(shape[1:]))) if shape else 1
-    return (rest + 7) // 8
+    """Bytes of one packed dim-0 row of a mask of ``shape``."""
+    return (math.prod(shape[1:]) + 7) // 8 if shape else 1
 
 
 def pack_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -128,8 +128,7 @@ def pack_rows(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: a ``bool`` tensor of ``shape`` (on CPU)."""
-    rows = shape[0] if shape else 1
-    rest = int(np.prod(shape)) // rows if rows else 0
+    rest = math.prod(shape[1:]) if shape else 1
     bits = np.unpackbits(packed.detach().to("cpu").contiguous().numpy(), axis=1, count=rest)
     return torch.from_numpy(bits).view(torch.bool).reshape(shape)
 
