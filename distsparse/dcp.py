@@ -201,7 +201,7 @@ class DcpSparsityState(Stateful):
         if sp._pending:
             raise ValueError(f"groups {sorted(sp._pending)} were restored but not added again; add them "
                              "before saving or loading a DCP checkpoint (DCP needs every group's layout)")
-        sd = sp.state_dict()
+        sd = _live_state(sp)
         header = self._header(sd)
         comm = sp.comm
         description = {f"group {n}": g for n, g in header["groups"].items()}
@@ -310,7 +310,7 @@ class DcpSparsityState(Stateful):
         validate it and the scheduler's. Changes nothing."""
         header = _parse_header(loaded.get("state"), where)
         sp = self.sparsifier
-        live = sp.state_dict()
+        live = _live_state(sp)
         extra = sorted(set(header["groups"]) - set(sp._groups))
         if extra:
             raise CheckpointError(f"{where}: groups {extra} are in the checkpoint but not added to the sparsifier; "
@@ -408,6 +408,31 @@ class DcpSparsityState(Stateful):
             raise mark_raised_everywhere(CheckpointError(
                 f"{where}: the masks read do not match the saved counts (a file several ranks wrote under one "
                 "name, e.g. HuggingFaceStorageWriter without save_distributed=True?): " + "; ".join(wrong)))
+
+
+def _live_state(sp: BaseDataSparsifier) -> dict[str, Any]:
+    """What ``sp.state_dict()`` returns for the groups added, with the live mask tensors instead
+    of copies (read here, never changed): a save or load then costs no copy of any mask."""
+    from .sparsifier import STATE_FORMAT_VERSION, _to_json_config
+
+    groups: dict[str, Any] = {}
+    for name in sorted(sp._groups):
+        group = sp._groups[name]
+        entry: dict[str, Any] = {"config": _to_json_config(sp.data_groups[name]),
+                                 "shape": list(group.data.shape), "replicated": group.replicated}
+        if group.sharded:
+            lay = group.layout
+            entry["sharded"] = {"dim0_offset": lay.dim0_offset, "local_shape": list(lay.local_shape),
+                                "contributes": lay.contributes, **lay.describe(), "global_zeros": group.global_zeros}
+        if group.rects is not None:
+            entry["rects"] = {"shards": [[r, c, int(t.shape[0]), int(t.shape[1])]
+                                         for (r, c), t in group.rects.local_shards()],
+                              "global_zeros": group.global_zeros}
+        groups[name] = entry
+    return {"format_version": STATE_FORMAT_VERSION, "sparsifier": type(sp).__name__,
+            "sparsifier_args": sp._sparsifier_args(), "defaults": _to_json_config(sp.defaults), "groups": groups,
+            "masks": {n: sp._groups[n].mask for n in groups}, "world_size": sp.world_size, "rank": sp.rank,
+            "step_count": sp.step_count}
 
 
 def _zeros(mask: torch.Tensor) -> int:
