@@ -70,7 +70,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
 
 from .checkpoint import CheckpointError, _check_scheduler
 from .distributed import RemoteError, mark_raised_everywhere
@@ -157,8 +156,12 @@ def _refuse_shared_file_writer() -> None:
 # -- the Stateful ----------------------------------------------------------------------------
 
 
-class DcpSparsityState(Stateful):
+class DcpSparsityState:
     """A sparsifier (and scheduler) as a DCP ``Stateful``; build it with :func:`dcp_state`.
+
+    ``Stateful`` is a runtime-checkable protocol (``state_dict`` + ``load_state_dict``): this
+    class is one without importing ``torch.distributed.checkpoint``, whose import changes the
+    process's warning filters (importing distsparse must not).
 
     ``state_dict()`` returns fresh tensors (this rank's packed rows, never a whole sharded
     mask) that DCP writes or fills; ``load_state_dict()`` validates what DCP read on every

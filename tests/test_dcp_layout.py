@@ -45,3 +45,16 @@ def test_a_foreign_or_damaged_header_raises_checkpoint_error(header, words):
         _parse_header(_state(header), "DCP checkpoint")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         _parse_header(torch.full((8,), 0xFF, dtype=torch.uint8), "DCP checkpoint")
+
+
+def test_dcp_state_is_a_dcp_stateful():
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    import distsparse
+
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))
+    sp.add_data("t", torch.randn(8, 8))
+    assert isinstance(distsparse.dcp_state(sp), Stateful)
+    with pytest.raises(ValueError, match="another sparsifier"):
+        distsparse.dcp_state(sp, distsparse.LinearScheduler(
+            distsparse.DataNormSparsifier(sparsity_level=0.5), final_value=0.5, ramp_steps=2))
