@@ -63,13 +63,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
 
 from .checkpoint import CheckpointError, _check_scheduler
 from .distributed import RemoteError, mark_raised_everywhere
@@ -107,13 +107,12 @@ def _row_view(mask: torch.Tensor) -> torch.Tensor:
     """The mask as ``(shape[0], rest)`` (a 0-d mask is one row of one element)."""
     if mask.dim() == 0:
         return mask.reshape(1, 1)
-    return mask.reshape(mask.shape[0], -1)
+    return mask.reshape(mask.shape[0], math.prod(mask.shape[1:]))
 
 
 def _row_bytes(shape: tuple[int, ...]) -> int:
-    rows = shape[0] if shape else 1
-    rest = (int(np.prod(shape)) // rows if rows else int(np.prod(shape[1:]))) if shape else 1
-    return (rest + 7) // 8
+    """Bytes of one packed dim-0 row of a mask of ``shape``."""
+    return (math.prod(shape[1:]) + 7) // 8 if shape else 1
 
 
 def pack_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -128,8 +127,7 @@ def pack_rows(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: a ``bool`` tensor of ``shape`` (on CPU)."""
-    rows = shape[0] if shape else 1
-    rest = int(np.prod(shape)) // rows if rows else 0
+    rest = math.prod(shape[1:]) if shape else 1
     bits = np.unpackbits(packed.detach().to("cpu").contiguous().numpy(), axis=1, count=rest)
     return torch.from_numpy(bits).view(torch.bool).reshape(shape)
 
@@ -158,8 +156,12 @@ def _refuse_shared_file_writer() -> None:
 # -- the Stateful ----------------------------------------------------------------------------
 
 
-class DcpSparsityState(Stateful):
+class DcpSparsityState:
     """A sparsifier (and scheduler) as a DCP ``Stateful``; build it with :func:`dcp_state`.
+
+    ``Stateful`` is a runtime-checkable protocol (``state_dict`` + ``load_state_dict``): this
+    class is one without importing ``torch.distributed.checkpoint``, whose import changes the
+    process's warning filters (importing distsparse must not).
 
     ``state_dict()`` returns fresh tensors (this rank's packed rows, never a whole sharded
     mask) that DCP writes or fills; ``load_state_dict()`` validates what DCP read on every
@@ -202,7 +204,7 @@ class DcpSparsityState(Stateful):
         if sp._pending:
             raise ValueError(f"groups {sorted(sp._pending)} were restored but not added again; add them "
                              "before saving or loading a DCP checkpoint (DCP needs every group's layout)")
-        sd = sp.state_dict()
+        sd = _live_state(sp)
         header = self._header(sd)
         comm = sp.comm
         description = {f"group {n}": g for n, g in header["groups"].items()}
@@ -311,7 +313,7 @@ class DcpSparsityState(Stateful):
         validate it and the scheduler's. Changes nothing."""
         header = _parse_header(loaded.get("state"), where)
         sp = self.sparsifier
-        live = sp.state_dict()
+        live = _live_state(sp)
         extra = sorted(set(header["groups"]) - set(sp._groups))
         if extra:
             raise CheckpointError(f"{where}: groups {extra} are in the checkpoint but not added to the sparsifier; "
@@ -409,6 +411,31 @@ class DcpSparsityState(Stateful):
             raise mark_raised_everywhere(CheckpointError(
                 f"{where}: the masks read do not match the saved counts (a file several ranks wrote under one "
                 "name, e.g. HuggingFaceStorageWriter without save_distributed=True?): " + "; ".join(wrong)))
+
+
+def _live_state(sp: BaseDataSparsifier) -> dict[str, Any]:
+    """What ``sp.state_dict()`` returns for the groups added, with the live mask tensors instead
+    of copies (read here, never changed): a save or load then costs no copy of any mask."""
+    from .sparsifier import STATE_FORMAT_VERSION, _to_json_config
+
+    groups: dict[str, Any] = {}
+    for name in sorted(sp._groups):
+        group = sp._groups[name]
+        entry: dict[str, Any] = {"config": _to_json_config(sp.data_groups[name]),
+                                 "shape": list(group.data.shape), "replicated": group.replicated}
+        if group.sharded:
+            lay = group.layout
+            entry["sharded"] = {"dim0_offset": lay.dim0_offset, "local_shape": list(lay.local_shape),
+                                "contributes": lay.contributes, **lay.describe(), "global_zeros": group.global_zeros}
+        if group.rects is not None:
+            entry["rects"] = {"shards": [[r, c, int(t.shape[0]), int(t.shape[1])]
+                                         for (r, c), t in group.rects.local_shards()],
+                              "global_zeros": group.global_zeros}
+        groups[name] = entry
+    return {"format_version": STATE_FORMAT_VERSION, "sparsifier": type(sp).__name__,
+            "sparsifier_args": sp._sparsifier_args(), "defaults": _to_json_config(sp.defaults), "groups": groups,
+            "masks": {n: sp._groups[n].mask for n in groups}, "world_size": sp.world_size, "rank": sp.rank,
+            "step_count": sp.step_count}
 
 
 def _zeros(mask: torch.Tensor) -> int:

@@ -958,13 +958,16 @@ class BaseDataSparsifier(abc.ABC):
                 if group.distributed_rows:
                     group.global_zeros = zeros
                 continue
-            if group.rects is not None:
+            if group.rects is not None:  # _store_mask copies into the mask: no intermediate copy
                 self._store_mask(name, _rows_of(mask, None, group.rects).to(device=group.rects.device,
-                                                                            dtype=torch.bool, copy=True))
+                                                                            dtype=torch.bool))
                 group.global_zeros = zeros
                 continue
             local = group.local
-            self._store_mask(name, _rows_of(mask, group.layout).to(device=local.device, dtype=torch.bool, copy=True)
+            # A plain group's mask takes the new storage (set_): a copy, so it never aliases the
+            # caller's state; a DTensor group's is copied into by _store_mask.
+            self._store_mask(name, _rows_of(mask, group.layout).to(device=local.device, dtype=torch.bool,
+                                                                   copy=group.layout is None)
                              if mask is not None else torch.ones(local.shape, dtype=torch.bool, device=local.device))
             if group.sharded:
                 group.global_zeros = zeros

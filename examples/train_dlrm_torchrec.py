@@ -55,13 +55,14 @@ What it does
   `OUTPUT_DIR/ckpt/step_NNNNNN/`: `model/` (torch.distributed.checkpoint (DCP) of both
   models' state_dicts — sharded tables as ShardedTensors, each rank writing its shards —
   the fused optimizers' state (Adagrad's `momentum1`, sharded like the tables) and the
-  dense optimizers' state), `distsparse_state.safetensors` (`distsparse.save_checkpoint`:
-  whole bit-packed masks and the schedule, loadable at any world size or plan). After
+  dense optimizers' state) and the sparsity (`distsparse.dcp_state`: each rank's shards of
+  every mask, the configs and the schedule) -- ONE DCP checkpoint, each rank writing its own
+  shards, no whole table or mask anywhere. After
   every rank finished writing, rank 0 writes `train_state.json` (step, epoch position,
   world size, plan, a sha256 of every DCP file: DCP carries no checksum) and a `COMPLETE`
   marker, then keeps the newest `--keep` complete folders (as the main job does).
 * Resume (`--resume auto`, the default): the newest folder with `COMPLETE`, a readable
-  `train_state.json` and matching file digests whose DCP and distsparse files load on every
+  `train_state.json` and matching file digests whose DCP checkpoint loads on every
   rank; each skipped folder is named with the reason. `--resume PATH` loads exactly PATH
   or stops; `--resume none` starts over. Same world size and batch size: the resumed run
   follows the uninterrupted one bit for bit (weights, optimizer state, masks, schedule).
@@ -69,9 +70,8 @@ What it does
   kept in samples, as in the main job).
 * Summary: validation loss and AUC of both models (every rank evaluates a slice; logits
   gathered), the cost of sparsity, and per table the sparsity and bytes. Rank 0 gathers
-  the tables (`ShardedTensor.gather`) and loads the final `distsparse_state.safetensors`
-  into a one-process sparsifier over them — the file holds whole masks, so this is also a
-  check that a TorchRec run's checkpoint loads in a single process — then exports the
+  the tables (`ShardedTensor.gather`) and the masks (one reduce per table), puts them in a
+  one-process sparsifier over the tables, then exports the
   tables with `distsparse.save_sparse_data` to `OUTPUT_DIR/sparse_tables.safetensors`
   (kept (1,4) blocks + 1 bit per block) and writes `OUTPUT_DIR/summary.json` (the main
   job's fields, with sha256 digests of every mask, table and both models).
@@ -120,7 +120,6 @@ EMB_OPTIMIZERS = {"adagrad": "Adagrad", "rowwise_adagrad": "RowWiseAdagrad", "sg
 CPU_EMB_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")  # FBGEMM's CPU kernels
 EBC = "sparse_arch.embedding_bag_collection"
 DCP_DIR = "model"
-SPARSITY_FILE = "distsparse_state.safetensors"
 
 
 def say_on_rank0(text: str) -> None:
@@ -268,8 +267,14 @@ def evaluate(dmp, val: dict, device, batch=8192) -> dict:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def app_state(trainees: dict) -> dict:
-    return {name: t.state_dict() for name, t in trainees.items()}
+def app_state(trainees: dict, sp=None, sch=None) -> dict:
+    """The one DCP state dict of a checkpoint: both models (sharded tables as ShardedTensors),
+    their optimizers, and the sparsity (`distsparse.dcp_state`: each rank's shards of every
+    mask, configs and schedule)."""
+    state = {name: t.state_dict() for name, t in trainees.items()}
+    if sp is not None:
+        state["sparsity"] = distsparse.dcp_state(sp, sch)
+    return state
 
 
 def save_checkpoint(root: Path, step: int, state: dict, keep: int, distrusted: set, trainees: dict, sp, sch) -> Path:
@@ -283,13 +288,10 @@ def save_checkpoint(root: Path, step: int, state: dict, keep: int, distrusted: s
         path.mkdir(parents=True)
     distrusted.discard(path.name)
     dist.barrier()
-    dcp.save(app_state(trainees), checkpoint_id=str(path / DCP_DIR))
-    if sp is not None:
-        distsparse.save_checkpoint(path / SPARSITY_FILE, sp, sch)
+    dcp.save(app_state(trainees, sp, sch), checkpoint_id=str(path / DCP_DIR))
     dist.barrier()                     # every rank finished writing
     if dist.get_rank() == 0:
-        files = {str(f.relative_to(path)): file_sha256(f) for f in sorted(path.rglob("*"))
-                 if f.is_file() and f.name != SPARSITY_FILE}   # distsparse checks its own tensors
+        files = {str(f.relative_to(path)): file_sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
         with open(path / "train_state.json", "w") as f:
             json.dump(dict(state, files=files), f, indent=1)
             f.flush(); os.fsync(f.fileno())
@@ -307,15 +309,27 @@ def save_checkpoint(root: Path, step: int, state: dict, keep: int, distrusted: s
 
 def load_checkpoint(path: Path, trainees: dict, sp, sch) -> None:
     """DCP loads in place into the live state_dicts (each rank reads its shards, resharded
-    if the plan or world size changed); then distsparse's masks and schedule."""
+    if the plan or world size changed), the masks and schedule included (validated on every
+    rank before any changes)."""
     for t in trainees.values():
         t.dense_opt.init_state()       # Adam's state is lazy: DCP needs the tensors to load into
-    state = app_state(trainees)
+    state = app_state(trainees, sp, sch)
     dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     for name, t in trainees.items():
         t.load_state_dict(state[name])
-    if sp is not None:
-        distsparse.load_checkpoint(path / SPARSITY_FILE, sp, sch)
+
+
+def gathered_masks(sp, dmp, device) -> dict[str, torch.Tensor] | None:
+    """Whole masks on rank 0's CPU (None elsewhere), for the summary: each rank fills its
+    shards into a zero table, one reduce per table (a collective)."""
+    out = {}
+    for name, st in sharded_tables(dmp).items():
+        whole = torch.zeros(tuple(st.size()), dtype=torch.uint8, device=device)
+        for (r, c), m in sp.get_mask(name).local_shards():
+            whole[r : r + m.shape[0], c : c + m.shape[1]] = m.to(device=device, dtype=torch.uint8)
+        dist.reduce(whole, dst=0)
+        out[name] = whole.cpu().bool()
+    return out if dist.get_rank() == 0 else None
 
 
 def broadcast(obj):
@@ -469,6 +483,7 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
     served, served_lines = None, []
     if sp is not None and args.prune == "rows":  # collective: the sharded tables are written where they live
         served, served_lines = serve_pruned(args, sp, dense_sd, val, final, out)
+    whole_masks = gathered_masks(sp, model.dmp, device) if sp is not None else None
     # a one-process sparsifier on rank 0 over the gathered tables (every rank creates the group)
     solo_group = dist.new_group([0], backend="gloo") if sp is not None else None
     if dist.get_rank() != 0:
@@ -487,8 +502,13 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
     if sp is not None:
         solo = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4), process_group=solo_group)
         for n in TABLES:
-            solo.add_data(n, tables[n], replicated=True)   # as the sharded groups are saved
-        distsparse.load_checkpoint(final_ckpt / SPARSITY_FILE, solo)   # whole masks of the sharded run
+            solo.add_data(n, tables[n], replicated=True)
+        state = solo.state_dict()      # the sharded run's masks, configs and step count
+        for n in TABLES:
+            state["groups"][n]["config"] = json.loads(json.dumps(sp.data_groups[n]))
+            state["masks"][n] = whole_masks[n]
+        state["step_count"] = sp.step_count
+        solo.load_state_dict(state)
         masks = {n: solo.get_mask(n) for n in TABLES}
     for n in TABLES:
         w, m = tables[n], masks[n]

@@ -7,8 +7,8 @@ model + dense baseline (both DistributedModelParallel, fused Adagrad).
 
 * A  uninterrupted: the summary's fields; every table's sparsity from the sharded run
      (`sp.sparsity()`) equals its whole mask's; the exported tables load back equal to the
-     final weights; the final sparsity checkpoint loads into a single-process sparsifier
-     here, with the masks the summary reports, and every pruned weight is 0; re-running it
+     final weights; the final DCP checkpoint (models, optimizers, masks), read whole here,
+     holds the masks the summary reports, and every pruned weight is 0; re-running it
      says it is finished and exits 0.
 * B  killed (`--crash-at-step C`, every rank os._exit(1)s) at a random step C in 46..59
      (seeded; `TORCHREC_E2E_SEED=<seed>` replays it). Then the newest checkpoint loses its
@@ -124,7 +124,6 @@ def run_a(tmp_path_factory):
 
 def test_uninterrupted_run_summary_masks_export_and_not_redone(run_a):
     import distsparse
-    from safetensors.torch import load_file
 
     a, ra = run_a
     assert "world_size=2 backend=gloo" in ra.stdout and "starting from scratch" in ra.stdout, ra.stdout
@@ -166,16 +165,16 @@ def test_uninterrupted_run_summary_masks_export_and_not_redone(run_a):
         assert hashlib.sha256(w.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() == \
             sa["tables"][name]["weight_sha256"], name
 
-    # the final sparsity checkpoint of the 2-rank TorchRec run loads in this single process
-    sp = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4))
+    # the final checkpoint is ONE DCP checkpoint holding the masks too; read whole in this process
+    folder = a / "ckpt" / _ckpt(STEPS)
+    assert not (folder / "distsparse_state.safetensors").exists()
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(folder / "model", a / "whole.pt")
+    whole = torch.load(a / "whole.pt", weights_only=False)
     for name in TABLES:
-        sp.add_data(name, exported[name].clone(), replicated=True)   # how the sharded groups are saved
-    distsparse.load_checkpoint(a / "ckpt" / _ckpt(STEPS) / "distsparse_state.safetensors", sp)
-    for name in TABLES:
-        m = sp.get_mask(name)
+        m = whole["sparsity"][f"rects/{name}"].to(torch.bool)        # 0/1 per element, the table's shape
         assert hashlib.sha256(m.contiguous().numpy().tobytes()).hexdigest() == sa["mask_sha256"][name], name
         assert not exported[name][~m].any(), name                      # every pruned weight is 0
-    assert load_file(str(a / "ckpt" / _ckpt(STEPS) / "distsparse_state.safetensors"))  # plain safetensors
 
     # re-running a finished job: says so, exits 0 at once, changes nothing
     before = (a / "summary.json").stat().st_mtime_ns
