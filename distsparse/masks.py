@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .kernels.fused_cpu import fused_block_mask
 from .kernels.radix import ShardSelection
 
 __all__ = [
@@ -282,6 +283,11 @@ def norm_block_mask(
     if sparsity_level <= 0 or zeros_per_block == 0:
         _check_finite(data)
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
+    n_blocks = -(-rows // bh) * -(-cols // bw)
+    fused = fused_block_mask(matrix, round(sparsity_level * n_blocks), block_shape, zeros_per_block, norm,
+                             lambda: _check_finite(data))
+    if fused is not None:  # the compiled one-read path (distsparse.kernels.fused_cpu), same bits
+        return fused.reshape(data.shape)
     scores = block_scores(matrix, block_shape, norm)
     if not bool(torch.isfinite(scores.amax())):  # one pass, no temporary; NaN propagates
         _check_finite(data)  # else finite data whose squares overflowed: inf scores rank last
