@@ -102,3 +102,24 @@ def test_other_inputs_take_the_torch_path(monkeypatch):
                            torch_path(monkeypatch, data, 0.5, (1, 4), 2, "L1"))
     monkeypatch.setenv("DISTSPARSE_FUSED_CPU", "0")
     assert not fused_cpu.available()
+
+
+def test_a_forked_child_gets_its_own_threads():
+    import os
+
+    data = torch.randn(300, 64)
+    want = fused(data, 0.5, (1, 4), 4, "L1", threads=2)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool threads do not exist here
+        ok = torch.equal(fused(data, 0.5, (1, 4), 4, "L1", threads=2), want)
+        os._exit(0 if ok else 1)
+    deadline = __import__("time").monotonic() + 120
+    while __import__("time").monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return
+        __import__("time").sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung in the fused kernel")

@@ -50,7 +50,7 @@ _BINS = 1 << 15
 # Key of +inf: scores at or above it are not finite.
 _INF_KEY = {4: 0x7F800000, 8: 0x7FF0000000000000}
 _LOCK = threading.Lock()
-_POOL: dict[int, ThreadPoolExecutor] = {}
+_POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def available() -> bool:
@@ -247,10 +247,11 @@ def _run(parts: int, work: Callable[[int], int | None]) -> list:
     release the GIL); each range writes only its own outputs."""
     if parts == 1:
         return [work(0)]
+    key = (os.getpid(), parts)  # a forked child has none of its parent's pool threads: its own pool
     with _LOCK:
-        pool = _POOL.get(parts)
+        pool = _POOL.get(key)
         if pool is None:
-            pool = _POOL[parts] = ThreadPoolExecutor(parts, thread_name_prefix="distsparse-fused")
+            pool = _POOL[key] = ThreadPoolExecutor(parts, thread_name_prefix="distsparse-fused")
     return list(pool.map(work, range(parts)))
 
 
