@@ -18,6 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .kernels.fused_cpu import fused_block_mask
+from .kernels.radix import ShardSelection
+
 __all__ = [
     "as_matrix",
     "block_scores",
@@ -146,8 +149,6 @@ def _lowest_blocks_consuming(scores: torch.Tensor, k: int) -> torch.Tensor:
         # On a GPU topk's selection wins at every size (H100, 16M scores: 0.6 ms against
         # the radix's 4.0 ms) for a temporary of at most half the scores' values + indices.
         return lowest_blocks(scores, k)
-    from .selection import ShardSelection  # selection builds on this module
-
     selection = ShardSelection(scores, n, k, digit_bits=16)
     while not selection.done:
         selection.advance(selection.histogram())
@@ -283,6 +284,11 @@ def norm_block_mask(
     if sparsity_level <= 0 or zeros_per_block == 0:
         _check_finite(data)
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
+    n_blocks = -(-rows // bh) * -(-cols // bw)
+    fused = fused_block_mask(matrix, round(sparsity_level * n_blocks), block_shape, zeros_per_block, norm,
+                             lambda: _check_finite(data))
+    if fused is not None:  # the compiled one-read path (distsparse.kernels.fused_cpu), same bits
+        return fused.reshape(data.shape)
     scores = block_scores(matrix, block_shape, norm)
     if not bool(torch.isfinite(scores.amax())):  # one pass, no temporary; NaN propagates
         _check_finite(data)  # else finite data whose squares overflowed: inf scores rank last

@@ -20,8 +20,17 @@ rank, each cut rounded to the nearest block row. So:
   ``F`` and the splittable ones can even out the rest. Only when the unsplittable groups
   alone cannot be placed under ``max(F, U)`` (LPT's limit) is it up to ``F + U + b``.
 
-``min_split_elements`` (default 2**20, about 5 ms of scoring on one core) keeps groups
-whose whole computation costs less than the selection rounds' latency from being split.
+**Which groups may be split** (issue 22: split only where it pays). By default
+(``min_split_elements=None``) a group is splittable when :class:`SplitCosts` predicts that
+its busiest rank finishes sooner with the group split over the ranks than with one rank
+computing it whole: ``numel / N × split_cost + rounds × 2(N−1) × latency <
+numel × whole_cost``. A whole group runs the fused one-read kernel
+(``distsparse.kernels.fused_cpu``), a shard the per-shard torch path plus the selection's
+collectives, so at world 2 no single table gains (its two halves cost more than the
+whole) while at world 4 tables from ~13M elements do. The constants are fixed (the same
+on every rank, so every rank makes the same plan) and come from
+``benchmarks/cost_model.py``. An explicit ``min_split_elements`` restores the size rule:
+every group of at least that many elements may be split when balance needs it.
 
 A split group's shards are contiguous row ranges, in rank order along the rows, each
 starting and ending at a multiple of the block height (the last may end at the last row),
@@ -35,9 +44,32 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-__all__ = ["GroupSpec", "GroupPlan", "Plan", "plan", "DEFAULT_MIN_SPLIT_ELEMENTS"]
+__all__ = ["GroupSpec", "GroupPlan", "Plan", "SplitCosts", "plan", "DEFAULT_MIN_SPLIT_ELEMENTS"]
 
-DEFAULT_MIN_SPLIT_ELEMENTS = 1 << 20
+#: ``None``: the cost model (:class:`SplitCosts`) decides which groups may be split.
+DEFAULT_MIN_SPLIT_ELEMENTS: int | None = None
+
+
+@dataclass(frozen=True)
+class SplitCosts:
+    """The per-rank time model behind the default split decision. Defaults: one core of
+    this project's 2-vCPU machine, gloo over loopback (``benchmarks/cost_model.py``)."""
+
+    #: Seconds per element of a whole group's mask (the fused CPU kernel, one thread).
+    whole_seconds_per_element: float = 1.6e-9
+    #: Seconds per element of a shard's part (scores, radix passes, mask rows: torch path).
+    split_seconds_per_element: float = 5.6e-9
+    #: One ring step of a small all-reduce (``selection.ALLREDUCE_STEP_LATENCY_S``).
+    step_latency_s: float = 104e-6
+    #: All-reduces a split adds to the step: status, two radix rounds, the tie counts.
+    collectives: int = 4
+
+    def split_pays(self, numel: int, world_size: int) -> bool:
+        """Whether ``numel`` elements over ``world_size`` ranks beat one rank doing all."""
+        if world_size < 2:
+            return False
+        fixed = self.collectives * 2 * (world_size - 1) * self.step_latency_s
+        return numel / world_size * self.split_seconds_per_element + fixed < numel * self.whole_seconds_per_element
 
 
 @dataclass(frozen=True)
@@ -98,7 +130,7 @@ class Plan:
     groups: Mapping[str, GroupPlan]
     loads: tuple[int, ...]
     fair_share: float
-    min_split_elements: int
+    min_split_elements: int | None
 
     def assignment(self, name: str) -> dict[int, tuple[int, int]]:
         """``{rank: (row_start, row_stop)}`` of group ``name``: one entry covering every
@@ -199,8 +231,10 @@ def _pour(split: list[GroupSpec], loads: list[int]) -> dict[str, dict[int, tuple
 
 
 def plan(world_size: int, groups: Iterable[GroupSpec], *,
-         min_split_elements: int = DEFAULT_MIN_SPLIT_ELEMENTS) -> Plan:
-    """The deterministic plan of one step (see the module docstring for the rule)."""
+         min_split_elements: int | None = DEFAULT_MIN_SPLIT_ELEMENTS,
+         split_costs: SplitCosts = SplitCosts()) -> Plan:
+    """The deterministic plan of one step (see the module docstring for the rule).
+    ``min_split_elements=None``: ``split_costs`` decides which groups may be split."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     specs = sorted(groups, key=lambda s: s.name)
@@ -216,8 +250,11 @@ def plan(world_size: int, groups: Iterable[GroupSpec], *,
     fair = total / world_size
 
     def eligible(s: GroupSpec) -> bool:
-        return (world_size > 1 and s.splittable and s.numel >= min_split_elements
-                and s.rows > s.block_shape[0])
+        if not (world_size > 1 and s.splittable and s.rows > s.block_shape[0]):
+            return False
+        if min_split_elements is None:
+            return split_costs.split_pays(s.numel, world_size)
+        return s.numel >= min_split_elements
 
     candidates = sorted((s for s in planned if eligible(s)), key=lambda s: (-s.numel, s.name))
     fixed = [s for s in planned if not eligible(s)]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from distsparse.planner import GroupSpec, plan
+from distsparse.planner import GroupSpec, SplitCosts, plan
 
 BLOCKS = [(1, 4), (2, 2), (3, 5), (8, 1)]
 
@@ -71,7 +71,7 @@ def test_any_mix_is_within_the_documented_bound(seed):
     rng = random.Random(1000 + seed)
     world = rng.choice([1, 2, 3, 5, 8, 100, 1024])
     groups = random_groups(rng, rng.randint(0, 80))
-    p = plan(world, groups)
+    p = plan(world, groups, min_split_elements=1 << 20)  # the size rule; the cost rule below
     check_shape(p, groups)
     fair = sum(p.loads) / world
     split = [g for g in groups if p.groups[g.name].kind == "split"]
@@ -93,7 +93,7 @@ def test_one_big_table_is_split_evenly_and_aligned_to_its_blocks():
 def test_one_big_table_with_small_ones_stays_within_a_block_row_and_keeps_them_whole():
     groups = [GroupSpec("big", 2_000_000, 64, (1, 4))] + [GroupSpec(f"s{i}", 1000, 64, (1, 4)) for i in range(30)]
     for world in (2, 3, 8, 64):
-        p = plan(world, groups)
+        p = plan(world, groups, min_split_elements=1 << 20)  # the size rule: world 2 splits too
         check_shape(p, groups)
         assert p.split_names == ["big"]
         assert max(p.loads) <= sum(p.loads) / world + 64
@@ -103,7 +103,8 @@ def test_equal_tables_that_balance_whole_are_not_split():
     groups = [GroupSpec(f"t{i}", 250_000, 64, (1, 4)) for i in range(8)]
     p = plan(2, groups)
     assert p.split_names == [] and p.loads == (64_000_000, 64_000_000)
-    p3 = plan(3, groups)  # 8 over 3 ranks: whole tables leave one rank 12% over the share
+    assert plan(3, groups).split_names == []  # the cost rule: a third of a table on the shard path loses
+    p3 = plan(3, groups, min_split_elements=1 << 20)  # 8 over 3 ranks: whole tables leave one rank 12% over
     assert 1 <= len(p3.split_names) <= 2
     assert max(p3.loads) <= sum(p3.loads) / 3 + 64
 
@@ -141,7 +142,7 @@ def test_local_groups_are_not_planned():
 
 def test_work_of_lists_what_a_rank_computes():
     groups = [GroupSpec("a", 3_000_000, 8, (2, 2)), GroupSpec("b", 10, 8, (2, 2))]
-    p = plan(2, groups)
+    p = plan(2, groups, min_split_elements=1 << 20)
     work = {r: p.work_of(r) for r in range(2)}
     names = [n for r in range(2) for n, _, _ in work[r]]
     assert names.count("a") == 2 and names.count("b") == 1
@@ -170,3 +171,42 @@ def test_whole_groups_go_largest_first_so_a_mix_that_balances_whole_is_not_split
     groups = [GroupSpec(n, m * 100_000, 1, (1, 1)) for n, m in sizes.items()]  # all below min_split
     p = plan(2, groups)
     assert p.split_names == [] and p.loads == (1_100_000, 1_100_000)
+
+
+# -- split only where it pays (issue 22 item 5) ----------------------------------------------
+
+
+@pytest.mark.parametrize("rows, cols", [(1_000_001, 8), (131_072, 8), (4_000_000, 16), (1_000_000, 64),
+                                        (500_000, 128), (8_000_000, 8)])
+def test_world_two_keeps_a_single_table_whole_by_default(rows, cols):
+    # A half over the per-shard path plus the rounds costs more than the fused whole.
+    p = plan(2, [GroupSpec("t", rows, cols, (1, 4))])
+    assert p.groups["t"].kind == "whole" and p.split_names == []
+
+
+def test_the_cost_model_splits_where_the_busiest_rank_gains():
+    costs = SplitCosts()
+    big = GroupSpec("big", 4_000_000, 64, (1, 4))  # 256M elements
+    p = plan(4, [big])
+    assert p.groups["big"].kind == "split" and len(p.groups["big"].ranges) == 4
+    assert costs.split_pays(big.numel, 4)
+    small = GroupSpec("small", 100_000, 64, (1, 4))  # fixed costs of the rounds dominate
+    assert not costs.split_pays(small.numel, 4)
+    assert plan(4, [small]).groups["small"].kind == "whole"
+
+
+def test_split_costs_follow_their_constants():
+    # Splitting pays exactly when numel/N * split + fixed < numel * whole.
+    cheap_shards = SplitCosts(whole_seconds_per_element=5e-9, split_seconds_per_element=5e-9)
+    assert cheap_shards.split_pays(4_000_000, 2)
+    fixed = cheap_shards.collectives * 2 * cheap_shards.step_latency_s  # world 2
+    edge = int(fixed / 2.5e-9)
+    assert not cheap_shards.split_pays(edge - 1000, 2) and cheap_shards.split_pays(edge + 1000, 2)
+    p = plan(2, [GroupSpec("t", 1_000_001, 8, (1, 4))], split_costs=cheap_shards)
+    assert p.groups["t"].kind == "split"
+    assert not SplitCosts().split_pays(10**12, 1)
+
+
+def test_an_explicit_min_split_elements_restores_the_size_rule():
+    p = plan(2, [GroupSpec("t", 1_000_001, 8, (1, 4))], min_split_elements=1 << 20)
+    assert p.groups["t"].kind == "split"

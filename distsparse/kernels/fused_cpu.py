@@ -1,0 +1,354 @@
+"""Fused CPU block mask: one read of the data, selection over candidates only, one mask write.
+
+The torch path of ``distsparse.masks.norm_block_mask`` makes ~20 passes over the data and
+its block scores (scores in chunks, conversions, radix rounds, the mask broadcast). This
+kernel, compiled with numba, makes three passes:
+
+1. **Scores, keys and the first histogram in one read.** Each block's score is formed with
+   exactly the arithmetic of the torch path (``|x|`` or ``x*x`` in the data's dtype, summed
+   from 0 in row-major order within the block, one division by the number of valid
+   elements, all in the data's dtype: the order of ``avg_pool2d``'s loop and of the
+   strided adds). Its bit pattern is the score's integer key (scores are ``>= +0.0``), whose
+   top bits are counted into a histogram. The key is parked in the new mask's own bytes,
+   inside the block's region, so the step's memory is the mask plus small buffers.
+2. **Candidates.** The digit holding the k-th lowest key is read off the summed histogram;
+   only the keys in that digit (typically under 1 % of the blocks) are gathered, in
+   row-major order, and the exact k-th key and the tie cut are found among them.
+3. **One mask write.** Each block's key is compared with the threshold (ties: the lowest
+   global block indices first, as everywhere in distsparse) and its region overwritten with
+   the keep flags; a pruned block keeps all but its ``zeros_per_block`` smallest elements
+   (ties to the lower position).
+
+Work is split into fixed ranges of block rows; counts are integers and the candidate
+order is the row-major order, so the result does not depend on the number of threads.
+Numba is optional: :func:`fused_block_mask` returns ``None`` when it is missing or the
+input is not covered (float16/bfloat16 data, non-contiguous data, blocks whose region is
+smaller than a key), and the caller runs the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+try:  # optional dependency (pyproject extra "fast"; installed by the test and example extras)
+    import numba
+    from numba import njit
+except ImportError:  # pragma: no cover - exercised on machines without numba
+    numba = None
+
+__all__ = ["available", "fused_block_mask"]
+
+# Top-digit shift per key width: 2**15 bins (keys of scores >= 0 are below 2**(bits-1)).
+_SHIFT = {4: 16, 8: 48}
+_BINS = 1 << 15
+# Key of +inf: scores at or above it are not finite.
+_INF_KEY = {4: 0x7F800000, 8: 0x7FF0000000000000}
+_LOCK = threading.Lock()
+_POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run here (numba importable, not disabled by
+    ``DISTSPARSE_FUSED_CPU=0``)."""
+    return numba is not None and os.environ.get("DISTSPARSE_FUSED_CPU", "1") != "0"
+
+
+if numba is not None:
+    @njit(cache=True, inline="always")
+    def _magnitude(v, l2):
+        return v * v if l2 else abs(v)
+
+    @njit(cache=True, inline="always")
+    def _load_key(mode, kview, buf, side, r0, c0, j, bw, nbytes, flat):
+        # mode 0: an integer view of the mask holds the key in the block's first row;
+        # 1: its bytes, row-major over the block's region; 2: a side array.
+        if mode == 0:
+            return np.int64(kview[r0, j])
+        if mode == 2:
+            return side[flat]
+        key = np.int64(0)
+        for t in range(nbytes):
+            key |= np.int64(buf[r0 + t // bw, c0 + t % bw]) << (8 * t)
+        return key
+
+    @njit(cache=True, nogil=True)
+    def _score_flat(xb, b0, b1, bw, l2, mode, divisors, acc, keys, kflat, side, shift, inf_key, h):
+        """Blocks ``[b0, b1)`` of one-row blocks tiling the data (``xb``: blocks × bw): a
+        long loop the compiler vectorises across blocks, same adds in the same order."""
+        bad = 0
+        step = acc.size
+        div = divisors[bw]
+        for s0 in range(b0, b1, step):
+            m = min(step, b1 - s0)
+            xs = xb[s0 : s0 + m]  # a slice: the compiler then knows the indices are in range
+            # 0 + m0 = m0 (magnitudes are >= +0), so each sum starts at its first element;
+            # explicit widths let the compiler vectorise across blocks.
+            if bw == 4:
+                for j in range(m):
+                    acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
+                              + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)) / div
+            elif bw == 2:
+                for j in range(m):
+                    acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)) / div
+            elif bw == 8:
+                for j in range(m):
+                    acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
+                              + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)
+                              + _magnitude(xs[j, 4], l2) + _magnitude(xs[j, 5], l2)
+                              + _magnitude(xs[j, 6], l2) + _magnitude(xs[j, 7], l2)) / div
+            else:
+                for j in range(m):
+                    t = divisors[0]
+                    for b in range(bw):
+                        t += _magnitude(xs[j, b], l2)
+                    acc[j] = t / div
+            for j in range(m):
+                key = np.int64(keys[j])
+                bad += key >= inf_key
+                h[j & 3, key >> shift] += 1
+            if mode == 0:
+                kf = kflat[s0 : s0 + m]
+                for j in range(m):
+                    kf[j] = keys[j]
+            else:
+                sd = side[s0 : s0 + m]
+                for j in range(m):
+                    sd[j] = keys[j]
+        return bad
+
+    @njit(cache=True, nogil=True)
+    def _score_rows(x, i0, i1, bh, bw, l2, mode, nbytes, divisors, acc, keys, kview, buf, side, shift, inf_key, h):
+        rows, cols = x.shape
+        n_bc = -(-cols // bw)
+        full = cols // bw
+        bad = 0
+        for i in range(i0, i1):
+            r0 = i * bh
+            r1 = min(rows, r0 + bh)
+            for j in range(n_bc):
+                acc[j] = divisors[0]
+            for r in range(r0, r1):
+                row = x[r]
+                for j in range(full):
+                    s = acc[j]
+                    for b in range(bw):
+                        s += _magnitude(row[j * bw + b], l2)
+                    acc[j] = s
+                if full < n_bc:
+                    s = acc[full]
+                    for col in range(full * bw, cols):
+                        s += _magnitude(row[col], l2)
+                    acc[full] = s
+            div = divisors[(r1 - r0) * bw]
+            for j in range(full):
+                acc[j] = acc[j] / div
+            if full < n_bc:
+                acc[full] = acc[full] / divisors[(r1 - r0) * (cols - full * bw)]
+            for j in range(n_bc):
+                key = np.int64(keys[j])
+                bad += key >= inf_key
+                h[j & 3, key >> shift] += 1
+            if mode == 0:
+                for j in range(n_bc):
+                    kview[r0, j] = keys[j]
+            elif mode == 2:
+                for j in range(n_bc):
+                    side[i * n_bc + j] = keys[j]
+            else:
+                for j in range(n_bc):
+                    key = np.int64(keys[j])
+                    for t in range(nbytes):
+                        buf[r0 + t // bw, j * bw + t % bw] = np.uint8((key >> (8 * t)) & 0xFF)
+        return bad
+
+    @njit(cache=True, nogil=True)
+    def _gather_rows(mode, kview, buf, side, i0, i1, bh, bw, n_bc, nbytes, shift, digit, o, cand_keys, cand_idx):
+        if mode == 0 and bh == 1:
+            kf = kview.reshape(-1)
+            for f in range(i0 * n_bc, i1 * n_bc):
+                key = np.int64(kf[f])
+                if key >> shift == digit:
+                    cand_keys[o] = key
+                    cand_idx[o] = f
+                    o += 1
+            return
+        for i in range(i0, i1):
+            for j in range(n_bc):
+                flat = i * n_bc + j
+                key = _load_key(mode, kview, buf, side, i * bh, j * bw, j, bw, nbytes, flat)
+                if key >> shift == digit:
+                    cand_keys[o] = key
+                    cand_idx[o] = flat
+                    o += 1
+
+    @njit(cache=True, nogil=True)
+    def _write_rows(x, i0, i1, mode, kview, buf, side, bh, bw, l2, nbytes, ones, threshold, last_tie, zeros):
+        rows, cols = x.shape
+        n_bc = buf.shape[1] // bw
+        values = bh * bw
+        if zeros >= values and mode == 0 and bh == 1:  # one key-wide word per block, flat
+            kf = kview.reshape(-1)
+            for f in range(i0 * n_bc, i1 * n_bc):
+                key = np.int64(kf[f])
+                kf[f] = ones * (1 - ((key < threshold) | ((key == threshold) & (f <= last_tie))))
+            return
+        if zeros >= values:  # whole blocks: a branch-free compare and store
+            for i in range(i0, i1):
+                r0 = i * bh
+                for j in range(n_bc):
+                    flat = i * n_bc + j
+                    key = _load_key(mode, kview, buf, side, r0, j * bw, j, bw, nbytes, flat)
+                    keep = 1 - ((key < threshold) | ((key == threshold) & (flat <= last_tie)))
+                    if mode == 0:
+                        for a in range(bh):
+                            kview[r0 + a, j] = ones * keep
+                    else:
+                        for a in range(bh):
+                            for b in range(bw):
+                                buf[r0 + a, j * bw + b] = np.uint8(keep)
+            return
+        pos = np.empty(values, np.int64)
+        mags = np.empty(values, x.dtype)
+        for i in range(i0, i1):
+            r0 = i * bh
+            for j in range(n_bc):
+                c0 = j * bw
+                flat = i * n_bc + j
+                key = _load_key(mode, kview, buf, side, r0, c0, j, bw, nbytes, flat)
+                for a in range(bh):
+                    for b in range(bw):
+                        buf[r0 + a, c0 + b] = 1
+                if not (key < threshold or (key == threshold and flat <= last_tie)):
+                    continue
+                # pruned: zero the `zeros` smallest valid elements (ties to the lower position)
+                n = 0
+                for a in range(bh):
+                    for b in range(bw):
+                        if r0 + a < rows and c0 + b < cols:
+                            mags[n] = _magnitude(x[r0 + a, c0 + b], l2)
+                            pos[n] = a * bw + b
+                            n += 1
+                for e in range(n):
+                    below = 0
+                    for f in range(n):
+                        if mags[f] < mags[e] or (f < e and mags[f] == mags[e]):
+                            below += 1
+                    if below < zeros:
+                        buf[r0 + pos[e] // bw, c0 + pos[e] % bw] = 0
+
+def _run(parts: int, work: Callable[[int], int | None]) -> list:
+    """``work(c)`` for every range ``c``: inline for one, else on threads (the kernels
+    release the GIL); each range writes only its own outputs."""
+    if parts == 1:
+        return [work(0)]
+    key = (os.getpid(), parts)  # a forked child has none of its parent's pool threads: its own pool
+    with _LOCK:
+        pool = _POOL.get(key)
+        if pool is None:
+            pool = _POOL[key] = ThreadPoolExecutor(parts, thread_name_prefix="distsparse-fused")
+    return list(pool.map(work, range(parts)))
+
+
+def _ranges(n: int, parts: int) -> np.ndarray:
+    return np.linspace(0, n, parts + 1).round().astype(np.int64)
+
+
+def fused_block_mask(
+    matrix: torch.Tensor,
+    k: int,
+    block_shape: tuple[int, int],
+    zeros_per_block: int,
+    norm: str,
+    on_nonfinite: Callable[[], None],
+    threads: int | None = None,
+) -> torch.Tensor | None:
+    """The mask of the 2-D ``matrix`` (bool, its shape) pruning its ``k`` lowest-scoring
+    blocks — bit for bit ``masks.norm_block_mask``'s — or ``None`` where this kernel does
+    not apply (then the caller runs the torch path).
+
+    ``on_nonfinite`` is called when some block score is inf or NaN: it raises for
+    NaN/Inf data (finite data whose squares overflowed continues, inf scores ranking
+    last). ``threads``: ranges of block rows run in parallel (default: torch's thread
+    count); the mask is the same for every value.
+    """
+    if not available() or matrix.device.type != "cpu" or matrix.dtype not in (torch.float32, torch.float64) \
+            or not matrix.is_contiguous() or matrix.dim() != 2 or matrix.numel() == 0:
+        return None
+    rows, cols = matrix.shape
+    bh, bw = block_shape
+    n_br, n_bc = -(-rows // bh), -(-cols // bw)
+    n_blocks = n_br * n_bc
+    nbytes = matrix.element_size()
+    x = matrix.detach().numpy()
+    exact = rows == n_br * bh and cols == n_bc * bw
+    out = torch.empty(n_br * bh, n_bc * bw, dtype=torch.uint8)
+    buf = out.numpy()
+    key_type = np.int32 if nbytes == 4 else np.int64
+    # Keys live in the mask's own bytes when a block's region can hold one: through an
+    # integer view when a block row is exactly one key wide, else byte by byte.
+    mode = 0 if bw == nbytes else (1 if bh * bw >= nbytes else 2)
+    kview = buf.view(key_type) if mode == 0 else np.empty((0, 0), dtype=key_type)
+    side = np.empty(n_blocks if mode == 2 else 0, dtype=np.int64)
+    threads = threads or torch.get_num_threads()
+    parts = max(1, min(threads, n_br))
+    bounds = _ranges(n_br, parts)
+    divisors = np.arange(bh * bw + 1).astype(x.dtype)
+    # One-row blocks tiling the data: scored as one long (blocks × bw) loop, 4096 at a time.
+    xb = x.reshape(-1, bw) if bh == 1 and cols % bw == 0 else np.empty((0, bw), dtype=x.dtype)
+    tmpf = np.empty((parts, max(n_bc, 4096)), dtype=x.dtype)
+    tmpi = tmpf.view(key_type)
+    kflat = kview.reshape(-1)
+    hist = np.zeros((parts, 4, _BINS), dtype=np.int64)
+    shift = _SHIFT[nbytes]
+    l2 = norm == "L2"
+    ones = int.from_bytes(b"\x01" * nbytes, "little", signed=True)
+    flat_scores = bh == 1 and xb.shape[0] and mode != 1
+    bad = sum(_run(parts, lambda c: _score_flat(
+        xb, bounds[c] * n_bc, bounds[c + 1] * n_bc, bw, l2, mode, divisors, tmpf[c], tmpi[c], kflat, side, shift,
+        _INF_KEY[nbytes], hist[c]) if flat_scores else _score_rows(
+        x, bounds[c], bounds[c + 1], bh, bw, l2, mode, nbytes, divisors, tmpf[c], tmpi[c], kview, buf, side, shift,
+        _INF_KEY[nbytes], hist[c])))
+    if bad:
+        on_nonfinite()  # raises for NaN/Inf data
+    hist = hist.sum(1)
+
+    def gather(digit: int, offsets: np.ndarray, keys: np.ndarray, idx: np.ndarray) -> None:
+        _run(parts, lambda c: _gather_rows(mode, kview, buf, side, bounds[c], bounds[c + 1], bh, bw, n_bc, nbytes,
+                                           shift, digit, offsets[c], keys, idx))
+
+    threshold, last_tie = k_lowest_cut(hist, k, n_blocks, shift, gather)
+    _run(parts, lambda c: _write_rows(x, bounds[c], bounds[c + 1], mode, kview, buf, side, bh, bw, l2, nbytes, ones,
+                                      threshold, last_tie, zeros_per_block))
+    mask = out.view(torch.bool)
+    return mask if exact else mask[:rows, :cols].contiguous()
+
+
+def k_lowest_cut(hist: np.ndarray, k: int, n_blocks: int, shift: int,
+                 gather: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]) -> tuple[int, int]:
+    """(threshold key, last flat index pruned among the keys equal to it) for the ``k``
+    lowest of ``n_blocks`` keys ``>= 0``, from their top-digit histogram per range of
+    block rows (``hist``, ranges × bins) and ``gather(digit, offsets, keys, idx)``, which
+    fills the keys of that digit and their flat indices in row-major order."""
+    if k <= 0:
+        return -1, -1  # nothing pruned
+    if k >= n_blocks:
+        return np.iinfo(np.int64).max, n_blocks
+    total = hist.sum(0)
+    cums = np.cumsum(total)
+    digit = int(np.searchsorted(cums, k))  # first bin whose running count reaches k
+    need = k - int(cums[digit] - total[digit])
+    if need == int(total[digit]):  # the whole digit is pruned
+        return ((digit + 1) << shift) - 1, n_blocks
+    offsets = np.concatenate([[0], np.cumsum(hist[:, digit])]).astype(np.int64)
+    keys = np.empty(int(total[digit]), dtype=np.int64)
+    idx = np.empty(int(total[digit]), dtype=np.int64)
+    gather(digit, offsets, keys, idx)
+    threshold = int(np.partition(keys, need - 1)[need - 1])
+    ties = need - int(np.count_nonzero(keys < threshold))  # >= 1
+    return threshold, int(idx[keys == threshold][ties - 1])

@@ -1,0 +1,125 @@
+"""The fused CPU kernel (distsparse.kernels.fused_cpu) gives the torch path's masks bit for bit.
+
+The reference is ``masks.norm_block_mask`` with the kernel switched off
+(``DISTSPARSE_FUSED_CPU=0``): the torch path, itself checked against torch.ao elsewhere.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from distsparse import masks
+from distsparse.kernels import fused_cpu
+
+pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba is not installed")
+
+BLOCKS = [(1, 4), (2, 2), (3, 5), (4, 1), (1, 1), (1, 8), (2, 4)]
+
+
+def torch_path(monkeypatch, *args):
+    with monkeypatch.context() as m:
+        m.setenv("DISTSPARSE_FUSED_CPU", "0")
+        return masks.norm_block_mask(*args)
+
+
+def fused(x, level, block, zeros, norm, threads=None):
+    matrix = masks.as_matrix(x)
+    n = -(-matrix.shape[0] // block[0]) * -(-matrix.shape[1] // block[1])
+    out = fused_cpu.fused_block_mask(matrix, round(level * n), block, zeros, norm,
+                                     lambda: masks._check_finite(x), threads)
+    assert out is not None, "the fused kernel did not run"
+    return out.reshape(x.shape)
+
+
+def tied(shape, dtype, seed):
+    """Data with many exact ties: small integers, so block scores repeat."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_bit_equal_to_the_torch_path(monkeypatch, dtype, norm, block):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((dtype, norm, block)).encode()))
+    values = block[0] * block[1]
+    # (37, 23) with (3, 5) blocks: 0.9 * 13 * 5 rounds up, 0.9 * 65 rounds to even — k is the latter
+    for shape in [(64, 40), (37, 23), (1, 50), (5, 3), (130,), (3, 7, 11)]:
+        for data in (torch.randn(shape, generator=g, dtype=dtype), tied(shape, dtype, len(shape))):
+            for level in (0.0001, 0.3, 0.5, 0.9, 1.0):
+                for zeros in sorted({values, 1, max(1, values // 2)}):
+                    want = torch_path(monkeypatch, data, level, block, zeros, norm)
+                    got = fused(data, level, block, zeros, norm)
+                    assert torch.equal(got, want), (shape, level, zeros)
+                    assert torch.equal(masks.norm_block_mask(data, level, block, zeros, norm), want)
+
+
+def test_ties_go_to_the_lowest_block_index(monkeypatch):
+    data = torch.ones(6, 8)  # every block ties
+    got = fused(data, 0.5, (1, 4), 4, "L1")
+    want = torch.ones(6, 8, dtype=torch.bool)
+    want.view(-1)[:24] = False  # the 6 lowest flat block indices
+    assert torch.equal(got, want)
+    assert torch.equal(got, torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L1"))
+
+
+@pytest.mark.parametrize("block", [(1, 4), (2, 2), (3, 5)])
+def test_threads_do_not_change_the_mask(block):
+    g = torch.Generator().manual_seed(3)
+    for data in (torch.randn(301, 64, generator=g), tied((301, 64), torch.float32, 4)):
+        one = fused(data, 0.5, block, 2, "L2", threads=1)
+        for threads in (2, 3, 7):
+            assert torch.equal(fused(data, 0.5, block, 2, "L2", threads=threads), one), threads
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_data_is_refused_like_the_torch_path(monkeypatch, bad):
+    data = torch.randn(16, 12)
+    data[5, 7] = bad
+    with pytest.raises(ValueError) as want:
+        torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L1")
+    with pytest.raises(ValueError) as got:
+        masks.norm_block_mask(data, 0.5, (1, 4), 4, "L1")
+    assert str(got.value) == str(want.value) and "(5, 7)" in str(got.value)
+
+
+def test_overflowing_squares_rank_last(monkeypatch):
+    data = torch.randn(32, 16, dtype=torch.float32)
+    data[3, :8] = 3e20  # finite, but x*x overflows to inf in float32
+    got = fused(data, 0.5, (1, 4), 2, "L2")
+    assert torch.equal(got, torch_path(monkeypatch, data, 0.5, (1, 4), 2, "L2"))
+    assert got[3, :8].all()  # inf scores are kept
+
+
+def test_other_inputs_take_the_torch_path(monkeypatch):
+    for data in (torch.randn(8, 12, dtype=torch.float16), torch.randn(8, 12, dtype=torch.bfloat16),
+                 torch.randn(12, 8).t()):
+        assert fused_cpu.fused_block_mask(data, 4, (1, 4), 4, "L1", lambda: None) is None
+        assert torch.equal(masks.norm_block_mask(data, 0.5, (1, 4), 2, "L1"),
+                           torch_path(monkeypatch, data, 0.5, (1, 4), 2, "L1"))
+    monkeypatch.setenv("DISTSPARSE_FUSED_CPU", "0")
+    assert not fused_cpu.available()
+
+
+def test_a_forked_child_gets_its_own_threads():
+    import os
+
+    data = torch.randn(300, 64)
+    want = fused(data, 0.5, (1, 4), 4, "L1", threads=2)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool threads do not exist here
+        ok = torch.equal(fused(data, 0.5, (1, 4), 4, "L1", threads=2), want)
+        os._exit(0 if ok else 1)
+    deadline = __import__("time").monotonic() + 120
+    while __import__("time").monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return
+        __import__("time").sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung in the fused kernel")
