@@ -28,6 +28,7 @@ smaller than a key), and the caller runs the torch path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from collections.abc import Callable
@@ -36,11 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-try:  # optional dependency (pyproject extra "fast"; installed by the test and example extras)
-    import numba
-    from numba import njit
-except ImportError:  # pragma: no cover - exercised on machines without numba
-    numba = None
+# numba is optional (pyproject extra "fast"; the test and example extras install it) and
+# imported on the first call only (``_fused_cpu_jit``): ``import distsparse`` stays fast.
+_HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["available", "fused_block_mask"]
 
@@ -56,191 +55,8 @@ _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
 def available() -> bool:
     """Whether the compiled kernel can run here (numba importable, not disabled by
     ``DISTSPARSE_FUSED_CPU=0``)."""
-    return numba is not None and os.environ.get("DISTSPARSE_FUSED_CPU", "1") != "0"
+    return _HAS_NUMBA and os.environ.get("DISTSPARSE_FUSED_CPU", "1") != "0"
 
-
-if numba is not None:
-    @njit(cache=True, inline="always")
-    def _magnitude(v, l2):
-        return v * v if l2 else abs(v)
-
-    @njit(cache=True, inline="always")
-    def _load_key(mode, kview, buf, side, r0, c0, j, bw, nbytes, flat):
-        # mode 0: an integer view of the mask holds the key in the block's first row;
-        # 1: its bytes, row-major over the block's region; 2: a side array.
-        if mode == 0:
-            return np.int64(kview[r0, j])
-        if mode == 2:
-            return side[flat]
-        key = np.int64(0)
-        for t in range(nbytes):
-            key |= np.int64(buf[r0 + t // bw, c0 + t % bw]) << (8 * t)
-        return key
-
-    @njit(cache=True, nogil=True)
-    def _score_flat(xb, b0, b1, bw, l2, mode, divisors, acc, keys, kflat, side, shift, inf_key, h):
-        """Blocks ``[b0, b1)`` of one-row blocks tiling the data (``xb``: blocks × bw): a
-        long loop the compiler vectorises across blocks, same adds in the same order."""
-        bad = 0
-        step = acc.size
-        div = divisors[bw]
-        for s0 in range(b0, b1, step):
-            m = min(step, b1 - s0)
-            xs = xb[s0 : s0 + m]  # a slice: the compiler then knows the indices are in range
-            # 0 + m0 = m0 (magnitudes are >= +0), so each sum starts at its first element;
-            # explicit widths let the compiler vectorise across blocks.
-            if bw == 4:
-                for j in range(m):
-                    acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
-                              + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)) / div
-            elif bw == 2:
-                for j in range(m):
-                    acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)) / div
-            elif bw == 8:
-                for j in range(m):
-                    acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
-                              + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)
-                              + _magnitude(xs[j, 4], l2) + _magnitude(xs[j, 5], l2)
-                              + _magnitude(xs[j, 6], l2) + _magnitude(xs[j, 7], l2)) / div
-            else:
-                for j in range(m):
-                    t = divisors[0]
-                    for b in range(bw):
-                        t += _magnitude(xs[j, b], l2)
-                    acc[j] = t / div
-            for j in range(m):
-                key = np.int64(keys[j])
-                bad += key >= inf_key
-                h[j & 3, key >> shift] += 1
-            if mode == 0:
-                kf = kflat[s0 : s0 + m]
-                for j in range(m):
-                    kf[j] = keys[j]
-            else:
-                sd = side[s0 : s0 + m]
-                for j in range(m):
-                    sd[j] = keys[j]
-        return bad
-
-    @njit(cache=True, nogil=True)
-    def _score_rows(x, i0, i1, bh, bw, l2, mode, nbytes, divisors, acc, keys, kview, buf, side, shift, inf_key, h):
-        rows, cols = x.shape
-        n_bc = -(-cols // bw)
-        full = cols // bw
-        bad = 0
-        for i in range(i0, i1):
-            r0 = i * bh
-            r1 = min(rows, r0 + bh)
-            for j in range(n_bc):
-                acc[j] = divisors[0]
-            for r in range(r0, r1):
-                row = x[r]
-                for j in range(full):
-                    s = acc[j]
-                    for b in range(bw):
-                        s += _magnitude(row[j * bw + b], l2)
-                    acc[j] = s
-                if full < n_bc:
-                    s = acc[full]
-                    for col in range(full * bw, cols):
-                        s += _magnitude(row[col], l2)
-                    acc[full] = s
-            div = divisors[(r1 - r0) * bw]
-            for j in range(full):
-                acc[j] = acc[j] / div
-            if full < n_bc:
-                acc[full] = acc[full] / divisors[(r1 - r0) * (cols - full * bw)]
-            for j in range(n_bc):
-                key = np.int64(keys[j])
-                bad += key >= inf_key
-                h[j & 3, key >> shift] += 1
-            if mode == 0:
-                for j in range(n_bc):
-                    kview[r0, j] = keys[j]
-            elif mode == 2:
-                for j in range(n_bc):
-                    side[i * n_bc + j] = keys[j]
-            else:
-                for j in range(n_bc):
-                    key = np.int64(keys[j])
-                    for t in range(nbytes):
-                        buf[r0 + t // bw, j * bw + t % bw] = np.uint8((key >> (8 * t)) & 0xFF)
-        return bad
-
-    @njit(cache=True, nogil=True)
-    def _gather_rows(mode, kview, buf, side, i0, i1, bh, bw, n_bc, nbytes, shift, digit, o, cand_keys, cand_idx):
-        if mode == 0 and bh == 1:
-            kf = kview.reshape(-1)
-            for f in range(i0 * n_bc, i1 * n_bc):
-                key = np.int64(kf[f])
-                if key >> shift == digit:
-                    cand_keys[o] = key
-                    cand_idx[o] = f
-                    o += 1
-            return
-        for i in range(i0, i1):
-            for j in range(n_bc):
-                flat = i * n_bc + j
-                key = _load_key(mode, kview, buf, side, i * bh, j * bw, j, bw, nbytes, flat)
-                if key >> shift == digit:
-                    cand_keys[o] = key
-                    cand_idx[o] = flat
-                    o += 1
-
-    @njit(cache=True, nogil=True)
-    def _write_rows(x, i0, i1, mode, kview, buf, side, bh, bw, l2, nbytes, ones, threshold, last_tie, zeros):
-        rows, cols = x.shape
-        n_bc = buf.shape[1] // bw
-        values = bh * bw
-        if zeros >= values and mode == 0 and bh == 1:  # one key-wide word per block, flat
-            kf = kview.reshape(-1)
-            for f in range(i0 * n_bc, i1 * n_bc):
-                key = np.int64(kf[f])
-                kf[f] = ones * (1 - ((key < threshold) | ((key == threshold) & (f <= last_tie))))
-            return
-        if zeros >= values:  # whole blocks: a branch-free compare and store
-            for i in range(i0, i1):
-                r0 = i * bh
-                for j in range(n_bc):
-                    flat = i * n_bc + j
-                    key = _load_key(mode, kview, buf, side, r0, j * bw, j, bw, nbytes, flat)
-                    keep = 1 - ((key < threshold) | ((key == threshold) & (flat <= last_tie)))
-                    if mode == 0:
-                        for a in range(bh):
-                            kview[r0 + a, j] = ones * keep
-                    else:
-                        for a in range(bh):
-                            for b in range(bw):
-                                buf[r0 + a, j * bw + b] = np.uint8(keep)
-            return
-        pos = np.empty(values, np.int64)
-        mags = np.empty(values, x.dtype)
-        for i in range(i0, i1):
-            r0 = i * bh
-            for j in range(n_bc):
-                c0 = j * bw
-                flat = i * n_bc + j
-                key = _load_key(mode, kview, buf, side, r0, c0, j, bw, nbytes, flat)
-                for a in range(bh):
-                    for b in range(bw):
-                        buf[r0 + a, c0 + b] = 1
-                if not (key < threshold or (key == threshold and flat <= last_tie)):
-                    continue
-                # pruned: zero the `zeros` smallest valid elements (ties to the lower position)
-                n = 0
-                for a in range(bh):
-                    for b in range(bw):
-                        if r0 + a < rows and c0 + b < cols:
-                            mags[n] = _magnitude(x[r0 + a, c0 + b], l2)
-                            pos[n] = a * bw + b
-                            n += 1
-                for e in range(n):
-                    below = 0
-                    for f in range(n):
-                        if mags[f] < mags[e] or (f < e and mags[f] == mags[e]):
-                            below += 1
-                    if below < zeros:
-                        buf[r0 + pos[e] // bw, c0 + pos[e] % bw] = 0
 
 def _run(parts: int, work: Callable[[int], int | None]) -> list:
     """``work(c)`` for every range ``c``: inline for one, else on threads (the kernels
@@ -280,6 +96,8 @@ def fused_block_mask(
     if not available() or matrix.device.type != "cpu" or matrix.dtype not in (torch.float32, torch.float64) \
             or not matrix.is_contiguous() or matrix.dim() != 2 or matrix.numel() == 0:
         return None
+    from . import _fused_cpu_jit as jit  # compiled on first use, then from numba's on-disk cache
+
     rows, cols = matrix.shape
     bh, bw = block_shape
     n_br, n_bc = -(-rows // bh), -(-cols // bw)
@@ -309,9 +127,9 @@ def fused_block_mask(
     l2 = norm == "L2"
     ones = int.from_bytes(b"\x01" * nbytes, "little", signed=True)
     flat_scores = bh == 1 and xb.shape[0] and mode != 1
-    bad = sum(_run(parts, lambda c: _score_flat(
+    bad = sum(_run(parts, lambda c: jit._score_flat(
         xb, bounds[c] * n_bc, bounds[c + 1] * n_bc, bw, l2, mode, divisors, tmpf[c], tmpi[c], kflat, side, shift,
-        _INF_KEY[nbytes], hist[c]) if flat_scores else _score_rows(
+        _INF_KEY[nbytes], hist[c]) if flat_scores else jit._score_rows(
         x, bounds[c], bounds[c + 1], bh, bw, l2, mode, nbytes, divisors, tmpf[c], tmpi[c], kview, buf, side, shift,
         _INF_KEY[nbytes], hist[c])))
     if bad:
@@ -319,11 +137,11 @@ def fused_block_mask(
     hist = hist.sum(1)
 
     def gather(digit: int, offsets: np.ndarray, keys: np.ndarray, idx: np.ndarray) -> None:
-        _run(parts, lambda c: _gather_rows(mode, kview, buf, side, bounds[c], bounds[c + 1], bh, bw, n_bc, nbytes,
+        _run(parts, lambda c: jit._gather_rows(mode, kview, buf, side, bounds[c], bounds[c + 1], bh, bw, n_bc, nbytes,
                                            shift, digit, offsets[c], keys, idx))
 
     threshold, last_tie = k_lowest_cut(hist, k, n_blocks, shift, gather)
-    _run(parts, lambda c: _write_rows(x, bounds[c], bounds[c + 1], mode, kview, buf, side, bh, bw, l2, nbytes, ones,
+    _run(parts, lambda c: jit._write_rows(x, bounds[c], bounds[c + 1], mode, kview, buf, side, bh, bw, l2, nbytes, ones,
                                       threshold, last_tie, zeros_per_block))
     mask = out.view(torch.bool)
     return mask if exact else mask[:rows, :cols].contiguous()

@@ -1,0 +1,187 @@
+"""The numba kernels of :mod:`distsparse.kernels.fused_cpu` (imported on first use, so
+``import distsparse`` does not pay numba's import). See that module for the design."""
+
+import numpy as np
+from numba import njit
+
+@njit(cache=True, inline="always")
+def _magnitude(v, l2):
+    return v * v if l2 else abs(v)
+
+@njit(cache=True, inline="always")
+def _load_key(mode, kview, buf, side, r0, c0, j, bw, nbytes, flat):
+    # mode 0: an integer view of the mask holds the key in the block's first row;
+    # 1: its bytes, row-major over the block's region; 2: a side array.
+    if mode == 0:
+        return np.int64(kview[r0, j])
+    if mode == 2:
+        return side[flat]
+    key = np.int64(0)
+    for t in range(nbytes):
+        key |= np.int64(buf[r0 + t // bw, c0 + t % bw]) << (8 * t)
+    return key
+
+@njit(cache=True, nogil=True)
+def _score_flat(xb, b0, b1, bw, l2, mode, divisors, acc, keys, kflat, side, shift, inf_key, h):
+    """Blocks ``[b0, b1)`` of one-row blocks tiling the data (``xb``: blocks × bw): a
+    long loop the compiler vectorises across blocks, same adds in the same order."""
+    bad = 0
+    step = acc.size
+    div = divisors[bw]
+    for s0 in range(b0, b1, step):
+        m = min(step, b1 - s0)
+        xs = xb[s0 : s0 + m]  # a slice: the compiler then knows the indices are in range
+        # 0 + m0 = m0 (magnitudes are >= +0), so each sum starts at its first element;
+        # explicit widths let the compiler vectorise across blocks.
+        if bw == 4:
+            for j in range(m):
+                acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
+                          + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)) / div
+        elif bw == 2:
+            for j in range(m):
+                acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)) / div
+        elif bw == 8:
+            for j in range(m):
+                acc[j] = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
+                          + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)
+                          + _magnitude(xs[j, 4], l2) + _magnitude(xs[j, 5], l2)
+                          + _magnitude(xs[j, 6], l2) + _magnitude(xs[j, 7], l2)) / div
+        else:
+            for j in range(m):
+                t = divisors[0]
+                for b in range(bw):
+                    t += _magnitude(xs[j, b], l2)
+                acc[j] = t / div
+        for j in range(m):
+            key = np.int64(keys[j])
+            bad += key >= inf_key
+            h[j & 3, key >> shift] += 1
+        if mode == 0:
+            kf = kflat[s0 : s0 + m]
+            for j in range(m):
+                kf[j] = keys[j]
+        else:
+            sd = side[s0 : s0 + m]
+            for j in range(m):
+                sd[j] = keys[j]
+    return bad
+
+@njit(cache=True, nogil=True)
+def _score_rows(x, i0, i1, bh, bw, l2, mode, nbytes, divisors, acc, keys, kview, buf, side, shift, inf_key, h):
+    rows, cols = x.shape
+    n_bc = -(-cols // bw)
+    full = cols // bw
+    bad = 0
+    for i in range(i0, i1):
+        r0 = i * bh
+        r1 = min(rows, r0 + bh)
+        for j in range(n_bc):
+            acc[j] = divisors[0]
+        for r in range(r0, r1):
+            row = x[r]
+            for j in range(full):
+                s = acc[j]
+                for b in range(bw):
+                    s += _magnitude(row[j * bw + b], l2)
+                acc[j] = s
+            if full < n_bc:
+                s = acc[full]
+                for col in range(full * bw, cols):
+                    s += _magnitude(row[col], l2)
+                acc[full] = s
+        div = divisors[(r1 - r0) * bw]
+        for j in range(full):
+            acc[j] = acc[j] / div
+        if full < n_bc:
+            acc[full] = acc[full] / divisors[(r1 - r0) * (cols - full * bw)]
+        for j in range(n_bc):
+            key = np.int64(keys[j])
+            bad += key >= inf_key
+            h[j & 3, key >> shift] += 1
+        if mode == 0:
+            for j in range(n_bc):
+                kview[r0, j] = keys[j]
+        elif mode == 2:
+            for j in range(n_bc):
+                side[i * n_bc + j] = keys[j]
+        else:
+            for j in range(n_bc):
+                key = np.int64(keys[j])
+                for t in range(nbytes):
+                    buf[r0 + t // bw, j * bw + t % bw] = np.uint8((key >> (8 * t)) & 0xFF)
+    return bad
+
+@njit(cache=True, nogil=True)
+def _gather_rows(mode, kview, buf, side, i0, i1, bh, bw, n_bc, nbytes, shift, digit, o, cand_keys, cand_idx):
+    if mode == 0 and bh == 1:
+        kf = kview.reshape(-1)
+        for f in range(i0 * n_bc, i1 * n_bc):
+            key = np.int64(kf[f])
+            if key >> shift == digit:
+                cand_keys[o] = key
+                cand_idx[o] = f
+                o += 1
+        return
+    for i in range(i0, i1):
+        for j in range(n_bc):
+            flat = i * n_bc + j
+            key = _load_key(mode, kview, buf, side, i * bh, j * bw, j, bw, nbytes, flat)
+            if key >> shift == digit:
+                cand_keys[o] = key
+                cand_idx[o] = flat
+                o += 1
+
+@njit(cache=True, nogil=True)
+def _write_rows(x, i0, i1, mode, kview, buf, side, bh, bw, l2, nbytes, ones, threshold, last_tie, zeros):
+    rows, cols = x.shape
+    n_bc = buf.shape[1] // bw
+    values = bh * bw
+    if zeros >= values and mode == 0 and bh == 1:  # one key-wide word per block, flat
+        kf = kview.reshape(-1)
+        for f in range(i0 * n_bc, i1 * n_bc):
+            key = np.int64(kf[f])
+            kf[f] = ones * (1 - ((key < threshold) | ((key == threshold) & (f <= last_tie))))
+        return
+    if zeros >= values:  # whole blocks: a branch-free compare and store
+        for i in range(i0, i1):
+            r0 = i * bh
+            for j in range(n_bc):
+                flat = i * n_bc + j
+                key = _load_key(mode, kview, buf, side, r0, j * bw, j, bw, nbytes, flat)
+                keep = 1 - ((key < threshold) | ((key == threshold) & (flat <= last_tie)))
+                if mode == 0:
+                    for a in range(bh):
+                        kview[r0 + a, j] = ones * keep
+                else:
+                    for a in range(bh):
+                        for b in range(bw):
+                            buf[r0 + a, j * bw + b] = np.uint8(keep)
+        return
+    pos = np.empty(values, np.int64)
+    mags = np.empty(values, x.dtype)
+    for i in range(i0, i1):
+        r0 = i * bh
+        for j in range(n_bc):
+            c0 = j * bw
+            flat = i * n_bc + j
+            key = _load_key(mode, kview, buf, side, r0, c0, j, bw, nbytes, flat)
+            for a in range(bh):
+                for b in range(bw):
+                    buf[r0 + a, c0 + b] = 1
+            if not (key < threshold or (key == threshold and flat <= last_tie)):
+                continue
+            # pruned: zero the `zeros` smallest valid elements (ties to the lower position)
+            n = 0
+            for a in range(bh):
+                for b in range(bw):
+                    if r0 + a < rows and c0 + b < cols:
+                        mags[n] = _magnitude(x[r0 + a, c0 + b], l2)
+                        pos[n] = a * bw + b
+                        n += 1
+            for e in range(n):
+                below = 0
+                for f in range(n):
+                    if mags[f] < mags[e] or (f < e and mags[f] == mags[e]):
+                        below += 1
+                if below < zeros:
+                    buf[r0 + pos[e] // bw, c0 + pos[e] % bw] = 0
