@@ -7,6 +7,7 @@ no process-group calls).
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, save_checkpoint
+from .dcp import dcp_state
 from .export import load_sparse_data, save_sparse_data
 from .distributed import CollectiveTimeoutError, RankDisagreementError, RemoteError
 from .integrations.accelerate import register_for_checkpointing
@@ -53,12 +54,3 @@ __all__ = [
     "register_for_checkpointing",
 ]
 
-
-def __getattr__(name: str):
-    # dcp_state is imported on first use: importing torch.distributed.checkpoint changes the
-    # process's warning filters, and importing distsparse must have no side effects.
-    if name == "dcp_state":
-        from .dcp import dcp_state
-
-        return dcp_state
-    raise AttributeError(f"module 'distsparse' has no attribute {name!r}")
