@@ -248,8 +248,11 @@ class BaseDataSparsifier(abc.ABC):
         #: the slowest rank included), bytes sent and received by this rank (all-gathers and
         #: all-reduces; ``selection_bytes``: the part that the selection's counts took).
         self.last_step_stats: dict[str, float] = {}
-        #: Replicated groups of at least this many elements may be split into row ranges
-        #: computed by several ranks (see :meth:`assignment`); must be equal on every rank.
+        #: When replicated groups are split into row ranges computed by several ranks (see
+        #: :meth:`assignment`). ``None`` (the default): only where the cost model
+        #: (:class:`~distsparse.planner.SplitCosts`) predicts the busiest rank finishes sooner;
+        #: an int ``n``: the older size rule, any group of at least ``n`` elements when balance
+        #: needs it. Must be equal on every rank.
         self.min_split_elements = DEFAULT_MIN_SPLIT_ELEMENTS
         self._selection_digit_bits: int | None = None
         self._plan_key: tuple | None = None
@@ -701,9 +704,9 @@ class BaseDataSparsifier(abc.ABC):
     def assignment(self, name: str) -> dict[int, tuple[int, int]]:
         """``{rank: (row_start, row_stop)}``: which rows of group ``name``'s 2-D view each
         rank computes. One entry covering every row for a group computed whole; one per
-        rank for a group split across ranks (a replicated group of at least
-        ``min_split_elements`` elements whose sparsifier supports it, when balance needs
-        it); ``{}`` for a local group (every rank computes its own data). For a sharded
+        rank for a group split across ranks (a replicated group whose sparsifier supports
+        it, where the planner predicts a gain, or of at least ``min_split_elements``
+        elements when that is set and balance needs it); ``{}`` for a local group (every rank computes its own data). For a sharded
         DTensor group, the rows each contributing rank holds (it scores the blocks
         starting there)."""
         group = self._group(name)
