@@ -706,9 +706,9 @@ class BaseDataSparsifier(abc.ABC):
         rank computes. One entry covering every row for a group computed whole; one per
         rank for a group split across ranks (a replicated group whose sparsifier supports
         it, where the planner predicts a gain, or of at least ``min_split_elements``
-        elements when that is set and balance needs it); ``{}`` for a local group (every rank computes its own data). For a sharded
-        DTensor group, the rows each contributing rank holds (it scores the blocks
-        starting there)."""
+        elements when that is set and balance needs it); ``{}`` for a local group (every
+        rank computes its own data). For a sharded DTensor group, the rows each
+        contributing rank holds (it scores the blocks starting there)."""
         group = self._group(name)
         if group.sharded:
             lay = group.layout
