@@ -19,8 +19,8 @@ same size. Every rank sees the same MIN and MAX, so every rank detects a mismatc
 only then do they all-gather a small fixed frame (name, phase, counter, digest) to raise
 :class:`RankDisagreementError` naming every rank's call, or their descriptions to name the
 groups that differ. Payloads travel in collectives sized by what they carry: the
-scheduler's values in a broadcast from the rank that decided them, ``begin``'s ``inline``
-bytes in an all-gather.
+scheduler's values in one 256-byte all-reduce from the rank that decided them (which is also
+that operation's commit point), ``begin``'s ``inline`` bytes in an all-gather.
 ``finish`` is the commit point: state changes only after every rank reached it, so a rank
 that gave up waiting (the backstop timeout) cannot leave the others committed alone — they
 wait in ``finish`` and give up too.
@@ -103,6 +103,8 @@ class Comm:
         self.all_reduce_bytes_sent = 0
         #: Bytes this rank has sent in the frames of begin/finish (same ring model).
         self.framing_bytes_sent = 0
+        #: A decided operation whose value all-reduce already was its commit point.
+        self._committed: str | None = None
 
     def _wait(self, work: Any, what: str) -> None:
         started = time.monotonic()
@@ -152,6 +154,7 @@ class Comm:
         if inline is not None and len(inline) > _INLINE_BYTES:
             raise ValueError(f"inline payload of {len(inline)} bytes exceeds {_INLINE_BYTES}")
         self.calls += 1
+        self._committed = None
         if not self.is_distributed or self.world_size == 1:
             self._operation = op
             return [inline or b""]
@@ -168,7 +171,9 @@ class Comm:
     def finish(self, op: str) -> None:
         """Collective: the commit point of an operation. Every rank returns only once every
         rank reached it; a caller changes its state only after this returns."""
-        if self.is_distributed and self.world_size > 1:
+        if self._committed == op:  # a decided operation's value all-reduce was its commit point
+            self._committed = None
+        elif self.is_distributed and self.world_size > 1:
             self._frame_all_reduce("<finish> " + op, 0, False, f"the end of {op}", b"{}")
         self._operation = None
 
@@ -234,7 +239,7 @@ class Comm:
             if not everywhere and self.broken is None and self.is_distributed and self.world_size > 1:
                 self.broken = (f"rank {self.rank} left {op} with {type(exc).__name__}: {exc} while "
                                "other ranks may still be inside it")
-            self._operation = None
+            self._operation = self._committed = None
             raise
 
     # -- rank facts -------------------------------------------------------------------
@@ -475,8 +480,10 @@ class Comm:
                           decode: Callable[[bytes], T], src: int = 0):
         """Collective: :meth:`operation` whose value is ``fn()``'s result, computed on rank
         ``src`` alone — "decide on rank 0 and share" (the scheduler's step). After the
-        frame, one broadcast of 256 bytes carries ``src``'s status, the result's length and
-        the result when it fits; a longer result takes a second broadcast of the rest.
+        frame, one all-reduce of 256 bytes carries ``src``'s status, the result's length and
+        the result when it fits; every rank takes part in it, so it is also the commit point
+        and the body's ``finish`` sends nothing. A longer result takes a broadcast of the
+        rest, then ``finish`` is the usual frame.
 
         Use as ``with comm.decided_operation(...) as value:``. If ``fn`` raises on the
         coordinator, every rank raises (the coordinator its own exception, the others a
@@ -505,25 +512,28 @@ class Comm:
             self._operation = op
         with self._guard(op):
             if distributed:
-                failed, body = self._broadcast_decision(failed, body if self.rank == src else None, src)
+                failed, body, whole = self._share_decision(failed, body if self.rank == src else None, src)
+                self._committed = op if whole else None
             if failed:
                 if error is not None:
                     raise mark_raised_everywhere(error)
                 raise RemoteError(f"rank {src} raised: {body.decode(errors='replace')}")
             yield decode(body)
 
-    def _broadcast_decision(self, failed: bool, body: bytes | None, src: int) -> tuple[bool, bytes]:
-        """Collective: ``src``'s (failed, body) to every rank: one broadcast of a fixed
-        ``_DECISION_BYTES`` (status, length and the body when it fits), a second one of the
-        rest of a longer body."""
+    def _share_decision(self, failed: bool, body: bytes | None, src: int) -> tuple[bool, bytes, bool]:
+        """Collective: ``src``'s (failed, body) to every rank in one all-reduce (MIN) of a fixed
+        ``_DECISION_BYTES`` of ``uint8`` — status, length and the body when it fits; the other
+        ranks send 255s — and a broadcast of the rest of a longer body. Returns (failed, body,
+        whether the all-reduce carried everything): every rank took part in it, so it can be
+        the operation's commit point, and :meth:`finish` then sends nothing."""
         device = self.device
-        head = torch.zeros(_DECISION_BYTES, dtype=torch.uint8, device=device)
+        head = torch.full((_DECISION_BYTES,), 255, dtype=torch.uint8, device=device)
         if self.rank == src:
             assert body is not None
             first = bytes([failed]) + len(body).to_bytes(8, "little") + body[: _DECISION_BYTES - 9]
             head[: len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
-        root = self._global_rank(src)
-        self._wait(dist.broadcast(head, src=root, group=self._group, async_op=True), "broadcast (the decision)")
+        self._wait(dist.all_reduce(head, op=dist.ReduceOp.MIN, group=self._group, async_op=True),
+                   "all_reduce (the decided value)")
         received = head.cpu().numpy().tobytes()
         length = int.from_bytes(received[1:9], "little")
         out = received[9 : 9 + min(length, _DECISION_BYTES - 9)]
@@ -532,10 +542,10 @@ class Comm:
             tail = torch.empty(rest, dtype=torch.uint8, device=device)
             if self.rank == src:
                 tail.copy_(torch.frombuffer(bytearray(body[len(out) :]), dtype=torch.uint8))  # type: ignore[index]
-            self._wait(dist.broadcast(tail, src=root, group=self._group, async_op=True),
-                       "broadcast (the rest of the decision)")
+            self._wait(dist.broadcast(tail, src=self._global_rank(src), group=self._group, async_op=True),
+                       "broadcast (the rest of the decided value)")
             out += tail.cpu().numpy().tobytes()
-        return bool(received[0]), out
+        return bool(received[0]), out, rest <= 0
 
     def _raise_on_disagreement(self, blob: bytes, what: str) -> None:
         """Collective, on a mismatch only (every rank saw it): all-gather every rank's
@@ -584,7 +594,7 @@ def describe_differences(per_rank: Sequence[dict[str, dict[str, Any]]], noun: st
 _INLINE_BYTES = 4096
 # Bytes of a call's name in the all-gather that names every rank's call after a mismatch.
 _NAME_BYTES = 120
-# Bytes of the first broadcast of a decided operation: status, length, then the value.
+# Bytes of the all-reduce of a decided operation's value: status, length, then the value.
 _DECISION_BYTES = 256
 # Fingerprints are kept below 2**62 so that their negation (MAX as MIN) cannot overflow.
 _FIELD = (1 << 62) - 1
