@@ -268,9 +268,10 @@ def digit_bits_for(sp, names: list[str]) -> int:
     if sp._selection_digit_bits is not None:
         return sp._selection_digit_bits
     if any(sp._groups[n].distributed_rows for n in names):
-        # Sharded tables exist so that nothing table-sized travels: 3 rounds of 16 KiB
-        # per group instead of 2 of 512 KiB keep a step's traffic under 64 KiB per table.
-        return 11
+        # Sharded tables exist so that nothing table-sized travels: 4 rounds of 2 KiB
+        # histograms per group (instead of 3 of 16 KiB with 11 bits, or 2 of 512 KiB) keep a
+        # step's selection traffic under 100 kB per table even at 1,024 ranks (cost model).
+        return 8
     key_bits = max((torch.finfo(sp._groups[n].data.dtype).bits for n in names), default=32)
     blocks = 0
     for name in names:

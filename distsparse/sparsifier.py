@@ -633,9 +633,9 @@ class BaseDataSparsifier(abc.ABC):
     def selection_digit_bits(self) -> int | None:
         """Radix digit width of the exact selection of split and sharded groups: ``None``
         (default) lets :func:`~distsparse.selection.choose_digit_bits` minimise the modelled
-        time, except that a step with sharded (FSDP2) groups uses 11 bits (3 rounds of 16 KiB
-        per group, so nothing near table-sized is sent); 8, 11 or 16 fixes it — e.g. 11 for a sharded table on a slow network: 3
-        rounds of 16 KiB per group instead of 2 of 512 KiB. Must be equal on every rank
+        time, except that a step with sharded (FSDP2, TorchRec) groups uses 8 bits (4 rounds of
+        2 KiB per group, so nothing near table-sized is sent, even at 1,024 ranks); 8, 11 or 16
+        fixes it — e.g. 16 for fewer rounds on a fast network. Must be equal on every rank
         (the step checks it); masks are the same either way."""
         return self._selection_digit_bits
 
