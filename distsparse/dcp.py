@@ -73,6 +73,7 @@ import torch
 
 from .checkpoint import CheckpointError, _check_scheduler
 from .distributed import RemoteError, mark_raised_everywhere
+from .sparsifier import check_config_source
 
 if TYPE_CHECKING:  # pragma: no cover
     from .scheduler import BaseDataScheduler
@@ -89,15 +90,22 @@ FORMAT_VERSION = 1
 STATE_BYTES = 1 << 20
 
 
-def dcp_state(sparsifier: BaseDataSparsifier, scheduler: BaseDataScheduler | None = None) -> DcpSparsityState:
+def dcp_state(sparsifier: BaseDataSparsifier, scheduler: BaseDataScheduler | None = None, *,
+              config: str = "sparsifier") -> DcpSparsityState:
     """The sparsifier's masks, configs and step count (and the scheduler's state) as a DCP
     ``Stateful``: put it in the state dict given to ``dcp.save`` / ``dcp.load``.
+
+    ``config`` decides a load whose mask geometry (block shape, ``zeros_per_block``) differs
+    from the sparsifier's, as in :func:`~distsparse.load_checkpoint`: ``"sparsifier"`` (default)
+    refuses it with a ``CheckpointError`` naming the group and both values, ``"checkpoint"``
+    adopts the checkpoint's.
 
     Both of its methods are *collectives* (DCP calls them on every rank). See this module's
     docstring for the layout, the validation and the limitations.
     """
     _check_scheduler(sparsifier, scheduler)
-    return DcpSparsityState(sparsifier, scheduler)
+    check_config_source(config)
+    return DcpSparsityState(sparsifier, scheduler, config=config)
 
 
 # -- mask layouts ----------------------------------------------------------------------------
@@ -168,9 +176,11 @@ class DcpSparsityState:
     rank, then commits. Neither keeps references between calls.
     """
 
-    def __init__(self, sparsifier: BaseDataSparsifier, scheduler: BaseDataScheduler | None = None) -> None:
+    def __init__(self, sparsifier: BaseDataSparsifier, scheduler: BaseDataScheduler | None = None, *,
+                 config: str = "sparsifier") -> None:
         self.sparsifier = sparsifier
         self.scheduler = scheduler
+        self.config = config
 
     # -- save side (and the buffers a load fills) ---------------------------------------
     def _header(self, sd: dict[str, Any]) -> dict[str, Any]:
@@ -302,7 +312,7 @@ class DcpSparsityState:
         if scheduler is not None:
             scheduler.load_state_dict(scheduler_state)
         try:
-            sp.load_state_dict(sd, strict=True)
+            sp.load_state_dict(sd, strict=True, config=self.config)
         except BaseException:
             if scheduler is not None:
                 scheduler.load_state_dict(snapshot)
@@ -364,7 +374,7 @@ class DcpSparsityState:
               "masks": masks, "world_size": header["world_size"], "rank": sp.rank,
               "step_count": sp_info["step_count"]}
         try:
-            sp._validate_state(sd, True)
+            sp._validate_state(sd, True, self.config)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: {exc}") from None
         return sd, self._scheduler_state(header, where), counts

@@ -229,7 +229,17 @@ def torchrec_load(folder: str) -> dict:
     model = torchrec_fns._dmp(tables, specs, "dense")
     sp = distsparse.DataNormSparsifier(sparsity_level=0.1, sparse_block_shape=(1, 1))
     add_torchrec_tables(sp, model)
-    dcp.load({"sparsity": distsparse.dcp_state(sp)}, storage_reader=dcp.FileSystemReader(folder))
+    # The plan-A run used (2, 3) blocks: refused by default on every rank, nothing changed; adopted on request.
+    before = {n: torchrec_fns._whole(sp.get_mask(n), tables[n]) for n in tables}
+    try:
+        dcp.load({"sparsity": distsparse.dcp_state(sp)}, storage_reader=dcp.FileSystemReader(folder))
+    except distsparse.CheckpointError as exc:
+        assert "sparse_block_shape=[2, 3]" in str(exc) and 'config="checkpoint"' in str(exc), exc
+    else:
+        raise AssertionError("a checkpoint of another block shape loaded without config='checkpoint'")
+    assert list(sp.data_groups["rw"]["sparse_block_shape"]) == [1, 1]
+    assert all(torch.equal(torchrec_fns._whole(sp.get_mask(n), tables[n]), before[n]) for n in tables)
+    dcp.load({"sparsity": distsparse.dcp_state(sp, config="checkpoint")}, storage_reader=dcp.FileSystemReader(folder))
     out = {n: torchrec_fns._whole(sp.get_mask(n), tables[n]) for n in tables}
     out["sparsity"] = sp.sparsity()
     out["config"] = list(sp.data_groups["rw"]["sparse_block_shape"])
