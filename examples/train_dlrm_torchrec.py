@@ -508,7 +508,7 @@ def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resu
             state["groups"][n]["config"] = json.loads(json.dumps(sp.data_groups[n]))
             state["masks"][n] = whole_masks[n]
         state["step_count"] = sp.step_count
-        solo.load_state_dict(state)
+        solo.load_state_dict(state, config="checkpoint")  # adopt the sharded run's configs (block shape)
         masks = {n: solo.get_mask(n) for n in TABLES}
     for n in TABLES:
         w, m = tables[n], masks[n]
