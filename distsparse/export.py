@@ -59,13 +59,13 @@ import torch.nn.functional as F
 from .checkpoint import (
     CheckpointError,
     check_spans_tile,
-    CheckpointNotFoundError,
     _atomic_write,
     _check_header_limit,
     _check_layout,
     _header_size,
     _sha256,
 )
+from .file_state import parse_state, read_file
 from .masks import as_matrix, pack_bits, packed_size, unpack_bits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -254,38 +254,6 @@ def save_sparse_data(path: str | os.PathLike[str], sparsifier: BaseDataSparsifie
 # ----------------------------------------------------------------------------------------
 
 
-def _read(target: Path) -> bytes:
-    try:
-        return target.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"sparse data file {str(target)!r} does not exist") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read sparse data file {str(target)!r}: {exc}") from None
-
-
-def _parse_state(header: dict[str, Any], where: str) -> dict[str, Any]:
-    meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not a distsparse sparse data file (its safetensors metadata lacks "
-                              f"format={FORMAT!r}); write it with distsparse.save_sparse_data")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r} is not supported; "
-                              f"this distsparse reads version {FORMAT_VERSION!r}")
-    text, digest = meta.get("state"), meta.get("json_sha256")
-    if not isinstance(text, str) or not isinstance(digest, str):
-        raise CheckpointError(f"{where}: metadata lacks 'state' or 'json_sha256' (damaged file)")
-    if _sha256(text.encode("utf-8")) != digest:
-        raise CheckpointError(f"{where}: the JSON state does not match its checksum (damaged file)")
-    try:
-        state = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: the JSON state is not valid JSON ({exc})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("groups"), dict) \
-            or not isinstance(state.get("checksums"), dict):
-        raise CheckpointError(f"{where}: malformed state: it needs 'groups' and 'checksums' objects")
-    return state
-
-
 def _is_dims(value: Any, n: int | None = None) -> bool:
     return (isinstance(value, list) and (n is None or len(value) == n)
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
@@ -404,13 +372,14 @@ def load_sparse_data(path: str | os.PathLike[str], device: str | torch.device = 
     where = f"sparse data file {str(target)!r}"
     if rows is not None and not (len(rows) == 2 and 0 <= int(rows[0]) <= int(rows[1])):
         raise ValueError(f"load_sparse_data: rows must be (start, stop) with 0 <= start <= stop, got {rows!r}")
-    blob = _read(target)
+    blob = read_file(target, "sparse data")
     header = _check_layout(blob, where)
     if (header.get("__metadata__") or {}).get("format") == FORMAT and _is_index(header):
         from .export_shards import load_index
 
         return _only(load_index(target, header, device, rows, _names(names)), names, where)
-    state = _parse_state(header, where)
+    state = parse_state(header, where, fmt=FORMAT, version=FORMAT_VERSION, what="sparse data",
+                        writer="distsparse.save_sparse_data", keys=("groups", "checksums"))
     _check_specs(header, state["groups"], len(blob) - 8 - _header_size(blob), where)
     try:
         tensors = st_load(blob)

@@ -65,7 +65,6 @@ import torch
 
 from .checkpoint import (
     CheckpointError,
-    CheckpointNotFoundError,
     _atomic_write,
     _check_layout,
     _header_size,
@@ -74,6 +73,7 @@ from .checkpoint import (
 )
 from .distributed import mark_raised_everywhere
 from .export import _selected  # names= as save_sparse_data takes it
+from .file_state import parse_state, read_file
 from .masks import as_matrix
 from .quantization import dequantize_rows, quantize_rows, quantized_row_bytes
 from .safetensors_stream import StreamingSafetensorsWriter, safetensors_dtype
@@ -442,40 +442,8 @@ def _stream_table(comm: Any, plan: _Plan, bands: list[tuple[int, int, list[_Piec
 # ----------------------------------------------------------------------------------------
 
 
-def _read(target: Path) -> bytes:
-    try:
-        return target.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"pruned tables file {str(target)!r} does not exist") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read pruned tables file {str(target)!r}: {exc}") from None
-
-
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _parse_state(header: dict[str, Any], where: str) -> dict[str, Any]:
-    meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not a distsparse pruned tables file (its safetensors metadata lacks "
-                              f"format={FORMAT!r}); write it with distsparse.save_pruned_tables")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r} is not supported; "
-                              f"this distsparse reads version {FORMAT_VERSION!r}")
-    text, digest = meta.get("state"), meta.get("json_sha256")
-    if not isinstance(text, str) or not isinstance(digest, str):
-        raise CheckpointError(f"{where}: metadata lacks 'state' or 'json_sha256' (damaged file)")
-    if _sha256(text.encode("utf-8")) != digest:
-        raise CheckpointError(f"{where}: the JSON state does not match its checksum (damaged file)")
-    try:
-        state = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: the JSON state is not valid JSON ({exc})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("tables"), dict) \
-            or not isinstance(state.get("checksums"), dict):
-        raise CheckpointError(f"{where}: malformed state: it needs 'tables' and 'checksums' objects")
-    return state
 
 
 def _check_entry(name: str, entry: Any, where: str) -> tuple[tuple[int, ...], int, int, int, str]:
@@ -550,9 +518,10 @@ def load_pruned_tables(path: str | os.PathLike[str], device: str | torch.device 
 
     target = Path(os.fspath(path))
     where = f"pruned tables file {str(target)!r}"
-    blob = _read(target)
+    blob = read_file(target, "pruned tables")
     header = _check_layout(blob, where)
-    state = _parse_state(header, where)
+    state = parse_state(header, where, fmt=FORMAT, version=FORMAT_VERSION, what="pruned tables",
+                        writer="distsparse.save_pruned_tables", keys=("tables", "checksums"))
     _check_specs(header, state["tables"], len(blob) - 8 - _header_size(blob), where)
     try:
         tensors = st_load(blob)

@@ -1,0 +1,48 @@
+"""The checksummed JSON state that every distsparse safetensors file (sparse-data export,
+pruned tables) carries in its ``__metadata__``: read the file, check its format, version and
+JSON checksum, parse the JSON. One place, so every format refuses damage in the same words."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, CheckpointNotFoundError, _sha256
+
+__all__ = ["read_file", "parse_state"]
+
+
+def read_file(target: Path, what: str) -> bytes:
+    """The file's bytes; a missing or unreadable file is a ``CheckpointError`` naming ``what``."""
+    try:
+        return target.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{what} file {str(target)!r} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} file {str(target)!r}: {exc}") from None
+
+
+def parse_state(header: dict[str, Any], where: str, *, fmt: str, version: str, what: str, writer: str,
+                keys: tuple[str, str]) -> dict[str, Any]:
+    """The verified JSON state of a file of format ``fmt``/``version`` (written by ``writer``),
+    which must hold the objects named in ``keys``."""
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{where}: not a distsparse {what} file (its safetensors metadata lacks "
+                              f"format={fmt!r}); write it with {writer}")
+    if meta.get("format_version") != version:
+        raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r} is not supported; "
+                              f"this distsparse reads version {version!r}")
+    text, digest = meta.get("state"), meta.get("json_sha256")
+    if not isinstance(text, str) or not isinstance(digest, str):
+        raise CheckpointError(f"{where}: metadata lacks 'state' or 'json_sha256' (damaged file)")
+    if _sha256(text.encode("utf-8")) != digest:
+        raise CheckpointError(f"{where}: the JSON state does not match its checksum (damaged file)")
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: the JSON state is not valid JSON ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in keys):
+        raise CheckpointError(f"{where}: malformed state: it needs {keys[0]!r} and {keys[1]!r} objects")
+    return state
