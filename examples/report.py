@@ -25,6 +25,7 @@ from typing import Any
 HISTORY = "history.jsonl"
 REPORT = "report.png"
 LOSS, BASELINE, LEVEL, SPARSITY = "train/loss", "train/baseline_loss", "sparsity/level", "sparsity/"
+NEXT_LEVEL = "sparsity/next_level"  # the level the next step will use: not a table
 
 
 class RunHistory:
@@ -91,7 +92,8 @@ def draw(folder: str | os.PathLike[str]) -> Any:
     folder = Path(folder)
     rows = read_history(folder)
     summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
-    tables = sorted({k[len(SPARSITY):] for r in rows for k in r if k.startswith(SPARSITY) and k != LEVEL})
+    tables = sorted({k[len(SPARSITY):] for r in rows for k in r
+                     if k.startswith(SPARSITY) and k not in (LEVEL, NEXT_LEVEL)})
 
     fig, (ax_sp, ax_loss, ax_bytes) = plt.subplots(1, 3, figsize=(16, 4.6))
     steps = [r["step"] for r in rows]
