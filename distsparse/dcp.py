@@ -61,7 +61,6 @@ Limitations:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -71,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, _check_scheduler
+from .checkpoint import CheckpointError, _check_scheduler, _scheduler_probe
 from .distributed import RemoteError, mark_raised_everywhere
 from .sparsifier import check_config_source
 
@@ -397,14 +396,7 @@ class DcpSparsityState:
         if state is None:
             raise CheckpointError(f"{where}: the checkpoint holds no scheduler state (it was saved without one); "
                                   "load it with dcp_state(sparsifier) alone")
-        probe = copy.copy(scheduler)
-        for attr, value in vars(scheduler).items():
-            if isinstance(value, (dict, list, set)):
-                setattr(probe, attr, copy.copy(value))
-        try:
-            probe.load_state_dict(copy.deepcopy(state))
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: scheduler state does not fit {type(scheduler).__name__}: {exc}") from None
+        _scheduler_probe(scheduler, state, where)
         return state
 
     def _check_counts(self, sd: dict[str, Any], counts: dict[str, tuple[int, int | None]], where: str) -> None:

@@ -65,7 +65,8 @@ from .checkpoint import (
     _header_size,
     _sha256,
 )
-from .file_state import parse_state, read_file
+from .file_state import load_checked_tensors, parse_state, read_file
+from .file_state import tensor_digest as _tensor_digest
 from .masks import as_matrix, pack_bits, packed_size, unpack_bits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -306,11 +307,6 @@ def _check_specs(header: dict[str, Any], groups: dict[str, Any], data_size: int,
     check_spans_tile(spans, data_size, where)
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of the tensor's bytes (row-major, little-endian as stored)."""
-    return _sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def _decode_group(name: str, bitmap_packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...],
                   block: tuple[int, int], where: str) -> torch.Tensor:
     bh, bw = block
@@ -365,9 +361,6 @@ def load_sparse_data(path: str | os.PathLike[str], device: str | torch.device = 
     naming the file (and the group); a missing file raises
     :class:`~distsparse.checkpoint.CheckpointNotFoundError`.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-
     target = Path(os.fspath(path))
     where = f"sparse data file {str(target)!r}"
     if rows is not None and not (len(rows) == 2 and 0 <= int(rows[0]) <= int(rows[1])):
@@ -381,19 +374,8 @@ def load_sparse_data(path: str | os.PathLike[str], device: str | torch.device = 
     state = parse_state(header, where, fmt=FORMAT, version=FORMAT_VERSION, what="sparse data",
                         writer="distsparse.save_sparse_data", keys=("groups", "checksums"))
     _check_specs(header, state["groups"], len(blob) - 8 - _header_size(blob), where)
-    try:
-        tensors = st_load(blob)
-    except SafetensorError as exc:
-        raise CheckpointError(f"{where}: safetensors cannot read the file ({exc})") from None
+    tensors = load_checked_tensors(blob, state["checksums"], where, "group")
     del blob
-    checksums = state["checksums"]
-    if set(checksums) != set(tensors):
-        raise CheckpointError(f"{where}: the checksum list does not match the tensors (damaged file)")
-    for key in sorted(tensors):
-        if _tensor_digest(tensors[key]) != checksums[key]:
-            group = key.split("/", 1)[1]
-            raise CheckpointError(f"{where}: group {group!r}: tensor {key!r} does not match its sha256 checksum "
-                                  "(damaged file)")
     out: dict[str, torch.Tensor] = {}
     wanted = _names(names)
     for name in sorted(state["groups"]):

@@ -1,6 +1,7 @@
 """The checksummed JSON state that every distsparse safetensors file (sparse-data export,
 pruned tables) carries in its ``__metadata__``: read the file, check its format, version and
-JSON checksum, parse the JSON. One place, so every format refuses damage in the same words."""
+JSON checksum, parse the JSON, load the tensors against their checksums. One place, so every
+format refuses damage in the same words."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoint import CheckpointError, CheckpointNotFoundError, _sha256
 
-__all__ = ["read_file", "parse_state"]
+__all__ = ["read_file", "parse_state", "tensor_digest", "load_checked_tensors"]
 
 
 def read_file(target: Path, what: str) -> bytes:
@@ -46,3 +49,27 @@ def parse_state(header: dict[str, Any], where: str, *, fmt: str, version: str, w
     if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in keys):
         raise CheckpointError(f"{where}: malformed state: it needs {keys[0]!r} and {keys[1]!r} objects")
     return state
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of the tensor's bytes (row-major, little-endian as stored)."""
+    return _sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def load_checked_tensors(blob: bytes, checksums: dict[str, Any], where: str, kind: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, each checked against ``checksums`` (keys ``<prefix>/<name>``;
+    a mismatch names the ``kind`` — group or table — and the tensor)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    try:
+        tensors = st_load(blob)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{where}: safetensors cannot read the file ({exc})") from None
+    if set(checksums) != set(tensors):
+        raise CheckpointError(f"{where}: the checksum list does not match the tensors (damaged file)")
+    for key in sorted(tensors):
+        if tensor_digest(tensors[key]) != checksums[key]:
+            raise CheckpointError(f"{where}: {kind} {key.split('/', 1)[1]!r}: tensor {key!r} does not match its "
+                                  "sha256 checksum (damaged file)")
+    return tensors

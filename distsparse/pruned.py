@@ -73,7 +73,7 @@ from .checkpoint import (
 )
 from .distributed import mark_raised_everywhere
 from .export import _selected  # names= as save_sparse_data takes it
-from .file_state import parse_state, read_file
+from .file_state import load_checked_tensors, parse_state, read_file
 from .masks import as_matrix
 from .quantization import dequantize_rows, quantize_rows, quantized_row_bytes
 from .safetensors_stream import StreamingSafetensorsWriter, safetensors_dtype
@@ -499,10 +499,6 @@ def _check_specs(header: dict[str, Any], tables: dict[str, Any], data_size: int,
     check_spans_tile(spans, data_size, where)
 
 
-def _tensor_digest(t: torch.Tensor) -> str:
-    return _sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def load_pruned_tables(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, PrunedTable]:
     """Read a file written by :func:`save_pruned_tables`: ``{name: PrunedTable}`` on ``device``.
 
@@ -513,9 +509,6 @@ def load_pruned_tables(path: str | os.PathLike[str], device: str | torch.device 
     :class:`~distsparse.checkpoint.CheckpointError` naming the file and the table; a missing
     file raises :class:`~distsparse.checkpoint.CheckpointNotFoundError`. Nothing is unpickled.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-
     target = Path(os.fspath(path))
     where = f"pruned tables file {str(target)!r}"
     blob = read_file(target, "pruned tables")
@@ -523,18 +516,8 @@ def load_pruned_tables(path: str | os.PathLike[str], device: str | torch.device 
     state = parse_state(header, where, fmt=FORMAT, version=FORMAT_VERSION, what="pruned tables",
                         writer="distsparse.save_pruned_tables", keys=("tables", "checksums"))
     _check_specs(header, state["tables"], len(blob) - 8 - _header_size(blob), where)
-    try:
-        tensors = st_load(blob)
-    except SafetensorError as exc:
-        raise CheckpointError(f"{where}: safetensors cannot read the file ({exc})") from None
+    tensors = load_checked_tensors(blob, state["checksums"], where, "table")
     del blob
-    checksums = state["checksums"]
-    if set(checksums) != set(tensors):
-        raise CheckpointError(f"{where}: the checksum list does not match the tensors (damaged file)")
-    for key in sorted(tensors):
-        if _tensor_digest(tensors[key]) != checksums[key]:
-            raise CheckpointError(f"{where}: table {key.split('/', 1)[1]!r}: tensor {key!r} does not match its "
-                                  "sha256 checksum (damaged file)")
     out: dict[str, PrunedTable] = {}
     for name in sorted(state["tables"]):
         shape, _, _, kept, encoding = _check_entry(name, state["tables"][name], where)

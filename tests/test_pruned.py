@@ -165,7 +165,8 @@ def test_a_flipped_data_bit_a_truncation_or_another_format_raise_checkpoint_erro
 def test_a_remap_out_of_order_is_refused_even_with_valid_checksums(tmp_path, weight):
     from safetensors.torch import load_file
 
-    from distsparse.pruned import _metadata, _tensor_digest
+    from distsparse.file_state import tensor_digest as _tensor_digest
+    from distsparse.pruned import _metadata
     from distsparse.safetensors_stream import StreamingSafetensorsWriter
 
     _, path = _table(tmp_path, _sparsifier(weight))
