@@ -12,7 +12,7 @@ over loopback and GPUs over NCCL from published figures.
                                                   # scoring and selection throughput
 
 **Replicated tables' step.** For each world size and workload it models, per rank, the plan
-of ``distsparse.planner`` (the same code the sparsifier runs) against whole-group ownership:
+of ``distsparse.distributed.planner`` (the same code the sparsifier runs) against whole-group ownership:
 
 * compute elements: the most elements any rank scores (the step waits for the slowest);
 * collectives: the begin/finish frames (two all-reduces of 16 bytes,
@@ -72,8 +72,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distsparse.planner import GroupSpec, plan  # noqa: E402
-from distsparse.selection import choose_digit_bits  # noqa: E402
+from distsparse.distributed.planner import GroupSpec, plan  # noqa: E402
+from distsparse.distributed.selection import choose_digit_bits  # noqa: E402
 
 # -- constants ------------------------------------------------------------------------------
 # Measured with --calibrate on this project's 2-vCPU machine (gloo over loopback, one thread
@@ -376,7 +376,7 @@ def calibrate() -> dict:
     import torch
 
     from distsparse import masks
-    from distsparse.selection import ShardSelection, blocks_to_prune
+    from distsparse.distributed.selection import ShardSelection, blocks_to_prune
 
     torch.set_num_threads(1)
     c = {}

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, save_checkpoint
 from .dcp import dcp_state
 from .export import load_sparse_data, save_sparse_data
-from .distributed import CollectiveTimeoutError, RankDisagreementError, RemoteError
+from .distributed.comm import CollectiveTimeoutError, RankDisagreementError, RemoteError
 from .integrations.accelerate import register_for_checkpointing
 from .norm_sparsifier import DataNormSparsifier
 from .pruned import PrunedTable, load_pruned_tables, save_pruned_tables

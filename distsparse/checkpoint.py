@@ -124,7 +124,7 @@ try:  # POSIX: temporary files are locked while written (see _remove_stale_temps
 except ImportError:  # pragma: no cover - Windows: no locks, stale temporary files are kept
     fcntl = None  # type: ignore[assignment]
 
-from .distributed import RankDisagreementError, RemoteError, describe_differences, mark_raised_everywhere
+from .distributed.comm import RankDisagreementError, RemoteError, describe_differences, mark_raised_everywhere
 from .masks import pack_bits, packed_size, unpack_bits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -312,7 +312,7 @@ class _FilePlan:
 
 def _file_plan(all_facts: list[dict[str, Any]], scheduler_state: dict[str, Any] | None) -> _FilePlan:
     """Raises ``ValueError`` naming the group when sharded pieces do not tile their table."""
-    from .rects import layout_from_gathered
+    from .distributed.rects import layout_from_gathered
 
     world_size = len(all_facts)
     shared = all_facts[0]["shared"]
@@ -728,7 +728,7 @@ def save_checkpoint(path: str | os.PathLike[str], sparsifier: BaseDataSparsifier
     one piece (no rank assembles a sharded table). An error on any rank (or the writer's
     I/O error) is raised on every rank; the previous file at ``path`` then stays as it was.
     The format is described in this module's docstring. Ranks that disagree on groups,
-    configs or step counts raise :class:`~distsparse.distributed.RankDisagreementError`
+    configs or step counts raise :class:`~distsparse.distributed.comm.RankDisagreementError`
     naming the group.
     """
     _check_scheduler(sparsifier, scheduler)
@@ -947,7 +947,7 @@ def _finite_number(value: Any) -> bool:
 def _check_state_schema(state: Any, where: str, version: str = FORMAT_VERSION) -> None:
     """Every JSON field a load trusts has the type and range it must have (the values of
     configs are the sparsifier's to check, the scheduler's state the scheduler's)."""
-    from .rects import layout_from_gathered
+    from .distributed.rects import layout_from_gathered
 
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{where}: malformed checkpoint state: {what}")

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, _check_scheduler, _scheduler_probe
-from .distributed import RemoteError, mark_raised_everywhere
+from .distributed.comm import RemoteError, mark_raised_everywhere
 from .sparsifier import check_config_source
 
 if TYPE_CHECKING:  # pragma: no cover

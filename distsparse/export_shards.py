@@ -45,7 +45,7 @@ from .checkpoint import (CheckpointError, CheckpointNotFoundError, _atomic_write
 from .masks import as_matrix
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .distributed import Comm
+    from .distributed.comm import Comm
     from .sparsifier import BaseDataSparsifier
 
 #: ``format_version`` of an index (the part files are version 1).

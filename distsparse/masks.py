@@ -135,7 +135,7 @@ def lowest_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
     return chosen.reshape(scores.shape)
 
 
-# From this many blocks on, the radix selection of distsparse.selection (run locally) beats
+# From this many blocks on, the radix selection of distsparse.distributed.selection (run locally) beats
 # numpy's introselect + the tie pass (measured: 16M float32 scores, 0.10 s vs 0.15 s).
 _RADIX_MIN_BLOCKS = 1 << 20
 
@@ -364,7 +364,7 @@ def mask_from_pruned(
     """The mask of a 2-D ``matrix`` (bool, its shape; True keeps) given which of its blocks
     are pruned (bool, ``(ceil(rows / bh), ceil(cols / bw))``): the second half of
     :func:`norm_block_mask`, for a shard whose blocks were selected elsewhere (see
-    ``distsparse.selection``). Inside a pruned block its ``zeros_per_block`` smallest
+    ``distsparse.distributed.selection``). Inside a pruned block its ``zeros_per_block`` smallest
     elements are zeroed, exactly as :func:`norm_block_mask` does. ``out``: a contiguous
     bool tensor of the matrix's shape to write into (the rows of a whole mask), returned.
     """

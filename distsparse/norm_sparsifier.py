@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .masks import norm_block_mask
-from .selection import blocks_to_prune, shard_block_scores, shard_mask
+from .distributed.selection import blocks_to_prune, shard_block_scores, shard_mask
 from .sparsifier import BaseDataSparsifier
 
 __all__ = ["DataNormSparsifier"]

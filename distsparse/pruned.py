@@ -71,7 +71,7 @@ from .checkpoint import (
     _sha256,
     check_spans_tile,
 )
-from .distributed import mark_raised_everywhere
+from .distributed.comm import mark_raised_everywhere
 from .export import _selected  # names= as save_sparse_data takes it
 from .file_state import load_checked_tensors, parse_state, read_file
 from .masks import as_matrix

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .distributed import mark_raised_everywhere
+from .distributed.comm import mark_raised_everywhere
 from .sparsifier import BaseDataSparsifier
 
 __all__ = [

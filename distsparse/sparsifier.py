@@ -8,17 +8,17 @@ of the same shape on the same device, a config dict and a scope:
 * *local* — per-rank data (input batches): every rank computes its own mask.
 * *sharded* — a ``DTensor`` whose rows are spread over the ranks (FSDP2 ``Shard(0)``, HSDP):
   each rank scores the blocks starting in its rows, the exact global selection picks the
-  k lowest, each rank keeps its own mask rows (see :mod:`distsparse.sharding`). A
+  k lowest, each rank keeps its own mask rows (see :mod:`distsparse.distributed.sharding`). A
   ``Replicate()`` DTensor is an ordinary replicated group.
 * *rectangle-sharded* — a table whose ranks hold rectangles of it (TorchRec's row-, column-,
   table- and table-row-wise shards, as a ``ShardedTensor``, a ``DTensor`` over a
-  ``LocalShardsWrapper`` or a :class:`~distsparse.rects.RectShards`): the same protocol
-  over rectangles, with row and column halos (see :mod:`distsparse.rects`).
+  ``LocalShardsWrapper`` or a :class:`~distsparse.distributed.rects.RectShards`): the same protocol
+  over rectangles, with row and column halos (see :mod:`distsparse.distributed.rects`).
 
 Subclasses implement :meth:`update_mask` (one group's mask from its data and config) and
 may validate configs and data. This module keeps the groups and runs ``step()``; the part of
 the step that several ranks compute together (split, sharded and rectangle groups, the mask
-exchange) is :mod:`distsparse.distributed_step`. All communication goes through :class:`~distsparse.distributed.Comm`,
+exchange) is :mod:`distsparse.distributed.step`. All communication goes through :class:`~distsparse.distributed.comm.Comm`,
 which is purely local when ``torch.distributed`` is not initialized.
 """
 
@@ -38,16 +38,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed_step
-from .distributed import Comm
+from .distributed import step as distributed_step
+from .distributed.comm import Comm
 from .masks import as_matrix, pack_bits, unpack_bits
-from .planner import DEFAULT_MIN_SPLIT_ELEMENTS, GroupSpec, Plan
-from .planner import plan as plan_step
-from .rects import RectLayout, RectShards, as_rect_shards, flat_views, layout_from_gathered
-from .selection import DIGIT_BITS_CHOICES
-from .sharding import ShardLayout, is_dtensor, layout_of
+from .distributed.planner import DEFAULT_MIN_SPLIT_ELEMENTS, GroupSpec, Plan
+from .distributed.planner import plan as plan_step
+from .distributed.rects import RectLayout, RectShards, as_rect_shards, flat_views, layout_from_gathered
+from .distributed.selection import DIGIT_BITS_CHOICES
+from .distributed.sharding import ShardLayout, is_dtensor, layout_of
 
-__all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION", "pack_mask", "unpack_mask", "check_scheduler"]
+__all__ = ["BaseDataSparsifier", "STATE_FORMAT_VERSION", "pack_mask", "unpack_mask", "check_scheduler",
+           "local_pieces", "is_dtensor"]
 
 #: Version of the ``state_dict()`` layout (also written into checkpoints).
 STATE_FORMAT_VERSION = 1
@@ -228,7 +229,7 @@ class BaseDataSparsifier(abc.ABC):
     Limitations:
         Tensor subclasses other than ``DTensor`` are refused, and so are DTensors with
         placements other than ``Shard(0)`` (1-D mesh), ``(Replicate(), Shard(0))`` (2-D
-        HSDP mesh) and ``Replicate()`` (see :mod:`distsparse.sharding`).
+        HSDP mesh) and ``Replicate()`` (see :mod:`distsparse.distributed.sharding`).
     """
 
     def __init__(self, data_list: Iterable[tuple[str, Any]] | None = None, *,
@@ -250,7 +251,7 @@ class BaseDataSparsifier(abc.ABC):
         self.last_step_stats: dict[str, float] = {}
         #: When replicated groups are split into row ranges computed by several ranks (see
         #: :meth:`assignment`). ``None`` (the default): only where the cost model
-        #: (:class:`~distsparse.planner.SplitCosts`) predicts the busiest rank finishes sooner;
+        #: (:class:`~distsparse.distributed.planner.SplitCosts`) predicts the busiest rank finishes sooner;
         #: an int ``n``: the older size rule, any group of at least ``n`` elements when balance
         #: needs it. Must be equal on every rank.
         self.min_split_elements = DEFAULT_MIN_SPLIT_ELEMENTS
@@ -524,7 +525,7 @@ class BaseDataSparsifier(abc.ABC):
         over this rank's local ``bool`` mask (``.to_local()``; ``.full_tensor()`` is the
         global mask, a collective) and kept current the same way.
 
-        A table sharded in rectangles (TorchRec) has a :class:`~distsparse.rects.RectShards`
+        A table sharded in rectangles (TorchRec) has a :class:`~distsparse.distributed.rects.RectShards`
         of ``bool`` masks: ``local_shards()`` gives ``[((row, col), mask), ...]``, one per
         local shard of the table with its global offset (views of one flat mask, updated in
         place by every step).
@@ -632,7 +633,7 @@ class BaseDataSparsifier(abc.ABC):
     @property
     def selection_digit_bits(self) -> int | None:
         """Radix digit width of the exact selection of split and sharded groups: ``None``
-        (default) lets :func:`~distsparse.selection.choose_digit_bits` minimise the modelled
+        (default) lets :func:`~distsparse.distributed.selection.choose_digit_bits` minimise the modelled
         time, except that a step with sharded (FSDP2, TorchRec) groups uses 8 bits (4 rounds of
         2 KiB per group, so nothing near table-sized is sent, even at 1,024 ranks); 8, 11 or 16
         fixes it — e.g. 16 for fewer rounds on a fast network. Must be equal on every rank
@@ -668,7 +669,7 @@ class BaseDataSparsifier(abc.ABC):
 
     # -- who computes what ------------------------------------------------------------
     def _plan(self) -> Plan:
-        """This step's plan (see :mod:`distsparse.planner`): whole groups with an owner,
+        """This step's plan (see :mod:`distsparse.distributed.planner`): whole groups with an owner,
         big splittable groups in row ranges. Identical on every rank: it depends only on
         names, shapes, block shapes, scopes, the world size and ``min_split_elements``,
         which the step's agreement check covers. Recomputed when any of them changes."""
@@ -1139,6 +1140,15 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """The ``bool`` mask of ``shape`` that :func:`pack_mask` packed."""
     return unpack_bits(packed, shape)
+
+
+def local_pieces(data: Any) -> RectShards | None:
+    """This rank's rectangles of a table sharded in rectangles (a TorchRec ``ShardedTensor``,
+    a ``DTensor`` over TorchRec's ``LocalShardsWrapper``, or a sharded group's mask), as
+    :class:`~distsparse.distributed.rects.RectShards` (``local_shards()``: ``[((row, col),
+    tensor), ...]``, no copy), else ``None``: how integrations tell a sharded table from a
+    replicated one."""
+    return as_rect_shards(data)
 
 
 def check_scheduler(sparsifier: Any, scheduler: Any) -> None:

@@ -18,7 +18,7 @@ import distsparse
 from distsparse import CubicScheduler, DataNormSparsifier, save_checkpoint, save_sparse_data
 from distsparse.checkpoint import CheckpointError, CheckpointNotFoundError, verify_checkpoint
 from distsparse.cli import main
-from distsparse.rects import RectShards
+from distsparse.distributed.rects import RectShards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -216,7 +216,7 @@ def test_missing_and_foreign_files(tmp_path):
 
 
 def test_groups_sharded_in_rectangles_export_as_pieces_and_load_whole(tmp_path):
-    from distsparse.rects import RectShards
+    from distsparse.distributed.rects import RectShards
 
     table = torch.randn(12, 8, generator=torch.Generator().manual_seed(3))
     sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4))

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from distsparse.planner import GroupSpec, SplitCosts, plan
+from distsparse.distributed.planner import GroupSpec, SplitCosts, plan
 
 BLOCKS = [(1, 4), (2, 2), (3, 5), (8, 1)]
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from distsparse import masks
 from distsparse.masks import as_matrix, block_scores, lowest_blocks, norm_block_mask
-from distsparse.selection import (
+from distsparse.distributed.selection import (
     KEY_BITS,
     ShardSelection,
     blocks_to_prune,

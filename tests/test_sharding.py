@@ -18,8 +18,8 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 
 from distsparse import DataNormSparsifier
 from distsparse.masks import norm_block_mask, pack_bits
-from distsparse.selection import ShardSelection, blocks_to_prune
-from distsparse.sharding import ShardedRows, ShardLayout, layout_of, owned_rows
+from distsparse.distributed.selection import ShardSelection, blocks_to_prune
+from distsparse.distributed.sharding import ShardedRows, ShardLayout, layout_of, owned_rows
 
 
 def _fake_dtensor(shape, mesh_shape, placements, mesh_ranks=None):
@@ -171,7 +171,7 @@ def test_selection_digit_bits_accepts_none_8_11_16_and_refuses_other_values():
 # -- tables sharded in rectangles (TorchRec layouts), in one process ------------------------------
 
 
-from distsparse.rects import RectShards, layout_from_gathered  # noqa: E402
+from distsparse.distributed.rects import RectShards, layout_from_gathered  # noqa: E402
 
 
 def test_owned_regions_reach_into_the_rectangles_below_and_to_the_right():

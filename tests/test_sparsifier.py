@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from distsparse import BaseDataSparsifier, DataNormSparsifier
-from distsparse.rects import RectShards
+from distsparse.distributed.rects import RectShards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ table-row-wise; ``model.state_dict()`` then holds each table as a ``ShardedTenso
 local shards are views of the real (FBGEMM) storage. distsparse adds such a table as a
 *sharded* group: each rank scores the blocks of its own shards and the exact global
 selection gives every table the mask a single process computes on the whole table, bit for
-bit (see :mod:`distsparse.rects`). ``squash_mask()`` writes into the local shards in place,
+bit (see :mod:`distsparse.distributed.rects`). ``squash_mask()`` writes into the local shards in place,
 so the next forward sees the zeros.
 
 Usage (every rank, after ``DistributedModelParallel``)::
@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..sparsifier import is_dtensor, local_pieces
 
 __all__ = ["add_torchrec_tables", "add_torchrec_table", "torchrec_tables", "zero_pruned_optimizer_state"]
 
@@ -161,15 +163,11 @@ def add_torchrec_table(sparsifier: Any, name: str, tensor: Any, **config: Any) -
     its ``DTensor`` (TorchRec with ``output_dtensor=True``; the shards' offsets are used,
     not the placements), or a plain tensor / ``nn.Parameter`` (a data-parallel or unsharded
     table: a replicated group). ``get_mask(name)`` of a sharded table is a
-    :class:`~distsparse.rects.RectShards` of ``bool`` masks (``local_shards()``: ``[((row,
+    :class:`~distsparse.distributed.rects.RectShards` of ``bool`` masks (``local_shards()``: ``[((row,
     col), mask), ...]``). Raises ``TypeError`` naming the group for anything else.
     """
-    from ..rects import as_rect_shards
-
-    if as_rect_shards(tensor) is not None:
+    if local_pieces(tensor) is not None:
         return sparsifier.add_data(name, tensor, **config)
-    from ..sharding import is_dtensor
-
     if isinstance(tensor, torch.Tensor) and (type(tensor) in (torch.Tensor, nn.Parameter) or is_dtensor(tensor)):
         return sparsifier.add_data(name, tensor, replicated=True, **config)
     raise TypeError(f"group {name!r}: {type(tensor).__module__}.{type(tensor).__name__} is not a TorchRec table; "
@@ -187,9 +185,7 @@ def zero_pruned_optimizer_state(sparsifier: Any, optimizer: Any, names: Iterable
     Adagrad's ``momentum1``) are zeroed — exactly the pruned elements; row-wise states (one
     value per row, shared by kept elements) are left alone. Call it after ``squash_mask()``.
     """
-    from ..rects import as_rect_shards
-
-    groups = sparsifier._groups
+    groups = sparsifier.data_groups
     selected = sorted(groups) if names is None else list(names)
     changed = []
     state = optimizer.state_dict()["state"]
@@ -198,11 +194,11 @@ def zero_pruned_optimizer_state(sparsifier: Any, optimizer: Any, names: Iterable
             continue
         for key, value in per_param.items():
             table = key.rsplit(".", 1)[0]
-            if table not in selected or table not in groups or groups[table].rects is None:
+            if table not in selected or table not in groups:
                 continue
-            shards = as_rect_shards(value)
-            mask = sparsifier.get_mask(table)
-            if shards is None or tuple(shards.shape) != tuple(mask.shape):
+            mask = local_pieces(sparsifier.get_mask(table))  # None: not a sharded group
+            shards = local_pieces(value)
+            if mask is None or shards is None or tuple(shards.shape) != tuple(mask.shape):
                 continue
             offsets = [o for o, _ in mask.local_shards()]
             if [o for o, _ in shards.local_shards()] != offsets:

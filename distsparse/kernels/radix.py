@@ -3,8 +3,8 @@ histograms, candidate narrowing, and one shard's selection state (:class:`ShardS
 
 The kernels layer: pure tensor code that imports nothing else from the package, so the
 mask functions (``distsparse.masks``) and the distributed selection protocol
-(``distsparse.selection``, which re-exports these names) both build on it one way.
-See ``distsparse.selection`` for the protocol that drives :class:`ShardSelection` across ranks.
+(``distsparse.distributed.selection``, which re-exports these names) both build on it one way.
+See ``distsparse.distributed.selection`` for the protocol that drives :class:`ShardSelection` across ranks.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def pick(histogram: torch.Tensor, remaining: int) -> Pick:
 
 def ties_to_take(ties: int, ties_before: int, local_ties: int) -> int:
     """This shard's share of the ``ties``: the lowest global block indices first, i.e.
-    ``min(local_ties, max(0, ties − ties_before))`` (``distsparse.selection.tie_shares``)."""
+    ``min(local_ties, max(0, ties − ties_before))`` (``distsparse.distributed.selection.tie_shares``)."""
     return min(local_ties, max(0, ties - ties_before))
 
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distsparse
-from distsparse.distributed import Comm
+from distsparse.distributed.comm import Comm
 from rank_fns import capture_error
 
 _RECORDED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "barrier")

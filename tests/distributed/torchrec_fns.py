@@ -1,5 +1,5 @@
 """Rank functions: TorchRec sharded tables (row-, column-, table-, table-row-wise; fused and
-dense kernels) and tables sharded in rectangles by hand (:class:`distsparse.rects.RectShards`).
+dense kernels) and tables sharded in rectangles by hand (:class:`distsparse.distributed.rects.RectShards`).
 
 Every check compares with the single-process mask of the *global* weight, which the test
 (only the test) reassembles by an all-reduce of zero-filled copies of each rank's shards.
@@ -16,14 +16,14 @@ from torch import nn
 
 import distsparse
 from distsparse.masks import norm_block_mask
-from distsparse.rects import RectShards
+from distsparse.distributed.rects import RectShards
 from fsdp2_fns import _values  # the FSDP2 tests' tables: random, heavy ties or constant
 
 
 def _whole(value, shape) -> torch.Tensor:
     """The global tensor from every rank's shards (a RectShards / ShardedTensor) or a plain
     (replicated) tensor — test-side only."""
-    from distsparse.rects import as_rect_shards
+    from distsparse.distributed.rects import as_rect_shards
 
     shards = as_rect_shards(value)
     if shards is None:
@@ -110,7 +110,7 @@ def _set_weights(model, tables: dict, kind: str, seed: int) -> dict:
             values[name] = _values(kind, rows, cols, seed + i)
             key = next(k for k in sd if k.endswith(f".{name}.weight"))
             weight = sd[key]
-            from distsparse.rects import as_rect_shards
+            from distsparse.distributed.rects import as_rect_shards
 
             shards = as_rect_shards(weight)
             if shards is None:
@@ -220,7 +220,7 @@ def training_loop(kernel: str, steps: int = 4) -> dict:
         out["forward_zeros"].append(all(bool((rows[n][~masks[n]] == 0).all()) for n in names))
         out["sparsity"].append(sp.sparsity())
     if kernel == "fused":  # this rank's state of pruned elements is zero after zero_pruned_optimizer_state
-        from distsparse.rects import as_rect_shards
+        from distsparse.distributed.rects import as_rect_shards
 
         state = model.fused_optimizer.state_dict()["state"]
         zero, seen = True, 0

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .masks import packed_size, unpack_bits
+from ..masks import packed_size, unpack_bits
 from .selection import nonfinite_error
 
 __all__ = ["ShardLayout", "ShardedRows", "is_dtensor", "layout_of", "owned_rows", "SUPPORTED_PLACEMENTS"]
@@ -212,7 +212,7 @@ class ShardedRows:
     one of them, so its score and mask are those of the whole tensor, bit for bit.
 
     Pure given the gathered halos (the all-gathers are the sparsifier's, through
-    :class:`~distsparse.distributed.Comm`).
+    :class:`~distsparse.distributed.comm.Comm`).
     """
 
     def __init__(self, layout: ShardLayout, local: torch.Tensor, block: tuple[int, int]) -> None:

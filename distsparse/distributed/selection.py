@@ -58,7 +58,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .kernels.radix import (  # re-exported: the selection's kernels, part of this module's API
+from ..kernels.radix import (  # re-exported: the selection's kernels, part of this module's API
     KEY_BITS,
     Pick,
     ShardSelection,
@@ -70,7 +70,7 @@ from .kernels.radix import (  # re-exported: the selection's kernels, part of th
     shard_histogram,
     ties_to_take,
 )
-from .masks import block_scores, mask_from_pruned
+from ..masks import block_scores, mask_from_pruned
 
 __all__ = [
     "KEY_BITS",

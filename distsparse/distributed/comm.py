@@ -342,7 +342,7 @@ class Comm:
                       slots: Sequence[int] | None = None,
                       contributes: Sequence[bool] | None = None) -> tuple[bool, list[int]]:
         """Collective: run the radix-selection rounds of every split group of a step
-        together (:class:`distsparse.selection.ShardSelection`, one per group, in name
+        together (:class:`distsparse.distributed.selection.ShardSelection`, one per group, in name
         order, the same list on every rank): one all-reduce of all histograms per round,
         then one of the tie counts when some group splits its ties.
 

@@ -11,7 +11,7 @@ the whole table:
 * **Owned blocks.** Each block of the global grid (blocks start at (0, 0)) belongs to the
   rectangle holding its top-left element. Rectangle ``R = [s, e) × [cs, ce)`` owns the
   region ``O(R) = [a, b) × [ca, cb)`` with ``a = ceil(s / bh)·bh``, ``b = min(rows,
-  ceil(e / bh)·bh)`` and the same for columns (:func:`~distsparse.sharding.owned_rows`).
+  ceil(e / bh)·bh)`` and the same for columns (:func:`~distsparse.distributed.sharding.owned_rows`).
   ``O(R)`` reaches past ``R`` by fewer than ``bh`` rows and ``bw`` columns, into the
   rectangles below and to the right: the *halo*.
 * **Scores.** ``O(R)`` is scored as three parts, each made of whole blocks: the *body*
@@ -22,7 +22,7 @@ the whole table:
   (no partial sums are combined across shards: combining float partial sums is not exact in
   general, so the missing < ``bw`` columns / < ``bh`` rows are sent instead). Boundaries on
   block edges need no halo (TorchRec's column shards are multiples of 4 columns).
-* **Selection.** One :class:`~distsparse.selection.ShardSelection` per group and rank over
+* **Selection.** One :class:`~distsparse.distributed.selection.ShardSelection` per group and rank over
   the concatenated scores of its rectangles. Ties at the threshold go to the lowest global
   row-major block indices: when every rectangle spans all columns and no rank holds two of
   one table (row-wise, table-wise, table-row-wise), each rank's blocks are one contiguous

@@ -4,13 +4,13 @@ Three kinds of group are computed by several ranks at once (see
 :mod:`distsparse.sparsifier` for the scopes):
 
 * *split* replicated groups — a big table every rank holds, scored in row ranges by the
-  ranks the planner (:mod:`distsparse.planner`) assigns, its new mask then shared whole;
+  ranks the planner (:mod:`distsparse.distributed.planner`) assigns, its new mask then shared whole;
 * *sharded* DTensor groups (FSDP2 ``Shard(0)``, HSDP) — each rank scores the blocks
-  starting in its rows (:mod:`distsparse.sharding`), with row halos;
-* *rectangle* groups (TorchRec shards, :mod:`distsparse.rects`) — row and column halos.
+  starting in its rows (:mod:`distsparse.distributed.sharding`), with row halos;
+* *rectangle* groups (TorchRec shards, :mod:`distsparse.distributed.rects`) — row and column halos.
 
 All of them find their global k lowest blocks in the same all-reduce rounds of the exact
-radix selection (:mod:`distsparse.selection`, :meth:`Comm.select_lowest`), then each rank
+radix selection (:mod:`distsparse.distributed.selection`, :meth:`Comm.select_lowest`), then each rank
 writes its mask rows; :func:`exchange_masks` ends the step with one all-gather of every
 rank's status and bit-packed masks. These functions are the sparsifier's step protocol,
 kept apart from the group bookkeeping in :class:`~distsparse.sparsifier.BaseDataSparsifier`;
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .distributed import mark_raised_everywhere
-from .masks import as_matrix, pack_bits, packed_size, unpack_bits
+from .comm import mark_raised_everywhere
+from ..masks import as_matrix, pack_bits, packed_size, unpack_bits
 from .planner import Plan
 from .rects import RectView, layout_from_gathered
 from .selection import ShardSelection, choose_digit_bits
@@ -145,7 +145,7 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
         halo_bytes += _rect_masks(sp, rects, rect_views, rect_flags, local_masks, fail)
     return False, halo_bytes
 
-# -- rectangle-sharded groups (TorchRec), see distsparse.rects ------------------------
+# -- rectangle-sharded groups (TorchRec), see distsparse.distributed.rects ------------------------
 
 def _learn_rect_layouts(sp, names: list[str]) -> None:
     """Collective when some group's layout is not known yet (the same groups on every
@@ -166,7 +166,7 @@ def _learn_rect_layouts(sp, names: list[str]) -> None:
 
 
 def _rect_views(sp, names: list[str]) -> tuple[dict[str, RectView], int]:
-    """Each rectangle-sharded group's :class:`~distsparse.rects.RectView` with its halo
+    """Each rectangle-sharded group's :class:`~distsparse.distributed.rects.RectView` with its halo
     data: one all-gather of the rows/columns of blocks straddling shard boundaries (none
     when every boundary lies on a block edge). Returns the views and bytes sent."""
     comm = sp._comm
