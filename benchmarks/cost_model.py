@@ -191,7 +191,7 @@ def step_cost(world: int, specs: list[GroupSpec], c: dict, *, split: bool = True
             "collectives": collectives, "sent": sent, "compute": compute, "comm": comm, "total": compute + comm}
 
 
-#: distributed_step.digit_bits_for: the radix digit of any step with a sharded table.
+#: distributed.step.digit_bits_for: the radix digit of any step with a sharded table.
 SHARDED_DIGIT_BITS = 8
 
 
@@ -445,7 +445,7 @@ def report(c: dict) -> str:
     checks = [f"- framing at 1,024 ranks: {fr['bytes']:.0f} bytes sent + received per operation "
               f"(target <= 1 kB: {verdict(fr['bytes'], 1000)}; before: {_fmt_bytes(fr['old_bytes'])})",
               f"- one sharded table's step at 1,024 ranks ({SHARDED_DIGIT_BITS}-bit digits, as "
-              f"distributed_step.digit_bits_for picks): {_fmt_bytes(sh['sent'])} sent + "
+              f"distributed.step.digit_bits_for picks): {_fmt_bytes(sh['sent'])} sent + "
               f"{_fmt_bytes(sh['received'])} received per rank = {_fmt_bytes(sh['sent'] + sh['received'])} "
               f"(target <= 100 kB: {verdict(sh['sent'] + sh['received'], 100e3)}; {sh['rounds']} all-reduced "
               f"histograms of {hist:,} bytes)",
