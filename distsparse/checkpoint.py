@@ -917,15 +917,9 @@ def _parse_head(head: bytes, size: int, where: str) -> _Parsed:
         raise CheckpointError(f"{where}: checkpoint format_version {version!r} is not supported; this "
                               f"distsparse reads versions {', '.join(map(repr, _READABLE_VERSIONS))} "
                               "(upgrade distsparse?)")
-    text, digest = meta.get("state"), meta.get("json_sha256")
-    if not isinstance(text, str) or not isinstance(digest, str):
-        raise CheckpointError(f"{where}: metadata lacks 'state' or 'json_sha256' (damaged file)")
-    if _sha256(text.encode("utf-8")) != digest:
-        raise CheckpointError(f"{where}: the checkpoint's JSON state does not match its checksum (damaged file)")
-    try:
-        state = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: the JSON state is not valid JSON ({exc})") from None
+    from .file_state import checked_json  # file_state builds on this module
+
+    state = checked_json(meta, where)
     n = _header_size(head)
     _check_tensor_specs(header, size - 8 - n, where)
     _check_state_schema(state, where, version)

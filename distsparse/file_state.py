@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointNotFoundError, _sha256
 
-__all__ = ["read_file", "parse_state", "tensor_digest", "load_checked_tensors"]
+__all__ = ["read_file", "checked_json", "parse_state", "tensor_digest", "load_checked_tensors"]
 
 
 def read_file(target: Path, what: str) -> bytes:
@@ -24,6 +24,19 @@ def read_file(target: Path, what: str) -> bytes:
         raise CheckpointNotFoundError(f"{what} file {str(target)!r} does not exist") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read {what} file {str(target)!r}: {exc}") from None
+
+
+def checked_json(meta: dict[str, Any], where: str) -> Any:
+    """The JSON ``state`` of a file's ``__metadata__``, parsed once its ``json_sha256`` matches."""
+    text, digest = meta.get("state"), meta.get("json_sha256")
+    if not isinstance(text, str) or not isinstance(digest, str):
+        raise CheckpointError(f"{where}: metadata lacks 'state' or 'json_sha256' (damaged file)")
+    if _sha256(text.encode("utf-8")) != digest:
+        raise CheckpointError(f"{where}: the JSON state does not match its checksum (damaged file)")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: the JSON state is not valid JSON ({exc})") from None
 
 
 def parse_state(header: dict[str, Any], where: str, *, fmt: str, version: str, what: str, writer: str,
@@ -37,15 +50,7 @@ def parse_state(header: dict[str, Any], where: str, *, fmt: str, version: str, w
     if meta.get("format_version") != version:
         raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r} is not supported; "
                               f"this distsparse reads version {version!r}")
-    text, digest = meta.get("state"), meta.get("json_sha256")
-    if not isinstance(text, str) or not isinstance(digest, str):
-        raise CheckpointError(f"{where}: metadata lacks 'state' or 'json_sha256' (damaged file)")
-    if _sha256(text.encode("utf-8")) != digest:
-        raise CheckpointError(f"{where}: the JSON state does not match its checksum (damaged file)")
-    try:
-        state = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: the JSON state is not valid JSON ({exc})") from None
+    state = checked_json(meta, where)
     if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in keys):
         raise CheckpointError(f"{where}: malformed state: it needs {keys[0]!r} and {keys[1]!r} objects")
     return state
