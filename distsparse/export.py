@@ -48,7 +48,6 @@ Limitations:
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,14 +57,13 @@ import torch.nn.functional as F
 
 from .checkpoint import (
     CheckpointError,
-    check_spans_tile,
     _atomic_write,
     _check_header_limit,
     _check_layout,
     _header_size,
     _sha256,
 )
-from .file_state import load_checked_tensors, parse_state, read_file
+from .file_state import check_tensor_specs, load_checked_tensors, parse_state, read_file
 from .file_state import tensor_digest as _tensor_digest
 from .masks import as_matrix, pack_bits, packed_size, unpack_bits
 
@@ -85,7 +83,6 @@ _ST_DTYPES = {
     torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8",
 }
 _BY_NAME = {str(d).replace("torch.", ""): d for d in _ST_DTYPES}
-_BY_NAME_ST = {tag: dtype for dtype, tag in _ST_DTYPES.items()}
 # Same-size integer view of each dtype: "is this element +0.0" is "are its bits all zero".
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -285,26 +282,7 @@ def _check_specs(header: dict[str, Any], groups: dict[str, Any], data_size: int,
         _, _, n_br, n_bc = _grid(shape, block)
         expected[_blocks_key(name)] = (name, "U8", [packed_size(n_br * n_bc)])
         expected[_values_key(name)] = (name, _ST_DTYPES[dtype], [stored, block[0], block[1]])
-    keys = {k for k in header if k != "__metadata__"}
-    if keys != set(expected):
-        raise CheckpointError(f"{where}: tensors do not match the groups (unexpected: {sorted(keys - set(expected))}, "
-                              f"missing: {sorted(set(expected) - keys)}; damaged file)")
-    spans = []
-    for key in sorted(keys):
-        name, dtype, shape = expected[key]
-        spec = header[key]
-        if (not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}
-                or not _is_dims(spec["data_offsets"], 2)):
-            raise CheckpointError(f"{where}: group {name!r}: tensor {key!r} has a malformed header entry (damaged file)")
-        if spec["dtype"] != dtype or spec["shape"] != shape:
-            raise CheckpointError(f"{where}: group {name!r}: tensor {key!r} is {spec['dtype']} {spec['shape']}, "
-                                  f"expected {dtype} {shape} (damaged file)")
-        start, end = spec["data_offsets"]
-        if end - start != math.prod(shape) * torch.empty(0, dtype=_BY_NAME_ST[dtype]).element_size():
-            raise CheckpointError(f"{where}: group {name!r}: tensor {key!r}: data offsets {spec['data_offsets']} "
-                                  f"do not match its shape {shape} (damaged file)")
-        spans.append((start, end, key))
-    check_spans_tile(spans, data_size, where)
+    check_tensor_specs(header, expected, data_size, where, "group")
 
 
 def _decode_group(name: str, bitmap_packed: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...],

@@ -6,14 +6,16 @@ format refuses damage in the same words."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointNotFoundError, _sha256
+from .checkpoint import CheckpointError, CheckpointNotFoundError, _sha256, check_spans_tile
+from .safetensors_stream import _DTYPE_NAMES
 
-__all__ = ["read_file", "checked_json", "parse_state", "tensor_digest", "load_checked_tensors"]
+__all__ = ["read_file", "checked_json", "parse_state", "check_tensor_specs", "tensor_digest", "load_checked_tensors"]
 
 
 def read_file(target: Path, what: str) -> bytes:
@@ -78,3 +80,39 @@ def load_checked_tensors(blob: bytes, checksums: dict[str, Any], where: str, kin
             raise CheckpointError(f"{where}: {kind} {key.split('/', 1)[1]!r}: tensor {key!r} does not match its "
                                   "sha256 checksum (damaged file)")
     return tensors
+
+
+_ITEMSIZE = {tag: torch.empty(0, dtype=dtype).element_size() for dtype, tag in _DTYPE_NAMES.items()}
+
+
+def _is_offsets(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def check_tensor_specs(header: dict[str, Any], expected: dict[str, tuple[str, str, list[int]]], data_size: int,
+                       where: str, kind: str) -> None:
+    """The file holds exactly the ``expected`` tensors (``key: (owner, dtype tag, shape)``,
+    ``owner`` named as a ``kind``, "group" or "table"), each with that dtype and shape, and
+    their byte spans tile the data section."""
+    keys = {k for k in header if k != "__metadata__"}
+    if keys != set(expected):
+        raise CheckpointError(f"{where}: tensors do not match the {kind}s (unexpected: {sorted(keys - set(expected))}, "
+                              f"missing: {sorted(set(expected) - keys)}; damaged file)")
+    spans = []
+    for key in sorted(keys):
+        owner, dtype, shape = expected[key]
+        spec = header[key]
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"} \
+                or not _is_offsets(spec["data_offsets"]):
+            raise CheckpointError(f"{where}: {kind} {owner!r}: tensor {key!r} has a malformed header entry "
+                                  "(damaged file)")
+        if spec["dtype"] != dtype or spec["shape"] != shape:
+            raise CheckpointError(f"{where}: {kind} {owner!r}: tensor {key!r} is {spec['dtype']} {spec['shape']}, "
+                                  f"expected {dtype} {shape} (damaged file)")
+        start, end = spec["data_offsets"]
+        if end - start != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise CheckpointError(f"{where}: {kind} {owner!r}: tensor {key!r}: data offsets {spec['data_offsets']} "
+                                  f"do not match its shape {shape} (damaged file)")
+        spans.append((start, end, key))
+    check_spans_tile(spans, data_size, where)

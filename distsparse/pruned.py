@@ -53,7 +53,6 @@ Limitations:
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import tempfile
@@ -69,11 +68,10 @@ from .checkpoint import (
     _check_layout,
     _header_size,
     _sha256,
-    check_spans_tile,
 )
 from .distributed.comm import mark_raised_everywhere
 from .export import _selected  # names= as save_sparse_data takes it
-from .file_state import load_checked_tensors, parse_state, read_file
+from .file_state import check_tensor_specs, load_checked_tensors, parse_state, read_file
 from .masks import as_matrix
 from .quantization import dequantize_rows, quantize_rows, quantized_row_bytes
 from .safetensors_stream import StreamingSafetensorsWriter, safetensors_dtype
@@ -475,28 +473,7 @@ def _expected_specs(tables: dict[str, Any], where: str) -> dict[str, tuple[str, 
 
 def _check_specs(header: dict[str, Any], tables: dict[str, Any], data_size: int, where: str) -> None:
     expected = _expected_specs(tables, where)
-    keys = {k for k in header if k != "__metadata__"}
-    if keys != set(expected):
-        raise CheckpointError(f"{where}: tensors do not match the tables (unexpected: {sorted(keys - set(expected))}, "
-                              f"missing: {sorted(set(expected) - keys)}; damaged file)")
-    spans = []
-    for key in sorted(keys):
-        name, dtype, shape = expected[key]
-        spec = header[key]
-        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
-        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"} \
-                or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-            raise CheckpointError(f"{where}: table {name!r}: tensor {key!r} has a malformed header entry "
-                                  "(damaged file)")
-        if spec["dtype"] != dtype or spec["shape"] != shape:
-            raise CheckpointError(f"{where}: table {name!r}: tensor {key!r} is {spec['dtype']} {spec['shape']}, "
-                                  f"expected {dtype} {shape} (damaged file)")
-        itemsize = {"I32": 4, "U8": 1, "F32": 4, "F64": 8, "F16": 2, "BF16": 2}[dtype]
-        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
-            raise CheckpointError(f"{where}: table {name!r}: tensor {key!r}: data offsets {offsets} do not match "
-                                  f"its shape {shape} (damaged file)")
-        spans.append((offsets[0], offsets[1], key))
-    check_spans_tile(spans, data_size, where)
+    check_tensor_specs(header, expected, data_size, where, "table")
 
 
 def load_pruned_tables(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, PrunedTable]:
