@@ -1,6 +1,6 @@
 """The seed README's example runs on distsparse unchanged (DESIGN.md; origin/data_scheduler_README.md).
 
-``GammaScheduler`` below is copied verbatim from the seed README (it calls
+``GammaScheduler`` is the seed README's, verbatim (from examples/seed_flow.py) (it calls
 ``super().__init__`` first, so the initial step runs before ``self.gamma`` exists, and its
 epoch-0 branch sets every level to 0.0). The loop is the README's: the sparsifier is
 built with no data and the batch is added inside the loop, every batch.
@@ -8,6 +8,8 @@ built with no data and the batch is added inside the loop, every batch.
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import warnings
 
 import pytest
@@ -15,24 +17,17 @@ import torch
 from torch import nn
 
 import distsparse
-from distsparse import BaseDataScheduler, DataNormSparsifier
+from distsparse import DataNormSparsifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# --- verbatim from the seed README -----------------------------------------------------------
-class GammaScheduler(BaseDataScheduler):
-    def __init__(self, data_sparsifier, gamma, threshold_sl):
-        super().__init__(data_sparsifier, "sparsity_level")
-        self.gamma = gamma
-        self.threshold_sl = threshold_sl
-
-    def get_schedule_param(self):
-        if self.last_epoch > 0:
-            return {name: min(self.threshold_sl, config["sparsity_level"] * self.gamma) for name, config in self.data_sparsifier.data_groups.items()}
-        else:
-            return {name: 0.0 for name, config in self.data_sparsifier.data_groups.items()}
-# ----------------------------------------------------------------------------------------------
+# The seed README's scheduler, verbatim, as examples/seed_flow.py carries it (one copy).
+_SEED_FLOW = importlib.util.spec_from_file_location(
+    "seed_flow_example", pathlib.Path(__file__).resolve().parents[1] / "examples" / "seed_flow.py")
+_seed_flow = importlib.util.module_from_spec(_SEED_FLOW)
+_SEED_FLOW.loader.exec_module(_seed_flow)
+GammaScheduler = _seed_flow.GammaScheduler
 
 
 EPOCHS = 4

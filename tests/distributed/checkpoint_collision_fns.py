@@ -13,19 +13,12 @@ from torch import nn
 import distsparse
 from distsparse.masks import pack_bits
 from fake_accelerator import FakeAccelerator
+from outcomes import error_of
 
 
 def _digest(sp) -> str:
     return hashlib.sha256(b"".join(pack_bits(sp.get_mask(n)).numpy().tobytes()
                                    for n in sorted(sp.data_groups))).hexdigest()
-
-
-def _error(fn) -> dict | None:
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - described for the test
-        return {"type": type(exc).__name__, "message": str(exc)}
-    return None
 
 
 def two_subgroups_save_and_collide(folder: str) -> dict:
@@ -54,7 +47,7 @@ def two_subgroups_save_and_collide(folder: str) -> dict:
     acc.load_state(step_dir)
     out["restored_own_masks"] = _digest(sp) == saved and moved != saved
     # (b) the same sparsifier registered twice on one accelerator is refused.
-    out["twice"] = _error(lambda: distsparse.register_for_checkpointing(acc, sp))
+    out["twice"] = error_of(lambda: distsparse.register_for_checkpointing(acc, sp))
     for h in handles:
         h.remove()
 
@@ -63,10 +56,10 @@ def two_subgroups_save_and_collide(folder: str) -> dict:
     if mine == 0:
         distsparse.save_checkpoint(shared, sp)
     dist.barrier()
-    out["second_group"] = _error(lambda: distsparse.save_checkpoint(shared, sp)) if mine == 1 else None
+    out["second_group"] = error_of(lambda: distsparse.save_checkpoint(shared, sp)) if mine == 1 else None
     dist.barrier()
     # The file is still sub-group 0's, and sub-group 0 may overwrite its own file.
-    out["owner_overwrite"] = _error(lambda: distsparse.save_checkpoint(shared, sp)) if mine == 0 else None
+    out["owner_overwrite"] = error_of(lambda: distsparse.save_checkpoint(shared, sp)) if mine == 0 else None
     dist.barrier()
     fresh = distsparse.DataNormSparsifier(sparsity_level=0.3 + 0.2 * mine, process_group=group)
     fresh.add_data("table", nn.Parameter(table.detach().clone()))
@@ -76,7 +69,7 @@ def two_subgroups_save_and_collide(folder: str) -> dict:
     # Both sub-groups saving one new path at the same moment: exactly one wins.
     race = os.path.join(folder, "race.safetensors")
     dist.barrier()
-    out["race"] = _error(lambda: distsparse.save_checkpoint(race, sp))
+    out["race"] = error_of(lambda: distsparse.save_checkpoint(race, sp))
     dist.barrier()
     out["race_files"] = sorted(p for p in os.listdir(folder) if p.startswith(("race", ".race")))
     return out

@@ -10,14 +10,7 @@ from torch import nn
 
 import distsparse
 from distsparse.export import load_sparse_data, save_sparse_data
-
-
-def _error(fn) -> dict | None:
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - described for the test
-        return {"type": type(exc).__name__, "message": str(exc)}
-    return None
+from outcomes import error_of
 
 
 def export_replicated_refuse_local(folder: str) -> dict:
@@ -28,7 +21,7 @@ def export_replicated_refuse_local(folder: str) -> dict:
     sp.add_data("table", table)
     sp.add_data("batch", batch)
     sp.step()
-    out = {"all": _error(lambda: save_sparse_data(os.path.join(folder, "all.safetensors"), sp))}
+    out = {"all": error_of(lambda: save_sparse_data(os.path.join(folder, "all.safetensors"), sp))}
     path = os.path.join(folder, "tables.safetensors")
     save_sparse_data(path, sp, names=["table"])
     loaded = load_sparse_data(path)
@@ -37,6 +30,6 @@ def export_replicated_refuse_local(folder: str) -> dict:
     out["files"] = sorted(os.listdir(folder))
     # Ranks asking for different groups get a RankDisagreementError, not a hang.
     names = ["table"] if rank == 0 else ["table", "batch"]
-    out["disagree"] = _error(lambda: save_sparse_data(os.path.join(folder, "x.safetensors"), sp, names=names))
+    out["disagree"] = error_of(lambda: save_sparse_data(os.path.join(folder, "x.safetensors"), sp, names=names))
     sp.step()  # still in step afterwards
     return out
