@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -251,3 +252,12 @@ def finished_message(args, out: Path, ckpt_root: Path):
             + ". Nothing to do: pass a larger --max-steps to train on, or --resume none (or another "
               "--output-dir) to start over.")
 
+
+
+def crash_if_asked(args, step: int, say) -> None:
+    """--crash-at-step N: end every rank right after step N (after that step's checkpoint, if
+    any), as a crash would: the tests resume from what it leaves."""
+    if args.crash_at_step is not None and step == args.crash_at_step:
+        say(f"step {step:5d} simulated crash (--crash-at-step)")
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(1)

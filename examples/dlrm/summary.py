@@ -132,7 +132,8 @@ def run_line(summary: dict, with_baseline: bool) -> list[str]:
     if not summary["steps_this_run"]:
         return []
     return [f"this run: {summary['steps_this_run']} steps in {summary['train_seconds_this_run']:.1f} s, "
-            f"{summary['samples_per_s']:.0f} samples/s" + (" (each sample trains both models)" if with_baseline else "")]
+            f"{summary['samples_per_s']:.0f} samples/s"
+            + (" (each sample trains both models)" if with_baseline else "")]
 
 
 def write_summary(out: Path, summary: dict, say) -> None:

@@ -58,7 +58,6 @@ AUC, digests), run_folder.py (checkpoints, retention, resume), fsdp2.py (--fsdp2
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 import warnings
@@ -93,7 +92,8 @@ from dlrm.fsdp2 import (  # noqa: E402
     DCP_DIR, check_sharded, fsdp2_load_files, fsdp2_save_files, load_dcp_files, shard_model, sharded_sparsities)
 from dlrm.model import DLRM, evaluate  # noqa: E402
 from dlrm.report import RunHistory  # noqa: E402
-from dlrm.run_folder import EXPORT_NAME, broadcast, finished_message, resume, save_checkpoint  # noqa: E402
+from dlrm.run_folder import (  # noqa: E402
+    EXPORT_NAME, broadcast, crash_if_asked, finished_message, resume, save_checkpoint)
 from dlrm.summary import current_level, summarize  # noqa: E402
 
 
@@ -360,10 +360,7 @@ def run(args, accelerator):
                                     args.keep, distrusted, write)
                 say(f"step {step:5d} saved checkpoint {p.resolve()}")
 
-            if args.crash_at_step is not None and step == args.crash_at_step:
-                say(f"step {step:5d} simulated crash (--crash-at-step)")
-                sys.stdout.flush(); sys.stderr.flush()
-                os._exit(1)
+            crash_if_asked(args, step, say)
             if step >= args.max_steps:
                 break
         else:  # the epoch ran out: the next one starts at its first sample

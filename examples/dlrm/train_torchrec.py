@@ -96,7 +96,7 @@ from dlrm.data import TABLES, EpochSampler, epochs_note, position_after_resume, 
 from dlrm.model import mask_digest, tensor_digest  # noqa: E402
 from dlrm.report import log_run  # noqa: E402
 from dlrm.run_folder import (  # noqa: E402
-    EXPORT_NAME, TorchDistributed, broadcast, finished_message, resume, save_checkpoint)
+    EXPORT_NAME, TorchDistributed, broadcast, crash_if_asked, finished_message, resume, save_checkpoint)
 from dlrm.summary import (  # noqa: E402
     current_level, export_entry, mask_stats, run_line, table_summary_lines, validation_lines, write_summary)
 from dlrm.torchrec_model import (  # noqa: E402
@@ -356,7 +356,8 @@ def run(args, device):
             say(f"resharded: the checkpoint's plan was {st.get('sharding')}")
     else:
         say("starting from scratch")
-    say(f"train rows={n_train} val rows={val['label'].numel()} global batch={global_batch} steps/epoch={steps_per_epoch} "
+    say(f"train rows={n_train} val rows={val['label'].numel()} global batch={global_batch} "
+        f"steps/epoch={steps_per_epoch} "
         f"max_steps={args.max_steps} mode="
         + ("dense" if args.dense else f"sparse (cubic 0 -> {args.final_sparsity}, steps "
                                       f"{args.start_step}..{args.start_step + args.ramp_steps})")
@@ -412,10 +413,7 @@ def run(args, device):
                     args.keep, distrusted, lambda path: write_checkpoint(path, trainees, sp, sch))
                 say(f"step {step:5d} saved checkpoint {final_ckpt.resolve()}")
 
-            if args.crash_at_step is not None and step == args.crash_at_step:
-                say(f"step {step:5d} simulated crash (--crash-at-step)")
-                sys.stdout.flush(); sys.stderr.flush()
-                os._exit(1)
+            crash_if_asked(args, step, say)
             if step >= args.max_steps:
                 break
         else:  # the epoch ran out: the next one starts at its first sample
