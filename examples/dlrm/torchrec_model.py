@@ -1,6 +1,6 @@
-"""The TorchRec side of examples/dlrm/train_torchrec.py: the DLRM over an EmbeddingBagCollection
-sharded by DistributedModelParallel, its batches (KeyedJaggedTensors), its evaluation, the
-gathers the summary needs, and serving it from pruned tables.
+"""The TorchRec model of examples/dlrm/train_torchrec.py: the DLRM over an EmbeddingBagCollection
+sharded by DistributedModelParallel, with its optimizers, its batches (KeyedJaggedTensors) and
+its evaluation.
 
 `--sharding auto` shards tables of at least `--row-wise-min-rows` rows row-wise over every rank
 and places the small ones whole (table-wise) on the least loaded rank; `row_wise`, `table_wise`,
@@ -13,18 +13,12 @@ DistributedModelParallel) by Adam through TorchRec's `KeyedOptimizerWrapper`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import distsparse
-
 from dlrm.data import N_DENSE, TABLES
-from dlrm.model import state_digest, val_metrics
-from dlrm.run_folder import PRUNED_NAME
-from dlrm.summary import served_entry
+from dlrm.model import val_metrics
 
 SHARDINGS = ("auto", "row_wise", "table_wise", "column_wise", "table_row_wise")
 EMB_OPTIMIZERS = {"adagrad": "Adagrad", "rowwise_adagrad": "RowWiseAdagrad", "sgd": "SGD", "adam": "Adam"}
@@ -166,87 +160,3 @@ def evaluate(dmp, val: dict, device, batch=8192) -> dict:
     gathered = [torch.empty_like(logits) for _ in range(world)]
     dist.all_gather(gathered, logits)
     return val_metrics(torch.cat(gathered)[:n].cpu(), val["label"])
-
-
-
-
-def gathered_masks(sp, dmp, device) -> dict[str, torch.Tensor] | None:
-    """Whole masks on rank 0's CPU (None elsewhere), for the summary: each rank fills its
-    shards into a zero table, one reduce per table (a collective)."""
-    out = {}
-    for name, st in sharded_tables(dmp).items():
-        whole = torch.zeros(tuple(st.size()), dtype=torch.uint8, device=device)
-        for (r, c), m in sp.get_mask(name).local_shards():
-            whole[r : r + m.shape[0], c : c + m.shape[1]] = m.to(device=device, dtype=torch.uint8)
-        dist.reduce(whole, dst=0)
-        out[name] = whole.cpu().bool()
-    return out if dist.get_rank() == 0 else None
-
-
-
-def gathered_tables(dmp, device) -> dict[str, torch.Tensor] | None:
-    """Whole tables on rank 0's CPU (None elsewhere); a collective (gathered on `device`,
-    where NCCL needs the tensors)."""
-    out = {}
-    for name, st in sharded_tables(dmp).items():
-        full = torch.empty(tuple(st.size()), dtype=st.dtype, device=device) if dist.get_rank() == 0 else None
-        st.gather(dst=0, out=full)
-        out[name] = full.cpu() if full is not None else None
-    return out if dist.get_rank() == 0 else None
-
-
-def model_digest(dense_sd: dict, tables: dict) -> str:
-    """sha256 over every dense tensor and every whole table (rank 0)."""
-    return state_digest({**{k: v for k, v in dense_sd.items() if isinstance(v, torch.Tensor)},
-                         **{f"{EBC}.embedding_bags.{n}.weight": t for n, t in tables.items()}})
-
-
-def dense_state(dmp) -> dict:
-    return {k: v for k, v in dmp.state_dict().items() if ".embedding_bags." not in k}
-
-
-
-def serve_pruned(args, sp, dense_sd: dict, val: dict, trained: dict, out: Path):
-    """--prune rows: write the pruned tables (kept rows + int32 remap) from the sharded tables
-    (a collective: rank 0 streams each rank's kept rows into the file, no table gathered),
-    then on rank 0 serve the validation set from a one-process DLRM whose embedding bags
-    are distsparse.PrunedEmbeddingBag modules over that file. Returns (summary entry,
-    lines) on rank 0, (None, []) elsewhere."""
-    from torchrec.sparse.jagged_tensor import KeyedTensor
-
-    path = out / PRUNED_NAME
-    if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    distsparse.save_pruned_tables(str(path), sp, names=list(TABLES))
-    if dist.get_rank() != 0:
-        return None, []
-    pruned = distsparse.load_pruned_tables(path)
-
-    class ServedBags(torch.nn.Module):
-        """The EmbeddingBagCollection's forward (KJT -> KeyedTensor) over pruned tables."""
-
-        def __init__(self):
-            super().__init__()
-            self.bags = torch.nn.ModuleDict({n: distsparse.PrunedEmbeddingBag.from_pruned(
-                pruned[n], mode="mean" if n == "item_category" else "sum", include_last_offset=True)
-                for n in TABLES})
-
-        def forward(self, kjt):
-            pooled = [self.bags[n](kjt[n].values(), kjt[n].offsets()) for n in TABLES]
-            return KeyedTensor(keys=list(TABLES), length_per_key=[p.shape[1] for p in pooled],
-                               values=torch.cat(pooled, dim=1))
-
-    served = build_model({n: pruned[n].rows for n in TABLES}, args.dim, torch.device("cpu"), args.seed)
-    served.sparse_arch.embedding_bag_collection = ServedBags()
-    missing, unexpected = served.load_state_dict(dense_sd, strict=False)
-    if unexpected or any(not k.startswith("sparse_arch.embedding_bag_collection") for k in missing):
-        raise RuntimeError(f"serving: the dense state does not fit the model (missing {missing}, "
-                           f"unexpected {unexpected})")
-    served.eval()
-    with torch.no_grad():
-        logits = torch.cat([served(*batch_of(val, idx, torch.device("cpu"))[:2]).float().squeeze(-1)
-                            for idx in torch.arange(val["label"].numel()).split(8192)])
-    served_bytes = sum(b.served_bytes() for b in served.sparse_arch.embedding_bag_collection.bags.values())
-    return served_entry(path, pruned, served_bytes, val_metrics(logits, val["label"]), trained,
-                        " (written from the sharded tables)", order=TABLES)

@@ -18,9 +18,9 @@ their rows live.
 
 What it does
 ------------
-This file is the training loop; the TorchRec model, plan, batches and serving are in
-torchrec_model.py, and the rest is the main job's own modules (data.py, run_folder.py,
-config.py, summary.py, report.py in examples/dlrm/).
+This file is the training loop and its checkpoint files; the TorchRec model, plan and batches are
+in torchrec_model.py, the end of the run in torchrec_summary.py, and the rest is the main job's
+own modules (data.py, run_folder.py, config.py, summary.py, report.py in examples/dlrm/).
 
 * Data: the main job's synthetic click log and its `EpochSampler`. Each step takes the next
   `--batch-size` x world samples of the epoch's permutation; rank r takes the r-th slice, as
@@ -72,7 +72,6 @@ config.py, summary.py, report.py in examples/dlrm/).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -93,15 +92,13 @@ from dlrm.config import (  # noqa: E402
     JobError, _HelpFormatter, _number, _Parser, add_data_args, add_run_args, add_schedule_args, check_schedule_args,
     ramp_note)
 from dlrm.data import TABLES, EpochSampler, epochs_note, position_after_resume, split, synthetic_clicks  # noqa: E402
-from dlrm.model import mask_digest, tensor_digest  # noqa: E402
 from dlrm.report import log_run  # noqa: E402
 from dlrm.run_folder import (  # noqa: E402
     EXPORT_NAME, TorchDistributed, broadcast, crash_if_asked, finished_message, resume, save_checkpoint)
-from dlrm.summary import (  # noqa: E402
-    current_level, export_entry, mask_stats, run_line, table_summary_lines, validation_lines, write_summary)
+from dlrm.summary import current_level  # noqa: E402
 from dlrm.torchrec_model import (  # noqa: E402
-    CPU_EMB_OPTIMIZERS, EMB_OPTIMIZERS, SHARDINGS, Trainee, batch_of, dense_state, evaluate, gathered_masks,
-    gathered_tables, model_digest, serve_pruned, table_rows)
+    CPU_EMB_OPTIMIZERS, EMB_OPTIMIZERS, SHARDINGS, Trainee, batch_of, table_rows)
+from dlrm.torchrec_summary import summarize  # noqa: E402
 
 DCP_DIR = "model"
 
@@ -138,73 +135,6 @@ def load_checkpoint(path: Path, trainees: dict, sp, sch) -> None:
     dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     for name, t in trainees.items():
         t.load_state_dict(state[name])
-
-
-
-def summarize(args, trainees, sp, sch, val, device, final_ckpt: Path, step, resumed_from, run_steps,
-              train_time, global_batch, out: Path, say) -> None:
-    model, base = trainees["model"], trainees.get("baseline")
-    final = evaluate(model.dmp, val, device)
-    base_final = evaluate(base.dmp, val, device) if base is not None else None
-    tables = gathered_tables(model.dmp, device)
-    base_tables = gathered_tables(base.dmp, device) if base is not None else None
-    global_sparsity = sp.sparsity() if sp is not None else None
-    dense_sd = {k: v.cpu() for k, v in dense_state(model.dmp).items()}
-    base_dense_sd = {k: v.cpu() for k, v in dense_state(base.dmp).items()} if base is not None else None
-    served, served_lines = None, []
-    if sp is not None and args.prune == "rows":  # collective: the sharded tables are written where they live
-        served, served_lines = serve_pruned(args, sp, dense_sd, val, final, out)
-    whole_masks = gathered_masks(sp, model.dmp, device) if sp is not None else None
-    # a one-process sparsifier on rank 0 over the gathered tables (every rank creates the group)
-    solo_group = dist.new_group([0], backend="gloo") if sp is not None else None
-    if dist.get_rank() != 0:
-        return
-    cost = None if base_final is None else {"loss": final["loss"] - base_final["loss"],
-                                            "auc": final["auc"] - base_final["auc"]}
-    summary = {"final_step": step, "world_size": dist.get_world_size(), "resumed_from": resumed_from,
-               "mode": "dense" if sp is None else "sparse", "sharding": model.plan_text(),
-               "val": final, "val_dense_baseline": base_final, "baseline_cost": cost,
-               "train_seconds_this_run": train_time, "steps_this_run": run_steps,
-               "samples_per_s": run_steps * global_batch / train_time if run_steps else None,
-               "tables": {}, "mask_sha256": {}, "sparsity_from_sharded_run": global_sparsity,
-               "schedule": None, "schedule_last_epoch": None, "export": None}
-    masks = {n: torch.ones_like(tables[n], dtype=torch.bool) for n in TABLES}
-    solo = None
-    if sp is not None:
-        solo = distsparse.DataNormSparsifier(sparsity_level=0.0, sparse_block_shape=(1, 4), process_group=solo_group)
-        for n in TABLES:
-            solo.add_data(n, tables[n], replicated=True)
-        state = solo.state_dict()      # the sharded run's masks, configs and step count
-        for n in TABLES:
-            state["groups"][n]["config"] = json.loads(json.dumps(sp.data_groups[n]))
-            state["masks"][n] = whole_masks[n]
-        state["step_count"] = sp.step_count
-        solo.load_state_dict(state, config="checkpoint")  # adopt the sharded run's configs (block shape)
-        masks = {n: solo.get_mask(n) for n in TABLES}
-    for n in TABLES:
-        w, m = tables[n], masks[n]
-        summary["tables"][n] = {"shape": list(w.shape), **mask_stats(m, w), "weight_zeros": int((w == 0).sum()),
-                                "weight_sha256": tensor_digest(w)}
-        if sp is not None:
-            summary["mask_sha256"][n] = mask_digest(m)
-    summary["model_sha256"] = model_digest(dense_sd, tables)
-    summary["baseline_model_sha256"] = model_digest(base_dense_sd, base_tables) if base is not None else None
-    if sch is not None:
-        summary["schedule"] = {k: float(v) for k, v in sch.get_last_param().items()}
-        summary["schedule_last_epoch"] = sch.last_epoch
-    if solo is not None:
-        export = out / EXPORT_NAME
-        distsparse.save_sparse_data(str(export), solo)
-        summary["export"] = export_entry(export, tables, summary)
-
-    summary["served"] = served
-    lines = ["", f"summary ({summary['mode']}{' + dense baseline' if base is not None else ''}, step {step}, "
-                 f"world_size {dist.get_world_size()}, TorchRec sharding {summary['sharding']})",
-             *table_summary_lines(summary, out),
-             *validation_lines(summary, step, "same init, plan, batches and steps, no sparsifier"),
-             *served_lines, *run_line(summary, base is not None)]
-    say("\n".join(lines))
-    write_summary(out, summary, say)
 
 
 
