@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import json
 import os
 import statistics
 import sys
@@ -20,6 +21,28 @@ import bench_distributed as _bd  # ms, parallel_floor
 SEED = 777
 RUNS = (("whole", 1), ("replicated", 2), ("sharded", 2))
 STAT_KEYS = ("bytes_sent", "selection_bytes", "bytes_received", "comm_seconds", "compute_seconds")
+
+
+def arg_parser(doc: str, rows: int) -> argparse.ArgumentParser:
+    """The options both benchmarks take (`rows`: the table's rows without --quick)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=f"10x fewer rows ({rows // 10:,})")
+    ap.add_argument("--rows", type=int, default=None, help=f"rows of the table ({rows:,})")
+    ap.add_argument("--cols", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5, help="timed step() calls after a warm-up")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def run_as_child(args, run_child) -> bool:
+    """With --child this process is one rank of a run: it prints its RESULT line (for
+    _common.launch_ranks) and the benchmark returns."""
+    if args.child is None:
+        return False
+    print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+    return True
 
 
 # --------------------------------------------------------------------------- child
@@ -118,6 +141,7 @@ def common_rows(summaries: dict, runs, loads: dict, steps: int, selection: str) 
         return f"{kb * 1024 / 1e6:.0f} MB"
 
     return {
+        "row": row,  # row(label, f): f(summary) per run, "error" for a run that failed
         "run": ["run"] + [f"{m}, world {w}" for m, w in runs],
         "load": ["load average (1/5/15 min) when the run started"] + [loads.get(m, "?") for m in modes],
         "wall": row(f"step() wall time (median of {steps}; max over ranks)", lambda s: _bd.ms(s["step_median"])),
@@ -152,9 +176,10 @@ def floor_note(floor, loads: dict) -> str:
             f"{pair / solo:.2f}): the best world-2 wall ratio this machine allows")
 
 
-def write_report(title: str, script: str, args, rows: int, info: dict, table: list, notes: list[str], out: str,
-                 t_start: float) -> None:
-    """The report: title, rerun command, setup paragraph, machine, the table and the notes."""
+def write_report(title: str, script: str, args, rows: int, info: dict, table: list, notes: list[str],
+                 errors: list[str], out: str, t_start: float) -> int:
+    """The report: title, rerun command, setup paragraph, machine, the table, the notes and the
+    errors; the benchmark's exit code (1 when a run failed)."""
     total = time.perf_counter() - t_start
     cmd = f"python benchmarks/{script}" + (" --quick" if args.quick else "")
     md = [f"# {title}{' (--quick)' if args.quick else ''}\n",
@@ -167,5 +192,6 @@ def write_report(title: str, script: str, args, rows: int, info: dict, table: li
           "processes at full speed side by side.\n",
           _common.machine_info_md(info),
           _common.md_table(table[0], table[1:]),
-          "\n" + "\n".join(f"- {c}" for c in notes) + "\n"]
+          "\n" + "\n".join(f"- {c}" for c in notes + errors) + "\n"]
     _common.write_report(md, out, total)
+    return 1 if errors else 0

@@ -36,9 +36,7 @@ speed. Results go to ``benchmarks/results/fsdp2.md`` (``fsdp2_quick.md`` with ``
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -116,19 +114,10 @@ def summarize(results: list[dict]) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10x fewer rows (400,000)")
-    ap.add_argument("--rows", type=int, default=None, help="rows of the table (4,000,000)")
-    ap.add_argument("--cols", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5, help="timed step() calls after a warm-up")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap = one.arg_parser(__doc__, 4_000_000)
     ap.add_argument("--runs", default="whole,replicated,sharded", help="which runs (comma-separated)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    if args.child is not None:
-        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+    if one.run_as_child(args, run_child):
         return 0
 
     rows = args.rows or (400_000 if args.quick else 4_000_000)
@@ -143,25 +132,19 @@ def main() -> int:
     runs = [(m, w) for m, w in one.RUNS if m in wanted]
     summaries, errors, loads, floor = one.launch_runs(__file__, runs, cfg, args.timeout, summarize)
 
-    modes = [m for m, _ in runs]
     whole = summaries.get("whole")
-
-    def cell(mode, f):
-        return f(summaries[mode]) if mode in summaries else "error"
-
     packed = rows * args.cols / 8
     common = one.common_rows(summaries, runs, loads, args.steps, "histograms")
+    row = common["row"]
     table = [
         common["run"],
-        ["data layout per rank"] + [cell(m, lambda s: f"{s['placements']}; "
-                                         + one.per_rank(s["data_bytes"], lambda b: f"{b / 1e6:.0f} MB"))
-                                    for m in modes],
+        row("data layout per rank",
+            lambda s: f"{s['placements']}; " + one.per_rank(s["data_bytes"], lambda b: f"{b / 1e6:.0f} MB")),
         *(common[k] for k in ("load", "wall", "all", "ratio", "cpu", "cpu_ratio", "sent", "selection", "comm",
                               "growth")),
-        ["  as a multiple of world 1's growth"]
-        + [cell(m, lambda s: one.per_rank(s["growth_kb"],
-                                          lambda kb: f"{kb / max(whole['growth_kb'].values()):.2f}x")
-                if whole else "n/a") for m in modes],
+        row("  as a multiple of world 1's growth",
+            lambda s: one.per_rank(s["growth_kb"], lambda kb: f"{kb / max(whole['growth_kb'].values()):.2f}x")
+            if whole else "n/a"),
         common["rss"]("RSS after add_data (table + mask), per rank"),
         common["masks"], common["warmup"],
     ]
@@ -181,11 +164,9 @@ def main() -> int:
             checks.append(f"sharded peak RSS growth during step(), worst rank / world 1: {ratio:.2f} <= "
                           f"{TARGET_GROWTH_RATIO}: " + ("PASS" if ratio <= TARGET_GROWTH_RATIO else "FAIL"))
     checks.append(one.floor_note(floor, loads))
-    checks += errors
 
     title = f"distsparse step(): one {rows:,} x {args.cols} table, FSDP2-sharded vs replicated vs whole"
-    one.write_report(title, "bench_fsdp2.py", args, rows, info, table, checks, out, t_start)
-    return 1 if errors else 0
+    return one.write_report(title, "bench_fsdp2.py", args, rows, info, table, checks, errors, out, t_start)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,6 @@ side by side. Results go to ``benchmarks/results/torchrec.md`` (``torchrec_quick
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -199,20 +197,11 @@ def summarize(results: list[dict]) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10x fewer rows (200,000)")
-    ap.add_argument("--rows", type=int, default=None, help="rows of the table (2,000,000)")
-    ap.add_argument("--cols", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5, help="timed step() calls after a warm-up")
+    ap = one.arg_parser(__doc__, 2_000_000)
     ap.add_argument("--batch", type=int, default=16384, help="ids per rank in the context training step")
     ap.add_argument("--train-steps", type=int, default=5, help="timed training steps (context)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    if args.child is not None:
-        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+    if one.run_as_child(args, run_child):
         return 0
 
     rows = args.rows or (200_000 if args.quick else 2_000_000)
@@ -223,31 +212,25 @@ def main() -> int:
     t_start = time.perf_counter()
     summaries, errors, loads, floor = one.launch_runs(__file__, RUNS, cfg, args.timeout, summarize)
 
-    modes = [m for m, _ in RUNS]
-
-    def cell(mode, f):
-        return f(summaries[mode]) if mode in summaries else "error"
-
     packed = rows * args.cols / 8
     common = one.common_rows(summaries, RUNS, loads, args.steps, "counts")
+    row = common["row"]
     table = [
         common["run"],
-        ["data layout per rank"] + [cell(m, lambda s: f"{s['layout']}; " + " / ".join(
+        row("data layout per rank", lambda s: f"{s['layout']}; " + " / ".join(
             f"r{rk}: rows {a:,}..{b:,} ({s['data_bytes'][rk] / 1e6:.0f} MB)"
-            for rk, (a, b) in sorted(s["rows"].items()))) for m in modes],
+            for rk, (a, b) in sorted(s["rows"].items()))),
         *(common[k] for k in ("load", "wall", "all", "ratio", "cpu", "cpu_ratio", "sent", "selection", "received",
                               "comm")),
-        ["squash_mask() wall time (median; max over ranks)"] + [cell(m, lambda s: _bd.ms(s["squash"])) for m in modes],
+        row("squash_mask() wall time (median; max over ranks)", lambda s: _bd.ms(s["squash"])),
         common["growth"], common["rss"]("RSS after add_data, per rank"),
-        ["sparsity() per rank (global figure)"]
-        + [cell(m, lambda s: one.per_rank(s["sparsity"], lambda v: f"{v:.4f}")) for m in modes],
+        row("sparsity() per rank (global figure)", lambda s: one.per_rank(s["sparsity"], lambda v: f"{v:.4f}")),
         common["masks"],
-        ["zeros written into TorchRec's shard = pruned elements"]
-        + [cell(m, lambda s: "n/a" if s["zeros_ok"][0] is None else ("yes" if all(s["zeros_ok"]) else "NO"))
-           for m in modes],
+        row("zeros written into TorchRec's shard = pruned elements",
+            lambda s: "n/a" if s["zeros_ok"][0] is None else ("yes" if all(s["zeros_ok"]) else "NO")),
         common["warmup"],
-        [f"context: TorchRec forward + backward (fused SGD), {args.batch:,} ids per rank (median)"]
-        + [cell(m, lambda s: _bd.ms(s["train"]) if "train" in s else "") for m in modes],
+        row(f"context: TorchRec forward + backward (fused SGD), {args.batch:,} ids per rank (median)",
+            lambda s: _bd.ms(s["train"]) if "train" in s else ""),
     ]
     notes = []
     if "sharded" in summaries and "replicated" in summaries:
@@ -263,11 +246,9 @@ def main() -> int:
     if noisy:
         notes.append(f"load average above 1.5 when {', '.join(noisy)} started: wall times are noisy, "
                      "CPU times and bytes are not")
-    notes += errors
 
     title = f"distsparse step(): one {rows:,} x {args.cols} table, TorchRec row-wise sharded vs replicated vs whole"
-    one.write_report(title, "bench_torchrec.py", args, rows, info, table, notes, out, t_start)
-    return 1 if errors else 0
+    return one.write_report(title, "bench_torchrec.py", args, rows, info, table, notes, errors, out, t_start)
 
 
 if __name__ == "__main__":
