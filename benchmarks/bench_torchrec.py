@@ -43,8 +43,6 @@ side by side. Results go to ``benchmarks/results/torchrec.md`` (``torchrec_quick
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -54,11 +52,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _common  # noqa: E402
-import bench_distributed as _bd  # noqa: E402  (ms, human_bytes, parallel_floor)
+import _one_table as one  # noqa: E402  (the three runs, timing, hashes and report rows bench_fsdp2.py shares)
+import bench_distributed as _bd  # noqa: E402  (ms)
 
-SEED = 777
-RUNS = (("whole", 1), ("replicated", 2), ("sharded", 2))
-STAT_KEYS = ("bytes_sent", "selection_bytes", "bytes_received", "comm_seconds", "compute_seconds")
+SEED = one.SEED
+RUNS = one.RUNS
 
 
 # --------------------------------------------------------------------------- child
@@ -121,7 +119,6 @@ def _train_step_times(dmp, rows: int, batch: int, steps: int) -> list[float]:
 
 def run_child(cfg: dict) -> dict:
     import gc
-    import hashlib
     import warnings
     from datetime import timedelta
 
@@ -156,34 +153,17 @@ def run_child(cfg: dict) -> dict:
     data_bytes_rank = local_rows * cols * 4
     rss_after_add_kb = _common.proc_status_kb("VmRSS")
 
-    dist.barrier()
-    t0 = time.perf_counter()
-    sp.step()
-    warm_s = time.perf_counter() - t0
+    squash_s = []
 
-    step_s, cpu_s, growth_kb, stats, squash_s = [], [], [], [], []
-    for _ in range(cfg["steps"]):
-        gc.collect()
-        dist.barrier()
-        dt, dc, grown = _common.timed_step(sp)
-        step_s.append(dt)
-        cpu_s.append(dc)
-        growth_kb.append(grown)
-        stats.append({k: float(v) for k, v in sp.last_step_stats.items()})
+    def timed_squash():
         dist.barrier()
         t0 = time.perf_counter()
         sp.squash_mask()
         squash_s.append(time.perf_counter() - t0)
 
-    # sha256 of each world-2 chunk of mask rows this rank holds (no gathering)
+    timed = one.timed_steps(sp, cfg["steps"], after_step=timed_squash)
     local = _local_mask(sp.get_mask("table"), offset)
-    hashes = {}
-    for start, stop in ((0, half), (half, rows)):
-        a, b = max(start, offset), min(stop, offset + local_rows)
-        if (a, b) != (start, stop):
-            continue
-        hashes[f"{start}:{stop}"] = hashlib.sha256(local[a - offset:b - offset].to(torch.bool)
-                                                   .contiguous().numpy().tobytes()).hexdigest()
+    hashes = one.chunk_hashes(local, offset, local_rows, rows)
     # the zeros reached the table TorchRec reads from (the shard is a view into FBGEMM's buffer)
     if dmp is not None:
         (shard,) = dmp.state_dict()["embedding_bags.table.weight"].local_shards()
@@ -196,8 +176,7 @@ def run_child(cfg: dict) -> dict:
     dist.barrier()
     dist.destroy_process_group()
     return dict(rank=rank, world=world, offset=offset, local_rows=local_rows, data_bytes_rank=data_bytes_rank,
-                rss_after_add_kb=rss_after_add_kb, warmup_s=warm_s, step_s=step_s, step_cpu_s=cpu_s,
-                step_growth_kb=growth_kb, stats=stats, squash_s=squash_s, hashes=hashes, layout=layout,
+                rss_after_add_kb=rss_after_add_kb, **timed, squash_s=squash_s, hashes=hashes, layout=layout,
                 zeros_ok=zeros_ok, train_s=train_s, sparsity=global_sparsity)
 
 
@@ -206,47 +185,23 @@ def run_child(cfg: dict) -> dict:
 
 def summarize(results: list[dict]) -> dict:
     n = len(results[0]["step_s"])
-    per_step = [max(r["step_s"][i] for r in results) for i in range(n)]
-    s = dict(step_median=statistics.median(per_step), step_all=per_step,
-             warmup=max(r["warmup_s"] for r in results),
-             cpu={r["rank"]: statistics.median(r["step_cpu_s"]) for r in results},
-             growth_kb={r["rank"]: max(r["step_growth_kb"]) for r in results},
-             data_bytes={r["rank"]: r["data_bytes_rank"] for r in results},
+    s = dict(one.summarize(results),
              rows={r["rank"]: (r["offset"], r["offset"] + r["local_rows"]) for r in results},
-             rss_after_add_kb={r["rank"]: r["rss_after_add_kb"] for r in results},
              squash=statistics.median(max(r["squash_s"][i] for r in results) for i in range(n)),
-             layout=results[0]["layout"], hashes={},
-             zeros_ok=[r["zeros_ok"] for r in results],
+             layout=results[0]["layout"], zeros_ok=[r["zeros_ok"] for r in results],
              sparsity={r["rank"]: r["sparsity"] for r in results})
     if results[0]["train_s"]:
         k = len(results[0]["train_s"])
         s["train"] = statistics.median(max(r["train_s"][i] for r in results) for i in range(k))
-    s["stats"] = {r["rank"]: {k: statistics.median(x.get(k, 0.0) for x in r["stats"]) for k in STAT_KEYS}
-                  for r in results}
-    for r in results:
-        s["hashes"].update(r["hashes"])
     return s
 
 
-def _per_rank(d: dict, fmt) -> str:
-    return " / ".join(f"r{rk}: {fmt(v)}" for rk, v in sorted(d.items()))
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10x fewer rows (200,000)")
-    ap.add_argument("--rows", type=int, default=None, help="rows of the table (2,000,000)")
-    ap.add_argument("--cols", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5, help="timed step() calls after a warm-up")
+    ap = one.arg_parser(__doc__, 2_000_000)
     ap.add_argument("--batch", type=int, default=16384, help="ids per rank in the context training step")
     ap.add_argument("--train-steps", type=int, default=5, help="timed training steps (context)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    if args.child is not None:
-        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+    if one.run_as_child(args, run_child):
         return 0
 
     rows = args.rows or (200_000 if args.quick else 2_000_000)
@@ -255,77 +210,27 @@ def main() -> int:
     out = args.out or os.path.join(HERE, "results", "torchrec_quick.md" if args.quick else "torchrec.md")
     info = _common.machine_info()
     t_start = time.perf_counter()
-    summaries, errors, loads = {}, [], {}
-    for mode, world in RUNS:
-        loads[mode] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"[{mode}, world {world}] launching (load {loads[mode]}) ...", file=sys.stderr, flush=True)
-        res = _common.launch_ranks(__file__, mode, world, cfg, args.timeout)
-        bad = [r for r in res if "error" in r]
-        if bad:
-            errors += [f"{mode} rank {r['rank']}: {r['error']}" for r in bad]
-            print("  ERROR: " + "; ".join(r["error"][:2000] for r in bad), file=sys.stderr)
-            continue
-        summaries[mode] = summarize(res)
-        print(f"  step median {_bd.ms(summaries[mode]['step_median'])}", file=sys.stderr, flush=True)
-    loads["floor"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    floor = _bd.parallel_floor(argparse.Namespace(tables=1, rows=rows, cols=args.cols, steps=args.steps,
-                                                   timeout=args.timeout, quick=False))
-
-    modes = [m for m, _ in RUNS]
-    whole = summaries.get("whole")
-
-    def cell(mode, f):
-        return f(summaries[mode]) if mode in summaries else "error"
-
-    def ratio(s, key):
-        return f"{s[key] / whole[key]:.2f}" if whole else "n/a"
+    summaries, errors, loads, floor = one.launch_runs(__file__, RUNS, cfg, args.timeout, summarize)
 
     packed = rows * args.cols / 8
+    common = one.common_rows(summaries, RUNS, loads, args.steps, "counts")
+    row = common["row"]
     table = [
-        ["run"] + [f"{m}, world {w}" for m, w in RUNS],
-        ["data layout per rank"] + [cell(m, lambda s: f"{s['layout']}; " + " / ".join(
+        common["run"],
+        row("data layout per rank", lambda s: f"{s['layout']}; " + " / ".join(
             f"r{rk}: rows {a:,}..{b:,} ({s['data_bytes'][rk] / 1e6:.0f} MB)"
-            for rk, (a, b) in sorted(s["rows"].items()))) for m in modes],
-        ["load average (1/5/15 min) when the run started"] + [loads.get(m, "?") for m in modes],
-        [f"step() wall time (median of {args.steps}; max over ranks)"]
-        + [cell(m, lambda s: _bd.ms(s["step_median"])) for m in modes],
-        ["step() all timed calls"] + [cell(m, lambda s: " / ".join(_bd.ms(x) for x in s["step_all"]))
-                                      for m in modes],
-        ["step() wall ratio to world 1"] + [cell(m, lambda s: ratio(s, "step_median")) for m in modes],
-        ["step() process CPU time per rank (median)"] + [cell(m, lambda s: _per_rank(s["cpu"], _bd.ms))
-                                                         for m in modes],
-        ["CPU-time ratio to world 1 (busiest rank)"]
-        + [cell(m, lambda s: f"{max(s['cpu'].values()) / max(whole['cpu'].values()):.2f}" if whole else "n/a")
-           for m in modes],
-        ["bytes sent per rank per step (median)"]
-        + [cell(m, lambda s: _per_rank({rk: v["bytes_sent"] for rk, v in s["stats"].items()},
-                                       lambda b: f"{b:,.0f} B")) for m in modes],
-        ["  of which selection counts"]
-        + [cell(m, lambda s: _per_rank({rk: v["selection_bytes"] for rk, v in s["stats"].items()},
-                                       lambda b: f"{b:,.0f} B")) for m in modes],
-        ["bytes received per rank per step (median)"]
-        + [cell(m, lambda s: _per_rank({rk: v["bytes_received"] for rk, v in s["stats"].items()},
-                                       lambda b: f"{b:,.0f} B")) for m in modes],
-        ["communication / compute time per rank (median, last_step_stats)"]
-        + [cell(m, lambda s: _per_rank(s["stats"], lambda v: f"{_bd.ms(v['comm_seconds'])} / "
-                                                             f"{_bd.ms(v['compute_seconds'])}")) for m in modes],
-        ["squash_mask() wall time (median; max over ranks)"] + [cell(m, lambda s: _bd.ms(s["squash"])) for m in modes],
-        ["peak RSS growth during step(), per rank (max over steps)"]
-        + [cell(m, lambda s: _per_rank(s["growth_kb"], lambda kb: f"{kb * 1024 / 1e6:.0f} MB")) for m in modes],
-        ["RSS after add_data, per rank"]
-        + [cell(m, lambda s: _per_rank(s["rss_after_add_kb"], lambda kb: f"{kb * 1024 / 1e6:.0f} MB"))
-           for m in modes],
-        ["sparsity() per rank (global figure)"]
-        + [cell(m, lambda s: _per_rank(s["sparsity"], lambda v: f"{v:.4f}")) for m in modes],
-        ["masks: every world-2 chunk of rows identical in all runs"]
-        + [cell(m, lambda s: "yes" if all(o["hashes"].get(k, v) == v for o in summaries.values()
-                                           for k, v in s["hashes"].items()) else "NO") for m in modes],
-        ["zeros written into TorchRec's shard = pruned elements"]
-        + [cell(m, lambda s: "n/a" if s["zeros_ok"][0] is None else ("yes" if all(s["zeros_ok"]) else "NO"))
-           for m in modes],
-        ["step() warm-up call (max over ranks)"] + [cell(m, lambda s: _bd.ms(s["warmup"])) for m in modes],
-        [f"context: TorchRec forward + backward (fused SGD), {args.batch:,} ids per rank (median)"]
-        + [cell(m, lambda s: _bd.ms(s["train"]) if "train" in s else "") for m in modes],
+            for rk, (a, b) in sorted(s["rows"].items()))),
+        *(common[k] for k in ("load", "wall", "all", "ratio", "cpu", "cpu_ratio", "sent", "selection", "received",
+                              "comm")),
+        row("squash_mask() wall time (median; max over ranks)", lambda s: _bd.ms(s["squash"])),
+        common["growth"], common["rss"]("RSS after add_data, per rank"),
+        row("sparsity() per rank (global figure)", lambda s: one.per_rank(s["sparsity"], lambda v: f"{v:.4f}")),
+        common["masks"],
+        row("zeros written into TorchRec's shard = pruned elements",
+            lambda s: "n/a" if s["zeros_ok"][0] is None else ("yes" if all(s["zeros_ok"]) else "NO")),
+        common["warmup"],
+        row(f"context: TorchRec forward + backward (fused SGD), {args.batch:,} ids per rank (median)",
+            lambda s: _bd.ms(s["train"]) if "train" in s else ""),
     ]
     notes = []
     if "sharded" in summaries and "replicated" in summaries:
@@ -336,35 +241,14 @@ def main() -> int:
         notes.append(f"step() wall time: sharded {_bd.ms(summaries['sharded']['step_median'])} vs replicated "
                      f"{_bd.ms(summaries['replicated']['step_median'])} (ratio "
                      f"{summaries['sharded']['step_median'] / summaries['replicated']['step_median']:.2f})")
-    if floor is not None:
-        solo, pair = floor
-        notes.append(f"no-communication floor (load {loads['floor']}): one process scores the whole table in "
-                     f"{_bd.ms(solo)}, two concurrent processes half each in {_bd.ms(pair)} (ratio "
-                     f"{pair / solo:.2f}): the best world-2 wall ratio this machine allows")
-    else:
-        notes.append("no-communication floor: failed or timed out")
+    notes.append(one.floor_note(floor, loads))
     noisy = [m for m, l in loads.items() if float(l.split(" / ")[0]) > 1.5]
     if noisy:
         notes.append(f"load average above 1.5 when {', '.join(noisy)} started: wall times are noisy, "
                      "CPU times and bytes are not")
-    notes += errors
 
-    total = time.perf_counter() - t_start
-    cmd = "python benchmarks/bench_torchrec.py" + (" --quick" if args.quick else "")
-    md = [f"# distsparse step(): one {rows:,} x {args.cols} table, TorchRec row-wise sharded vs replicated vs whole"
-          f"{' (--quick)' if args.quick else ''}\n",
-          f"Rerun (from the repository root, on a quiet machine): `{cmd}`\n",
-          f"Generated on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One float32 table of "
-          f"{rows:,} x {args.cols} ({rows * args.cols * 4 / 1e6:.0f} MB; its mask bit-packed "
-          f"{packed / 1e6:.1f} MB), block (1,4), sparsity 0.5, L1; gloo on 127.0.0.1, 1 thread per "
-          f"process; {args.steps} timed steps after a warm-up. Every world-2 ratio must be read beside the "
-          "no-communication floor and the per-rank CPU times: this machine's 2 vCPUs do not run two "
-          "processes at full speed side by side.\n",
-          _common.machine_info_md(info),
-          _common.md_table(table[0], table[1:]),
-          "\n" + "\n".join(f"- {c}" for c in notes) + "\n"]
-    _common.write_report(md, out, total)
-    return 1 if errors else 0
+    title = f"distsparse step(): one {rows:,} x {args.cols} table, TorchRec row-wise sharded vs replicated vs whole"
+    return one.write_report(title, "bench_torchrec.py", args, rows, info, table, notes, errors, out, t_start)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""examples/train_dlrm.py's checks that need no launch: argument refusals at parse time,
+"""examples/dlrm/train.py's checks that need no launch: argument refusals at parse time,
 --help defaults, CSV labels, the epochs note, the `--cpu --num_processes N` detection,
 the resume position on another world size, the sampler's mid-epoch start, the
 checkpoint inspection and retention (in-process, fast)."""
 
-import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,12 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def job():
-    spec = importlib.util.spec_from_file_location("train_dlrm_under_test", ROOT / "examples" / "train_dlrm.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    """The main job's functions, from the modules of examples/dlrm/ that hold them."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from dlrm import config, data, fsdp2, run_folder
+
+        yield types.SimpleNamespace(**{k: v for m in (data, run_folder, fsdp2, config) for k, v in vars(m).items()
+                                       if not k.startswith("__")})
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -88,13 +91,13 @@ def test_the_run_says_how_many_epochs_and_warns_when_many(job):
 def test_a_cpu_launch_that_started_one_of_several_processes_is_detected(job, monkeypatch):
     for k in ("WORLD_SIZE", "ACCELERATE_USE_CPU", "MASTER_ADDR"):
         monkeypatch.delenv(k, raising=False)
-    assert job.launch_mistake([]) is None                       # plain `python train_dlrm.py`
+    assert job.launch_mistake([]) is None                       # plain `python train.py`
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     assert job.launch_mistake([]) is None                       # `accelerate launch --cpu` (one process asked)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")              # set only when several were asked for
     text = job.launch_mistake(["--max-steps", "5"])
     assert "started ONE process although several were asked for" in text
-    assert "accelerate launch --config_file launch/cpu_2proc.yaml examples/train_dlrm.py --max-steps 5" in text
+    assert "accelerate launch --config_file launch/cpu_2proc.yaml examples/dlrm/train.py --max-steps 5" in text
     monkeypatch.setenv("WORLD_SIZE", "2")                       # torchrun / --multi_gpu: fine
     assert job.launch_mistake([]) is None
 

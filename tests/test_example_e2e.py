@@ -1,4 +1,4 @@
-"""End-to-end: examples/train_dlrm.py under `accelerate launch` with 2 gloo ranks on CPU.
+"""End-to-end: examples/dlrm/train.py under `accelerate launch` with 2 gloo ranks on CPU.
 
 Tiny settings (default mode: sparse model + same-length dense baseline, both prepared by
 accelerate and both in every checkpoint); 8000 rows -> 7200 train rows, global batch
@@ -19,77 +19,37 @@ divisor of 28, so checkpoints fall inside epochs), the newest 3 kept.
   command to run instead.
 """
 
-import json
 import os
 import random
 import re
 import shutil
-import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "train_dlrm.py"
+from _example_runner import MAIN as SCRIPT, ROOT, TABLES, accelerate, single
+from _example_runner import ckpt as _ckpt, complete_ckpts as _complete_ckpts, ok as _ok
+from _example_runner import summary as _summary
+
 CONFIG = ROOT / "launch" / "cpu_2proc.yaml"
-TIMEOUT = 600  # a hang guard per launch, not a speed target (each takes ~10-20 s, minutes at load 30)
-TABLES = ("user", "item", "item_category", "hour", "device", "region")
 
 STEPS, SAVE_EVERY, KEEP, STEPS_PER_EPOCH = 120, 9, 3, 28
 TINY = ["--rows", "8000", "--num-users", "400", "--num-items", "150", "--num-categories", "20",
         "--batch-size", "128", "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--keep", str(KEEP),
         "--start-step", "5", "--ramp-steps", "15", "--final-sparsity", "0.75",
         "--log-every", "30", "--seed", "3", "--no-progress"]
-LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p))
-    for k in LAUNCHER_VARS:
-        env.pop(k, None)
-    try:
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"timed out after {TIMEOUT}s: {' '.join(map(str, cmd))}\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
 
 
 def _launch(out_dir, *extra, launcher=("--config_file", str(CONFIG))):
     """2 ranks through `accelerate launch` (the README's command)."""
-    return _run([sys.executable, "-m", "accelerate.commands.launch", *launcher,
-                 "--main_process_port", str(_free_port()), str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
+    return accelerate(SCRIPT, "--output-dir", out_dir, *TINY, *extra, launcher=launcher)
 
 
 def _single(out_dir, *extra):
-    """One process, no launcher: `python examples/train_dlrm.py`."""
-    return _run([sys.executable, str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
-
-
-def _ok(r):
-    assert r.returncode == 0, f"rc={r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
-    return r
-
-
-def _summary(out_dir):
-    return json.loads((Path(out_dir) / "summary.json").read_text())
-
-
-def _complete_ckpts(out_dir):
-    return sorted(p.name for p in (Path(out_dir) / "ckpt").iterdir() if (p / "COMPLETE").is_file())
-
-
-def _ckpt(step):
-    return f"step_{step:06d}"
+    """One process, no launcher: `python examples/dlrm/train.py`."""
+    return single(SCRIPT, "--output-dir", out_dir, *TINY, *extra)
 
 
 def _flip_a_data_byte(path: Path):
@@ -224,8 +184,8 @@ def test_cpu_num_processes_launch_is_refused_with_what_to_run(tmp_path):
     r = _launch(tmp_path / "x", "--max-steps", "1", launcher=("--cpu", "--num_processes", "2"))
     assert r.returncode != 0, r.stdout + r.stderr
     assert "accelerate launch started ONE process although several were asked for" in r.stderr, r.stderr
-    assert "accelerate launch --config_file launch/cpu_2proc.yaml examples/train_dlrm.py" in r.stderr
-    assert "accelerate launch --multi_gpu --num_processes N examples/train_dlrm.py" in r.stderr
+    assert "accelerate launch --config_file launch/cpu_2proc.yaml examples/dlrm/train.py" in r.stderr
+    assert "accelerate launch --multi_gpu --num_processes N examples/dlrm/train.py" in r.stderr
     assert not (tmp_path / "x" / "ckpt").exists()   # refused before any work
 
 

@@ -1,4 +1,4 @@
-"""End-to-end: examples/train_dlrm.py --fsdp2 (tables sharded by FSDP2 fully_shard) with 2 gloo
+"""End-to-end: examples/dlrm/train.py --fsdp2 (tables sharded by FSDP2 fully_shard) with 2 gloo
 ranks on CPU under torchrun, crash/resume, and checkpoints crossing between the FSDP2 and DDP modes.
 
 Tiny settings as in test_example_e2e.py (sparse model + dense baseline, both sharded under
@@ -30,80 +30,38 @@ import os
 import random
 import re
 import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "train_dlrm.py"
+from _example_runner import MAIN as SCRIPT, ROOT, TABLES, accelerate, single, torchrun
+from _example_runner import ckpt as _ckpt, complete_ckpts as _complete_ckpts, ok as _ok
+from _example_runner import summary as _summary
+
 FSDP2_CONFIG = ROOT / "launch" / "fsdp2_gpu.yaml"
-TIMEOUT = 600  # a hang guard per launch, not a speed target (each takes ~10-25 s, minutes at load 30)
-TABLES = ("user", "item", "item_category", "hour", "device", "region")
 
 STEPS, SAVE_EVERY, KEEP, STEPS_PER_EPOCH = 60, 7, 3, 28
 TINY = ["--rows", "8000", "--num-users", "400", "--num-items", "150", "--num-categories", "20",
         "--batch-size", "128", "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--keep", str(KEEP),
         "--start-step", "5", "--ramp-steps", "15", "--final-sparsity", "0.75",
         "--log-every", "30", "--seed", "3", "--no-progress"]
-LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
-                 "ACCELERATE_USE_FSDP")
 # what must be equal for two runs to have ended in the same place
 SAME = ("model_sha256", "baseline_model_sha256", "mask_sha256", "schedule", "schedule_last_epoch", "val",
         "val_dense_baseline", "tables")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p))
-    for k in LAUNCHER_VARS:
-        env.pop(k, None)
-    try:
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"timed out after {TIMEOUT}s: {' '.join(map(str, cmd))}\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
-
-
 def _torchrun(out_dir, *extra, nproc=2):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                 "--master_port", str(_free_port()), str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
+    return torchrun(SCRIPT, "--output-dir", out_dir, *TINY, *extra, nproc=nproc)
 
 
 def _accelerate_fsdp2(out_dir, *extra):
     """`accelerate launch --config_file launch/fsdp2_gpu.yaml` (2 processes; on CPU the plugin is off)."""
-    return _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
-                 "--main_process_port", str(_free_port()), str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
+    return accelerate(SCRIPT, "--output-dir", out_dir, *TINY, *extra, launcher=("--config_file", str(FSDP2_CONFIG)))
 
 
 def _single(out_dir, *extra):
     """One process, no launcher."""
-    return _run([sys.executable, str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
-
-
-def _ok(r):
-    assert r.returncode == 0, f"rc={r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
-    return r
-
-
-def _summary(out_dir):
-    return json.loads((Path(out_dir) / "summary.json").read_text())
-
-
-def _complete_ckpts(out_dir):
-    return sorted(p.name for p in (Path(out_dir) / "ckpt").iterdir() if (p / "COMPLETE").is_file())
-
-
-def _ckpt(step):
-    return f"step_{step:06d}"
+    return single(SCRIPT, "--output-dir", out_dir, *TINY, *extra)
 
 
 def _copy_ckpt(src_run, step, dst_run):

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-import report  # noqa: E402
+from dlrm import report  # noqa: E402
 
 TINY = ["--rows", "4000", "--num-users", "200", "--num-items", "100", "--num-categories", "10",
         "--batch-size", "128", "--max-steps", "24", "--save-every", "12", "--keep", "2",
@@ -30,7 +30,7 @@ def run_folder(tmp_path_factory) -> Path:
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(k, None)
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_dlrm.py"), "--output-dir", str(out), *TINY],
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "dlrm" / "train.py"), "--output-dir", str(out), *TINY],
                        env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"report: {out / 'report.png'}" in r.stdout
@@ -78,7 +78,7 @@ def test_the_torchrec_job_writes_the_same_three_panel_report(tmp_path):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     args = [a for a in TINY if a != "--no-progress"]
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_dlrm_torchrec.py"), "--output-dir", str(out),
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "dlrm" / "train_torchrec.py"), "--output-dir", str(out),
                         *args], env=env, capture_output=True, text=True, timeout=500, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""End-to-end: examples/train_dlrm_torchrec.py under `torchrun --nproc_per_node 2` (gloo, CPU).
+"""End-to-end: examples/dlrm/train_torchrec.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
 Tiny settings: 8000 rows -> 7200 train rows, global batch 2 x 128 -> 28 steps per epoch,
 60 steps, a checkpoint every 9 steps (inside epochs), the newest 3 kept; `user` and `item`
@@ -23,96 +23,34 @@ model + dense baseline (both DistributedModelParallel, fused Adagrad).
 Every launch has a hard timeout: torchrun gets SIGTERM (it stops its workers), then SIGKILL.
 """
 
-import json
 import os
 import random
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "train_dlrm_torchrec.py"
-TIMEOUT = 600  # a hang guard per launch, not a speed target (each takes ~15-30 s, minutes at load 30)
-TABLES = ("user", "item", "item_category", "hour", "device", "region")
+from _example_runner import TORCHREC as SCRIPT, TABLES, single, torchrun
+from _example_runner import ckpt as _ckpt, complete_ckpts as _complete_ckpts, ok as _ok
+from _example_runner import summary as _summary
+
 
 STEPS, SAVE_EVERY, KEEP, STEPS_PER_EPOCH = 60, 9, 3, 28
 TINY = ["--rows", "8000", "--num-users", "400", "--num-items", "150", "--num-categories", "20",
         "--batch-size", "128", "--max-steps", str(STEPS), "--save-every", str(SAVE_EVERY), "--keep", str(KEEP),
         "--start-step", "5", "--ramp-steps", "15", "--final-sparsity", "0.75", "--row-wise-min-rows", "100",
         "--log-every", "30", "--seed", "3"]
-LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd):
-    """Run `cmd` with a hard timeout. Output goes to files (a worker that outlived its
-    launcher cannot block the read); on timeout torchrun gets SIGTERM, which it passes on to
-    its workers (they run in sessions of their own), then its session gets SIGKILL."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p))
-    for k in LAUNCHER_VARS:
-        env.pop(k, None)
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
-        try:
-            proc.wait(timeout=TIMEOUT)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        out.seek(0); err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if timed_out:
-        pytest.fail(f"timed out after {TIMEOUT}s: {' '.join(map(str, cmd))}\nstdout:\n{stdout[-4000:]}\n"
-                    f"stderr:\n{stderr[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _torchrun(out_dir, *extra):
     """2 ranks through torchrun (the docstring's first command)."""
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                 "--master_port", str(_free_port()), str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
+    return torchrun(SCRIPT, "--output-dir", out_dir, *TINY, *extra)
 
 
 def _single(out_dir, *extra):
-    """One process, no launcher: `python examples/train_dlrm_torchrec.py`."""
-    return _run([sys.executable, str(SCRIPT), "--output-dir", str(out_dir), *TINY, *extra])
-
-
-def _ok(r):
-    assert r.returncode == 0, f"rc={r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
-    return r
-
-
-def _summary(out_dir):
-    return json.loads((Path(out_dir) / "summary.json").read_text())
-
-
-def _complete_ckpts(out_dir):
-    return sorted(p.name for p in (Path(out_dir) / "ckpt").iterdir() if (p / "COMPLETE").is_file())
-
-
-def _ckpt(step):
-    return f"step_{step:06d}"
+    """One process, no launcher: `python examples/dlrm/train_torchrec.py`."""
+    return single(SCRIPT, "--output-dir", out_dir, *TINY, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
-"""End-to-end: `--prune rows` in examples/train_dlrm.py (one process, DDP and FSDP2 with 2 gloo
-ranks under torchrun) and examples/train_dlrm_torchrec.py: row blocks, the pruned tables
+"""End-to-end: `--prune rows` in examples/dlrm/train.py (one process, DDP and FSDP2 with 2 gloo
+ranks under torchrun) and examples/dlrm/train_torchrec.py: row blocks, the pruned tables
 written at the end (FSDP2/TorchRec: from the sharded tables), the validation set served from
 them with the same AUC as the trained masked model, and the served size printed."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,39 +13,20 @@ import pytest
 
 import distsparse
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "train_dlrm.py"
-TIMEOUT = 600  # a hang guard per launch, not a speed target (as the other example tests)
+from _example_runner import MAIN as SCRIPT, TORCHREC, ok, run, torchrun
+
 TINY = ["--rows", "6000", "--num-users", "300", "--num-items", "120", "--num-categories", "20",
         "--batch-size", "128", "--max-steps", "40", "--save-every", "0", "--start-step", "5", "--ramp-steps", "15",
         "--final-sparsity", "0.75", "--log-every", "20", "--seed", "3", "--no-progress", "--no-baseline",
         "--prune", "rows"]
-LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU",
-                 "ACCELERATE_USE_FSDP")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p))
-    for k in LAUNCHER_VARS:
-        env.pop(k, None)
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"timed out after {TIMEOUT}s: {' '.join(map(str, cmd))}\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
-    assert r.returncode == 0, f"rc={r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
-    return r
+    return ok(run(cmd))
 
 
 def _torchrun(script, out_dir, *args):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                 str(_free_port()), str(script), "--output-dir", str(out_dir), *args])
+    return ok(torchrun(script, "--output-dir", out_dir, *args))
 
 
 def _check_served(out_dir: Path, stdout: str, dim: int) -> dict:
@@ -82,7 +60,7 @@ def test_prune_rows_serves_the_validation_set_with_the_trained_auc(tmp_path, mod
 def test_torchrec_prune_rows_writes_from_the_sharded_tables_and_serves_with_the_trained_auc(tmp_path, sharding):
     out = tmp_path / sharding
     args = [a for a in TINY if a != "--no-progress"]  # the TorchRec job has no progress bar
-    r = _torchrun(ROOT / "examples" / "train_dlrm_torchrec.py", out, *args, "--sharding", sharding,
+    r = _torchrun(TORCHREC, out, *args, "--sharding", sharding,
                   "--row-wise-min-rows", "100", "--expect-world-size", "2")
     summary = _check_served(out, r.stdout, 16)
     assert ("column_wise" if sharding == "column_wise" else "row_wise") in summary["sharding"], summary["sharding"]

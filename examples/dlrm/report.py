@@ -1,6 +1,6 @@
 """The picture of a run: `report.png` in the run folder, drawn from what the job already logs.
 
-    python examples/report.py runs/dlrm          # (re)draw runs/dlrm/report.png from its history and summary
+    python examples/dlrm/report.py runs/dlrm         # (re)draw runs/dlrm/report.png from its history and summary
 
 Three panels:
   1. the scheduled sparsity level and each table's measured sparsity against the step;
