@@ -24,7 +24,8 @@ What it checks (each prints one ``PASS``/``FAIL`` line; the exit status is 1 on 
   block (1,4), 50 % (16M skipped when the GPU has under 24 GiB free), beside the table's
   read-once time (``x.sum()``, the floor) on the same GPU; the CUDA-graph variant
   (``GraphedBlockMask``: replay, no host sync); peak memory growth (× table bytes, with and
-  without the mask the step returns); every mask equal to the CPU mask. With
+  without the mask the step returns); every mask equal to the CPU mask; the kernels' block
+  scores equal the CPU's bit for bit (4 dtypes, 4 block shapes, L1/L2). With
   ``--device cpu`` it runs only under ``TRITON_INTERPRET=1`` (tiny sizes: a dry run).
 * **Timings** (CUDA events, median of 5 after a warm-up): ``step()`` of one 1M×64 and one
   4M×64 table, block (1,4), 50 %, distsparse against torch.ao's ``DataNormSparsifier`` on
@@ -420,6 +421,21 @@ def fused(device, quick):
     else:
         free = torch.cuda.mem_get_info()[0]
         sizes = [(1_000_000, 64), (4_000_000, 64)] + ([(16_000_000, 64)] if free > 24 * 2**30 else [])
+    # the compiled score arithmetic (division, no FMA, float16/bfloat16 rounding) bit for bit against the CPU's
+    score_bad, score_cases = [], 0
+    for shape in ([(300, 60), (101, 37)] if quick else [(3000, 60), (1001, 37)]):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            x = (_data(shape, torch.float64, "randn", seed=score_cases) * 40).to(dtype)  # float16 squares overflow
+            for blk in ((1, 4), (2, 2), (3, 5), (4, 1)):
+                for nrm in ("L1", "L2"):
+                    score_cases += 1
+                    want = M.block_scores(x, blk, nrm)
+                    got = FT.block_scores(x.to(device), blk, nrm).cpu()
+                    if not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
+                        score_bad.append(dict(shape=list(shape), dtype=str(dtype), block=list(blk), norm=nrm,
+                                              differing=int((got.view(torch.uint8) != want.view(torch.uint8)).sum())))
+    record("fused Triton scores == CPU scores, bit for bit", not score_bad, cases=score_cases,
+           mismatches=score_bad[:8], n_mismatch=len(score_bad))
     block, level, zeros, norm = (1, 4), 0.5, 4, "L1"
     rows = []
     for shape in sizes:
