@@ -22,16 +22,75 @@ import pytest
 import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+COMPILING = not INTERPRETED and os.environ.get("DISTSPARSE_TEST_TRITON_COMPILE") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-if not INTERPRETED:
 
-    @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pyproject extra 'gpu'; 'test' installs it)")
+def _child(env_update: dict, timeout: float) -> None:
+    env = dict(os.environ, **env_update)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+
+
+if not INTERPRETED and not COMPILING:
+    needs_triton = pytest.mark.skipif(not HAS_TRITON,
+                                      reason="triton is not installed (pyproject extra 'gpu'; 'test' installs it)")
+
+    @needs_triton
     def test_under_the_triton_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1", DISTSPARSE_FUSED_CPU="0")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
-        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+        _child(dict(TRITON_INTERPRET="1", DISTSPARSE_FUSED_CPU="0"), timeout=540)
+
+    @needs_triton
+    def test_compiled_for_a_gpu():
+        _child(dict(TRITON_INTERPRET="0", DISTSPARSE_TEST_TRITON_COMPILE="1"), timeout=540)
+
+elif COMPILING:
+    # Ahead-of-time compilation to PTX/cubin for an H100/H200 (sm_90) needs no GPU (ptxas ships
+    # with triton): the kernels compile, and the score arithmetic is what the interpreter
+    # cannot show — no fused multiply-add, a correctly rounded division.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from distsparse.kernels import _fused_triton_jit as jit
+    from distsparse.kernels import fused_triton
+
+    PTR = {0: "*fp32", 1: "*fp64", 2: "*fp16", 3: "*i16"}
+    KEYS = {0: "*i32", 1: "*i64", 2: "*i16", 3: "*i16"}
+
+    def compile_ptx(fn, signature, constants):
+        src = ASTSource(fn=fn, signature=dict(signature, **{k: "constexpr" for k in constants}), constexprs=constants)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+
+    @pytest.mark.parametrize("kind,l2,block", [(0, True, (1, 4)), (1, True, (2, 2)), (2, True, (3, 5)),
+                                               (3, False, (4, 1))])
+    def test_kernels_compile_without_fma_and_with_a_rounded_division(kind, l2, block):
+        bh, bw = block
+        rounds = fused_triton.digit_rounds(fused_triton._KEY_BITS[kind])
+        shift, width = rounds[0]
+        ptx = compile_ptx(jit.score_kernel, dict(
+            x_ptr=PTR[kind], keys_ptr=KEYS[kind], hist_ptr="*i32", flag_ptr="*i32", rows="i32", cols="i32",
+            stride_r="i32", stride_c="i32", n_bc="i32", n_blocks="i32", inf_key="i64" if kind == 1 else "i32"),
+            dict(BH=bh, BW=bw, BWP=triton.next_power_of_2(bw), KIND=kind, L2=l2, SHIFT=shift, BINS=1 << width,
+                 BLOCK=1024))
+        assert "fma." not in ptx
+        assert "div.rn." in ptx and "div.full" not in ptx and "div.approx" not in ptx
+        for whole in (True, False):
+            compile_ptx(jit.mask_kernel, dict(
+                x_ptr=PTR[kind], keys_ptr=KEYS[kind], state_ptr="*i64", ties_before_ptr="*i64", mask_ptr="*u8",
+                rows="i32", cols="i32", stride_r="i32", stride_c="i32", n_bc="i32", n_blocks="i32", zeros="i32"),
+                dict(BH=bh, BW=bw, BWP=triton.next_power_of_2(bw), PP=triton.next_power_of_2(bh * bw), KIND=kind,
+                     L2=l2, WHOLE=whole, BLOCK=1024))
+        for i, (shift, width) in enumerate(rounds[:2]):
+            compile_ptx(jit.pick_kernel, dict(hist_ptr="*i32", state_ptr="*i64", k="i64"),
+                        dict(FIRST=i == 0, WIDTH=width, BINS=1 << width))
+            if i:
+                compile_ptx(jit.refine_kernel, dict(keys_ptr=KEYS[kind], hist_ptr="*i32", state_ptr="*i64",
+                                                    n_blocks="i32"),
+                            dict(KIND=kind, HIGH=shift + width, SHIFT=shift, BINS=1 << width, BLOCK=1024))
+        compile_ptx(jit.ties_kernel, dict(keys_ptr=KEYS[kind], state_ptr="*i64", counts_ptr="*i64", n_blocks="i32"),
+                    dict(KIND=kind, BLOCK=1024))
 
 else:
     from hypothesis import HealthCheck, given, settings
