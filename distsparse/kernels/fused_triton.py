@@ -125,18 +125,19 @@ class _Plan:
         self.scores = torch.empty(self.n_blocks, dtype=matrix.dtype, device=dev)
         self.keys = self.scores.view(_KEY_VIEW[self.kind])
         self.programs = -(-self.n_blocks // _BLOCK)
-        self.hist = torch.empty(sum(1 << w for _, w in self.rounds), dtype=torch.int32, device=dev)
+        bins = sum(1 << w for _, w in self.rounds)
+        self.counters = torch.empty(bins + 1, dtype=torch.int32, device=dev)  # zeroed by one launch per step
+        self.hist, self.flag = self.counters[:bins], self.counters[bins:]
         self.state = torch.empty(2, dtype=torch.int64, device=dev)  # threshold prefix, left to prune
-        self.flag = torch.empty(1, dtype=torch.int32, device=dev)
         self.tie_counts = torch.empty(self.programs, dtype=torch.int64, device=dev)
+        self.ties_before = torch.zeros(self.programs + 1, dtype=torch.int64, device=dev)  # [0] stays 0
         self.mask = torch.empty(rows, cols, dtype=torch.bool, device=dev)
 
     def score(self) -> None:
         """Scores, keys, the first histogram and the non-finite flag (zeroes the counters)."""
         rows, cols = self.shape
         bh, bw = self.block_shape
-        self.hist.zero_()
-        self.flag.zero_()
+        self.counters.zero_()
         shift, width = self.rounds[0]
         self.jit.score_kernel[(self.programs,)](
             self.data, self.keys, self.hist, self.flag, rows, cols, self.matrix.stride(0), self.matrix.stride(1),
@@ -159,10 +160,10 @@ class _Plan:
             base += 1 << width
         self.jit.ties_kernel[(self.programs,)](self.keys, self.state, self.tie_counts, self.n_blocks,
                                                KIND=self.kind, BLOCK=_BLOCK)
-        ties_before = torch.cumsum(self.tie_counts, 0) - self.tie_counts
+        torch.cumsum(self.tie_counts, 0, out=self.ties_before[1:])  # exclusive prefix: ties_before[:-1]
         values = bh * bw
         self.jit.mask_kernel[(self.programs,)](
-            self.data, self.keys, self.state, ties_before, self.mask.view(torch.uint8), rows, cols,
+            self.data, self.keys, self.state, self.ties_before, self.mask.view(torch.uint8), rows, cols,
             self.matrix.stride(0), self.matrix.stride(1), self.n_bc, self.n_blocks, self.zeros, BH=bh, BW=bw,
             BWP=triton_next_pow2(bw), PP=triton_next_pow2(values), KIND=self.kind, L2=self.l2,
             WHOLE=self.zeros >= values, BLOCK=_BLOCK, enable_fp_fusion=False)
