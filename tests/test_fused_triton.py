@@ -63,25 +63,24 @@ elif COMPILING:
         src = ASTSource(fn=fn, signature=dict(signature, **{k: "constexpr" for k in constants}), constexprs=constants)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
 
-    @pytest.mark.parametrize("kind,l2,block", [(0, True, (1, 4)), (1, True, (2, 2)), (2, True, (3, 5)),
-                                               (3, False, (4, 1))])
-    def test_kernels_compile_without_fma_and_with_a_rounded_division(kind, l2, block):
+    @pytest.mark.parametrize("kind,block", [(0, (1, 4)), (1, (2, 2)), (2, (3, 5)), (3, (4, 1))])
+    def test_kernels_compile_without_fma_and_with_a_rounded_division(kind, block):
         bh, bw = block
         rounds = fused_triton.digit_rounds(fused_triton._KEY_BITS[kind])
         shift, width = rounds[0]
         ptx = compile_ptx(jit.score_kernel, dict(
             x_ptr=PTR[kind], keys_ptr=KEYS[kind], hist_ptr="*i32", flag_ptr="*i32", rows="i32", cols="i32",
-            stride_r="i32", stride_c="i32", n_bc="i32", n_blocks="i32", inf_key="i64" if kind == 1 else "i32"),
-            dict(BH=bh, BW=bw, BWP=triton.next_power_of_2(bw), KIND=kind, L2=l2, SHIFT=shift, BINS=1 << width,
-                 BLOCK=1024))
+            stride_r="i32", stride_c="i32", n_bc="i32", n_blocks="i32", inf_key="i64" if kind == 1 else "i32",
+            l2="i32"), dict(BH=bh, BW=bw, BWP=triton.next_power_of_2(bw), KIND=kind, SHIFT=shift, BINS=1 << width,
+                            BLOCK=1024))
         assert "fma." not in ptx
         assert "div.rn." in ptx and "div.full" not in ptx and "div.approx" not in ptx
         for whole in (True, False):
             compile_ptx(jit.mask_kernel, dict(
                 x_ptr=PTR[kind], keys_ptr=KEYS[kind], state_ptr="*i64", ties_before_ptr="*i64", mask_ptr="*u8",
-                rows="i32", cols="i32", stride_r="i32", stride_c="i32", n_bc="i32", n_blocks="i32", zeros="i32"),
-                dict(BH=bh, BW=bw, BWP=triton.next_power_of_2(bw), PP=triton.next_power_of_2(bh * bw), KIND=kind,
-                     L2=l2, WHOLE=whole, BLOCK=1024))
+                rows="i32", cols="i32", stride_r="i32", stride_c="i32", n_bc="i32", n_blocks="i32", zeros="i32",
+                l2="i32"), dict(BH=bh, BW=bw, BWP=triton.next_power_of_2(bw), PP=triton.next_power_of_2(bh * bw),
+                                KIND=kind, WHOLE=whole, BLOCK=1024))
         for i, (shift, width) in enumerate(rounds[:2]):
             compile_ptx(jit.pick_kernel, dict(hist_ptr="*i32", state_ptr="*i64", k="i64"),
                         dict(FIRST=i == 0, WIDTH=width, BINS=1 << width))

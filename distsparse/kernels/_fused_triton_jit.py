@@ -21,7 +21,7 @@ def _bf16_round(v):
 
 
 @triton.jit
-def _magnitudes(x_ptr, offs, ok, KIND: tl.constexpr, L2: tl.constexpr):
+def _magnitudes(x_ptr, offs, ok, KIND: tl.constexpr, l2):
     """|x| or x*x rounded to the data's dtype (as torch computes them), held in the
     accumulation dtype: float32 for the 16-bit kinds, else the data's own."""
     if KIND == 3:
@@ -31,7 +31,7 @@ def _magnitudes(x_ptr, offs, ok, KIND: tl.constexpr, L2: tl.constexpr):
         v = tl.load(x_ptr + offs, mask=ok, other=0)
         if KIND == 2:
             v = v.to(tl.float32)
-    if L2:
+    if l2:  # a runtime flag (uniform branch): one compiled kernel serves L1 and L2
         m = v * v
     else:
         m = tl.abs(v)
@@ -55,9 +55,9 @@ def _load_keys(keys_ptr, f, live, KIND: tl.constexpr):
         return raw.to(tl.int32) & 0x7FFF
 
 
-@triton.jit
-def score_kernel(x_ptr, keys_ptr, hist_ptr, flag_ptr, rows, cols, stride_r, stride_c, n_bc, n_blocks, inf_key,
-                 BH: tl.constexpr, BW: tl.constexpr, BWP: tl.constexpr, KIND: tl.constexpr, L2: tl.constexpr,
+@triton.jit(do_not_specialize=["l2"])
+def score_kernel(x_ptr, keys_ptr, hist_ptr, flag_ptr, rows, cols, stride_r, stride_c, n_bc, n_blocks, inf_key, l2,
+                 BH: tl.constexpr, BW: tl.constexpr, BWP: tl.constexpr, KIND: tl.constexpr,
                  SHIFT: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
     """One read of the data: each block's score (sum from 0 in row-major order within the
     block, one correctly rounded division by its valid elements), its key, the first
@@ -80,7 +80,7 @@ def score_kernel(x_ptr, keys_ptr, hist_ptr, flag_ptr, rows, cols, stride_r, stri
         r = r0 + a
         ok = col_ok & (r < rows)[:, None]
         offs = r.to(tl.int64)[:, None] * stride_r + c.to(tl.int64) * stride_c
-        m = _magnitudes(x_ptr, offs, ok, KIND, L2)
+        m = _magnitudes(x_ptr, offs, ok, KIND, l2)
         for b in range(BW):
             # the one element of column b (adding zeros to it is exact): the adds stay in order
             acc += tl.sum(tl.where(j[None, :] == b, m, 0.0), axis=1)
@@ -157,10 +157,10 @@ def ties_kernel(keys_ptr, state_ptr, counts_ptr, n_blocks, KIND: tl.constexpr, B
     tl.store(counts_ptr + pid, tl.sum((live & (key == threshold)).to(tl.int64), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["l2", "zeros"])
 def mask_kernel(x_ptr, keys_ptr, state_ptr, ties_before_ptr, mask_ptr, rows, cols, stride_r, stride_c, n_bc,
-                n_blocks, zeros, BH: tl.constexpr, BW: tl.constexpr, BWP: tl.constexpr, PP: tl.constexpr,
-                KIND: tl.constexpr, L2: tl.constexpr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
+                n_blocks, zeros, l2, BH: tl.constexpr, BW: tl.constexpr, BWP: tl.constexpr, PP: tl.constexpr,
+                KIND: tl.constexpr, WHOLE: tl.constexpr, BLOCK: tl.constexpr):
     """One compare-and-write pass: a block is pruned when its key is below the threshold,
     or equal to it and among the first ``remaining`` equal keys in block order; a pruned
     block keeps all but its ``zeros`` smallest valid elements (ties to the lower position)."""
@@ -192,13 +192,13 @@ def mask_kernel(x_ptr, keys_ptr, state_ptr, ties_before_ptr, mask_ptr, rows, col
         r = r0[:, None] + (p // BW)[None, :]
         c = c0[:, None] + (p % BW)[None, :]
         ok = live[:, None] & (p < BH * BW)[None, :] & (r < rows) & (c < cols)
-        m = _magnitudes(x_ptr, r.to(tl.int64) * stride_r + c.to(tl.int64) * stride_c, ok & pruned[:, None], KIND, L2)
+        m = _magnitudes(x_ptr, r.to(tl.int64) * stride_r + c.to(tl.int64) * stride_c, ok & pruned[:, None], KIND, l2)
         below = tl.zeros([BLOCK, PP], dtype=tl.int32)
         for q in range(BH * BW):
             rq = r0 + q // BW
             cq = c0 + q % BW
             ok_q = pruned & (rq < rows) & (cq < cols)
-            mq = _magnitudes(x_ptr, rq.to(tl.int64) * stride_r + cq.to(tl.int64) * stride_c, ok_q, KIND, L2)
+            mq = _magnitudes(x_ptr, rq.to(tl.int64) * stride_r + cq.to(tl.int64) * stride_c, ok_q, KIND, l2)
             before = (mq[:, None] < m) | ((mq[:, None] == m) & (q < p[None, :]))
             below += (before & ok_q[:, None]).to(tl.int32)
         zero = pruned[:, None] & (below < zeros)

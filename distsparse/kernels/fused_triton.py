@@ -141,8 +141,8 @@ class _Plan:
         shift, width = self.rounds[0]
         self.jit.score_kernel[(self.programs,)](
             self.data, self.keys, self.hist, self.flag, rows, cols, self.matrix.stride(0), self.matrix.stride(1),
-            self.n_bc, self.n_blocks, _INF_KEY[self.kind], BH=bh, BW=bw, BWP=triton_next_pow2(bw),
-            KIND=self.kind, L2=self.l2, SHIFT=shift, BINS=1 << width, BLOCK=_BLOCK, enable_fp_fusion=False)
+            self.n_bc, self.n_blocks, _INF_KEY[self.kind], int(self.l2), BH=bh, BW=bw, BWP=triton_next_pow2(bw),
+            KIND=self.kind, SHIFT=shift, BINS=1 << width, BLOCK=_BLOCK, enable_fp_fusion=False)
 
     def launch(self) -> None:
         """The whole step on the current stream, no host sync: ``self.mask`` and ``self.flag``."""
@@ -164,8 +164,8 @@ class _Plan:
         values = bh * bw
         self.jit.mask_kernel[(self.programs,)](
             self.data, self.keys, self.state, self.ties_before, self.mask.view(torch.uint8), rows, cols,
-            self.matrix.stride(0), self.matrix.stride(1), self.n_bc, self.n_blocks, self.zeros, BH=bh, BW=bw,
-            BWP=triton_next_pow2(bw), PP=triton_next_pow2(values), KIND=self.kind, L2=self.l2,
+            self.matrix.stride(0), self.matrix.stride(1), self.n_bc, self.n_blocks, self.zeros, int(self.l2), BH=bh,
+            BW=bw, BWP=triton_next_pow2(bw), PP=triton_next_pow2(values), KIND=self.kind,
             WHOLE=self.zeros >= values, BLOCK=_BLOCK, enable_fp_fusion=False)
 
 
