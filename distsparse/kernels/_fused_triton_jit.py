@@ -111,7 +111,7 @@ def score_kernel(x_ptr, keys_ptr, hist_ptr, flag_ptr, rows, cols, stride_r, stri
     tl.atomic_add(hist_ptr + tl.arange(0, BINS), h, mask=h > 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k"])
 def pick_kernel(hist_ptr, state_ptr, k, FIRST: tl.constexpr, WIDTH: tl.constexpr, BINS: tl.constexpr):
     """One program: the digit holding the remaining-th lowest candidate key, on the device.
     ``state``: [key prefix decided so far, keys still to prune among the candidates]."""
