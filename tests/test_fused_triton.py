@@ -81,13 +81,14 @@ elif COMPILING:
                 rows="i32", cols="i32", stride_r="i32", stride_c="i32", n_bc="i32", n_blocks="i32", zeros="i32",
                 l2="i32"), dict(BH=bh, BW=bw, BWP=triton.next_power_of_2(bw), PP=triton.next_power_of_2(bh * bw),
                                 KIND=kind, WHOLE=whole, BLOCK=1024))
-        for i, (shift, width) in enumerate(rounds[:2]):
+        for i, (shift, width) in enumerate(rounds[:3]):
             compile_ptx(jit.pick_kernel, dict(hist_ptr="*i32", state_ptr="*i64", k="i64"),
                         dict(FIRST=i == 0, WIDTH=width, BINS=1 << width))
             if i:
-                compile_ptx(jit.refine_kernel, dict(keys_ptr=KEYS[kind], hist_ptr="*i32", state_ptr="*i64",
-                                                    n_blocks="i32"),
-                            dict(KIND=kind, HIGH=shift + width, SHIFT=shift, BINS=1 << width, BLOCK=1024))
+                compile_ptx(jit.refine_kernel, dict(keys_ptr=KEYS[kind], cand_ptr="*i64" if kind == 1 else "*i32",
+                                                    ncand_ptr="*i32", hist_ptr="*i32", state_ptr="*i64",
+                                                    n_blocks="i32", cap="i32"),
+                            dict(KIND=kind, HIGH=shift + width, SHIFT=shift, BINS=1 << width, BLOCK=1024, MODE=i))
         compile_ptx(jit.ties_kernel, dict(keys_ptr=KEYS[kind], state_ptr="*i64", counts_ptr="*i64", n_blocks="i32"),
                     dict(KIND=kind, BLOCK=1024))
 
@@ -258,6 +259,21 @@ else:
         x[0, 0] = float("nan")
         step()
         assert int(step.nonfinite) == 1
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_later_rounds_read_the_compacted_candidates_or_every_key(monkeypatch, dtype):
+        x = torch.randn(40, 36, generator=torch.Generator().manual_seed(17), dtype=dtype) ** 2
+        for k in (1, 150, 359):
+            plan = fused_triton._Plan(x, k, (2, 2), 4, "L1")
+            plan.launch()
+            assert 0 < int(plan.ncand) == int(plan.state[2]) <= plan.cap  # the first digit's candidates, compacted
+            assert torch.equal(plan.mask, reference(x, k, (2, 2), 4, "L1"))
+        monkeypatch.setattr(fused_triton, "_candidate_capacity", lambda n: 1)  # they never fit: scan every key
+        for k in (1, 150, 359):
+            plan = fused_triton._Plan(x, k, (2, 2), 4, "L1")
+            plan.launch()
+            assert int(plan.ncand) == 0 or int(plan.state[2]) <= 1
+            assert torch.equal(plan.mask, reference(x, k, (2, 2), 4, "L1")), k
 
     @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(rows=st.integers(1, 30), cols=st.integers(1, 30), bh=st.integers(1, 4), bw=st.integers(1, 5),

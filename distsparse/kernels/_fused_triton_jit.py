@@ -128,22 +128,39 @@ def pick_kernel(hist_ptr, state_ptr, k, FIRST: tl.constexpr, WIDTH: tl.constexpr
     below = tl.sum(tl.where(lower, h, 0), axis=0)
     tl.store(state_ptr, (prefix << WIDTH) | digit)
     tl.store(state_ptr + 1, remaining - below)
+    if FIRST:  # the candidates' count: whether they fit the compacted buffer (refine_kernel)
+        tl.store(state_ptr + 2, tl.sum(tl.where(tl.arange(0, BINS) == digit, h, 0), axis=0))
 
 
-@triton.jit
-def refine_kernel(keys_ptr, hist_ptr, state_ptr, n_blocks, KIND: tl.constexpr, HIGH: tl.constexpr,
-                  SHIFT: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["cap"])
+def refine_kernel(keys_ptr, cand_ptr, ncand_ptr, hist_ptr, state_ptr, n_blocks, cap, KIND: tl.constexpr,
+                  HIGH: tl.constexpr, SHIFT: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr,
+                  MODE: tl.constexpr):
     """Histogram of digit (SHIFT, log2 BINS) over the candidates: keys whose bits from
-    HIGH up equal the prefix chosen so far."""
+    HIGH up equal the prefix chosen so far. MODE 1 (the first refinement) scans every key
+    and, when the first digit's candidates fit ``cap``, also appends them to ``cand``
+    (any order: only their histograms are needed); MODE 2 (later rounds) then reads the
+    ``cand`` list instead of every key — else it scans every key again."""
     pid = tl.program_id(0)
     f = pid * BLOCK + tl.arange(0, BLOCK)
-    live = f < n_blocks
     prefix = tl.load(state_ptr)
-    key = _load_keys(keys_ptr, f, live, KIND)
+    compacted = tl.load(state_ptr + 2) <= cap
+    if MODE == 2 and compacted:
+        live = f < tl.load(ncand_ptr)
+        key = tl.load(cand_ptr + f, mask=live, other=0)
+    else:
+        live = f < n_blocks
+        key = _load_keys(keys_ptr, f, live, KIND)
     match = live & ((key >> HIGH) == prefix)
     digit = ((key >> SHIFT) & (BINS - 1)).to(tl.int32)
     h = tl.histogram(digit, BINS, mask=match)
     tl.atomic_add(hist_ptr + tl.arange(0, BINS), h, mask=h > 0)
+    if MODE == 1 and compacted:
+        hit = match.to(tl.int32)
+        count = tl.sum(hit, axis=0)
+        if count > 0:
+            base = tl.atomic_add(ncand_ptr, count)
+            tl.store(cand_ptr + base + tl.cumsum(hit, 0) - hit, key, mask=match)
 
 
 @triton.jit

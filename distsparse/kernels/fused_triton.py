@@ -14,7 +14,9 @@ extra ``gpu``; without it, or with ``DISTSPARSE_FUSED_TRITON=0``, the torch path
 2. **Refinement on the device.** A one-program kernel (``pick_kernel``) scans the
    histogram and stores the chosen digit prefix and the count still to prune; the next
    round histograms the next digit of the candidates (the keys matching the prefix). The
-   number of rounds is fixed by the key width (2 for 16-bit, 3 for 32-bit, 6 for 64-bit
+   second round scans every key once more and, when the first digit's candidates fit a
+   buffer of 1/16 of the blocks, compacts them into it; later rounds read only that list.
+   The number of rounds is fixed by the key width (2 for 16-bit, 3 for 32-bit, 6 for 64-bit
    keys), so nothing is read back to the host: the step can be captured in a CUDA graph
    (:class:`GraphedBlockMask`).
 3. **One compare-and-write pass** (``mask_kernel``), after a per-program count of the keys
@@ -126,9 +128,12 @@ class _Plan:
         self.keys = self.scores.view(_KEY_VIEW[self.kind])
         self.programs = -(-self.n_blocks // _BLOCK)
         bins = sum(1 << w for _, w in self.rounds)
-        self.counters = torch.empty(bins + 1, dtype=torch.int32, device=dev)  # zeroed by one launch per step
-        self.hist, self.flag = self.counters[:bins], self.counters[bins:]
-        self.state = torch.empty(2, dtype=torch.int64, device=dev)  # threshold prefix, left to prune
+        self.counters = torch.empty(bins + 2, dtype=torch.int32, device=dev)  # zeroed by one launch per step
+        self.hist, self.flag, self.ncand = self.counters[:bins], self.counters[bins:bins + 1], self.counters[bins + 1:]
+        # threshold prefix, left to prune, candidates after the first digit
+        self.state = torch.empty(3, dtype=torch.int64, device=dev)
+        self.cap = _candidate_capacity(self.n_blocks) if len(self.rounds) > 2 else 0
+        self.cand = torch.empty(max(self.cap, 1), dtype=torch.int64 if self.kind == 1 else torch.int32, device=dev)
         self.tie_counts = torch.empty(self.programs, dtype=torch.int64, device=dev)
         self.ties_before = torch.zeros(self.programs + 1, dtype=torch.int64, device=dev)  # [0] stays 0
         self.mask = torch.empty(rows, cols, dtype=torch.bool, device=dev)
@@ -153,9 +158,9 @@ class _Plan:
         for i, (shift, width) in enumerate(self.rounds):
             hist = self.hist[base:base + (1 << width)]
             if i:
-                self.jit.refine_kernel[(self.programs,)](self.keys, hist, self.state, self.n_blocks, KIND=self.kind,
-                                                         HIGH=shift + width, SHIFT=shift, BINS=1 << width,
-                                                         BLOCK=_BLOCK)
+                self.jit.refine_kernel[(self.programs,)](
+                    self.keys, self.cand, self.ncand, hist, self.state, self.n_blocks, self.cap, KIND=self.kind,
+                    HIGH=shift + width, SHIFT=shift, BINS=1 << width, BLOCK=_BLOCK, MODE=min(i, 2))
             self.jit.pick_kernel[(1,)](hist, self.state, self.k, FIRST=i == 0, WIDTH=width, BINS=1 << width)
             base += 1 << width
         self.jit.ties_kernel[(self.programs,)](self.keys, self.state, self.tie_counts, self.n_blocks,
@@ -167,6 +172,12 @@ class _Plan:
             self.matrix.stride(0), self.matrix.stride(1), self.n_bc, self.n_blocks, self.zeros, int(self.l2), BH=bh,
             BW=bw, BWP=triton_next_pow2(bw), PP=triton_next_pow2(values), KIND=self.kind,
             WHOLE=self.zeros >= values, BLOCK=_BLOCK, enable_fp_fusion=False)
+
+
+def _candidate_capacity(n_blocks: int) -> int:
+    """Keys the compacted candidate list holds (1/16 of the blocks, at least 4096): when the
+    first digit's candidates fit, the rounds after the second read them instead of every key."""
+    return min(n_blocks, max(4096, n_blocks // 16))
 
 
 def triton_next_pow2(n: int) -> int:
