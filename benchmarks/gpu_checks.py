@@ -18,6 +18,15 @@ What it checks (each prints one ``PASS``/``FAIL`` line; the exit status is 1 on 
   weights. (FSDP2 over gloo with CUDA tensors is left out: torch 2.11's own
   ``DTensor.full_tensor()`` segfaults there.)
 * **Phases**: where ``step()``'s time goes on the device (scores, selection, fill).
+* **Fused Triton kernels** (``--only fused``; issue 22): ``norm_block_mask`` with the
+  Triton kernels (``distsparse.kernels.fused_triton``) against today's CUDA path
+  (``DISTSPARSE_FUSED_TRITON=0``) and torch.ao's ``step()``, at 1M/4M/16M × 64 float32,
+  block (1,4), 50 % (16M skipped when the GPU has under 24 GiB free), beside the table's
+  read-once time (``x.sum()``, the floor) on the same GPU; the CUDA-graph variant
+  (``GraphedBlockMask``: replay, no host sync); peak memory growth (× table bytes, with and
+  without the mask the step returns); every mask equal to the CPU mask; the kernels' block
+  scores equal the CPU's bit for bit (4 dtypes, 4 block shapes, L1/L2). With
+  ``--device cpu`` it runs only under ``TRITON_INTERPRET=1`` (tiny sizes: a dry run).
 * **Timings** (CUDA events, median of 5 after a warm-up): ``step()`` of one 1M×64 and one
   4M×64 table, block (1,4), 50 %, distsparse against torch.ao's ``DataNormSparsifier`` on
   the same GPU and data, and peak CUDA memory growth during ``step()`` in multiples of the
@@ -30,6 +39,7 @@ Every spawned rank has a hard timeout. Results go to stdout and, with ``--out DI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -91,10 +101,13 @@ def _ds_mask(x, level, block, zeros, norm):
 
 
 def masks_match(device, quick):
-    shapes = [(257, 64), (1000, 37), (64, 64, 8)] if quick else [(4097, 64), (10_000, 37), (300, 64, 8), (65_536, 128)]
+    # (3000, 60): every block shape tiles it (the strided-add score path, whose division by
+    # 15 for (3,5) blocks CUDA's scalar divide turns into a reciprocal multiply)
+    shapes = [(257, 64), (1000, 37), (64, 64, 8), (300, 60)] if quick else \
+        [(4097, 64), (10_000, 37), (300, 64, 8), (65_536, 128), (3000, 60)]
     cases = [((1, 4), None), ((2, 2), None), ((3, 5), None), ((1, 4), 2), ((4, 1), 3)]
     dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-    bad, bad_ao, n, n_ao = [], [], 0, 0
+    bad, bad_ao, bad_old, n, n_ao = [], [], [], 0, 0
     for shape in shapes:
         for dtype in dtypes:
             for kind in ("randn", "ties"):
@@ -110,14 +123,35 @@ def masks_match(device, quick):
                             bad.append(dict(where, problem=f"mask on {gpu.device} as {gpu.dtype}"))
                         elif not torch.equal(cpu, gpu.cpu()):
                             bad.append(dict(where, differing=int((cpu != gpu.cpu()).sum())))
+                        if device == "cuda":  # today's CUDA path (the Triton kernels off), information
+                            with _fused_triton_off():
+                                old = _ds_mask(x.to(device), 0.5, block, zeros_, norm)
+                            if not torch.equal(cpu, old.cpu()):
+                                bad_old.append(dict(where, differing=int((cpu != old.cpu()).sum())))
                         if len(shape) == 2 and dtype in (torch.float32, torch.float64) and zeros is None:
                             n_ao += 1
                             ao_cpu, ao_gpu = _ao_mask(x, 0.5, block, zeros_, norm), _ao_mask(x.to(device), 0.5, block, zeros_, norm)
                             if not torch.equal(ao_cpu, ao_gpu.cpu()):
                                 bad_ao.append(dict(where, differing=int((ao_cpu != ao_gpu.cpu()).sum())))
     record("masks: CUDA == CPU (distsparse)", not bad, cases=n, mismatches=bad[:8], n_mismatch=len(bad))
+    record("masks: CUDA path without the Triton kernels vs CPU (information)", True, n_mismatch=len(bad_old),
+           examples=bad_old[:8])
     record("masks: torch.ao CUDA vs CPU (information)", True, n_mismatch=len(bad_ao), cases=n_ao,
            by_kind={k: sum(b["kind"] == k for b in bad_ao) for k in ("randn", "ties")}, examples=bad_ao[:4])
+
+
+@contextlib.contextmanager
+def _fused_triton_off():
+    """Today's CUDA path: the Triton kernels switched off (read at every call)."""
+    old = os.environ.get("DISTSPARSE_FUSED_TRITON")
+    os.environ["DISTSPARSE_FUSED_TRITON"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DISTSPARSE_FUSED_TRITON"]
+        else:
+            os.environ["DISTSPARSE_FUSED_TRITON"] = old
 
 
 def device_residency(device, quick):
@@ -354,6 +388,128 @@ def phases(device, quick):
     record("phases on " + device, True, rows=rows)
 
 
+def _peak_growth(fn, device):
+    """(result, peak bytes allocated above the start) of one call."""
+    if device != "cuda":
+        return fn(), 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
+def fused(device, quick):
+    """Issue 22's GPU figures: the fused Triton step against today's CUDA path, torch.ao and
+    the read-once floor, the CUDA-graph variant, peak memory, masks equal to the CPU's."""
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as AO
+
+    from distsparse import masks as M
+    from distsparse.kernels import fused_triton as FT
+
+    if device != "cuda" and not FT.interpreting():
+        record("fused Triton kernels", True, skipped="needs CUDA (or TRITON_INTERPRET=1 for a CPU dry run)")
+        return
+    if not FT.available():
+        record("fused Triton kernels", False, error="triton is not importable or DISTSPARSE_FUSED_TRITON=0")
+        return
+    if device != "cuda":
+        sizes = [(2_000, 64)]
+    elif quick:
+        sizes = [(1_000_000, 64)]
+    else:
+        free = torch.cuda.mem_get_info()[0]
+        sizes = [(1_000_000, 64), (4_000_000, 64)] + ([(16_000_000, 64)] if free > 24 * 2**30 else [])
+    # the compiled score arithmetic (division, no FMA, float16/bfloat16 rounding) bit for bit against the CPU's
+    score_bad, score_cases = [], 0
+    for shape in ([(300, 60), (101, 37)] if quick else [(3000, 60), (1001, 37)]):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            x = (_data(shape, torch.float64, "randn", seed=score_cases) * 40).to(dtype)  # float16 squares overflow
+            for blk in ((1, 4), (2, 2), (3, 5), (4, 1)):
+                for nrm in ("L1", "L2"):
+                    score_cases += 1
+                    want = M.block_scores(x, blk, nrm)
+                    got = FT.block_scores(x.to(device), blk, nrm).cpu()
+                    if not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
+                        score_bad.append(dict(shape=list(shape), dtype=str(dtype), block=list(blk), norm=nrm,
+                                              differing=int((got.view(torch.uint8) != want.view(torch.uint8)).sum())))
+    record("fused Triton scores == CPU scores, bit for bit", not score_bad, cases=score_cases,
+           mismatches=score_bad[:8], n_mismatch=len(score_bad))
+    block, level, zeros, norm = (1, 4), 0.5, 4, "L1"
+    rows = []
+    for shape in sizes:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+        table = x.numel() * x.element_size()
+        n_blocks = -(-shape[0] // block[0]) * -(-shape[1] // block[1])
+        k = round(level * n_blocks)
+        row = dict(shape=list(shape), table_mib=round(table / 2**20, 1))
+        direct = lambda: FT.fused_block_mask(M.as_matrix(x), k, block, zeros, norm, lambda: None)  # noqa: E731
+        # on CUDA norm_block_mask dispatches to the kernels (its time ~ the direct call's); the CPU dry run
+        # (interpreter) calls them directly
+        run = (lambda: M.norm_block_mask(x, level, block, zeros, norm)) if device == "cuda" else direct  # noqa: E731
+        row["read_once_sum_ms"] = _median_ms(lambda: x.sum(), device)
+        row["fused_ms"] = _median_ms(run, device)
+        row["fused_direct_call_ms"] = _median_ms(direct, device)
+        with _fused_triton_off():
+            row["current_cuda_path_ms"] = _median_ms(lambda: M.norm_block_mask(x, level, block, zeros, norm), device)
+            current, current_peak = _peak_growth(lambda: M.norm_block_mask(x, level, block, zeros, norm), device)
+        mask, peak = _peak_growth(run, device)
+        if device == "cuda":
+            row["fused_peak_x_table"] = round(peak / table, 3)
+            row["fused_peak_without_mask_x_table"] = round((peak - mask.numel()) / table, 3)
+            row["current_peak_x_table"] = round(current_peak / table, 3)
+        if device == "cuda":
+            graphed = FT.GraphedBlockMask(M.as_matrix(x), k, block, zeros, norm)
+            row["graph_replay_ms"] = _median_ms(graphed, device)
+            graph_mask = graphed().clone()
+            row["graph_nonfinite_flag"] = int(graphed.nonfinite.item())
+            del graphed
+        else:
+            graph_mask = FT.GraphedBlockMask(M.as_matrix(x), k, block, zeros, norm, graph=False)().clone()
+        ao = AO(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=norm)
+        ao.add_data("x", x.clone())
+        row["torch_ao_step_ms"] = _median_ms(ao.step, device)
+        ao_mask = ao.get_mask("x").to(torch.bool).cpu()
+        del ao
+        with _fused_triton_off():
+            sp = DataNormSparsifier(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=norm)
+            sp.add_data("x", x.clone())
+            row["step_current_ms"] = _median_ms(sp.step, device)
+            del sp
+        sp = DataNormSparsifier(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=norm)
+        sp.add_data("x", x.clone())
+        row["step_fused_ms"] = _median_ms(sp.step, device)
+        step_mask = sp.get_mask("x").cpu()
+        del sp
+        cpu = M.norm_block_mask(x.cpu(), level, block, zeros, norm)
+        row["fused_over_floor"] = round(row["fused_ms"] / row["read_once_sum_ms"], 2)
+        row["speedup_vs_current"] = round(row["current_cuda_path_ms"] / row["fused_ms"], 2)
+        row["speedup_step_vs_ao"] = round(row["torch_ao_step_ms"] / row["step_fused_ms"], 2)
+        row["masks_equal_cpu"] = dict(fused=bool(torch.equal(mask.cpu(), cpu)),
+                                      current=bool(torch.equal(current.cpu(), cpu)),
+                                      graph=bool(torch.equal(graph_mask.cpu(), cpu)),
+                                      step=bool(torch.equal(step_mask, cpu)),
+                                      torch_ao=bool(torch.equal(ao_mask, cpu)))
+        rows.append(row)
+        print("  " + json.dumps(row), flush=True)
+        del x, mask, current, graph_mask, cpu
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    ok = all(all(v for key, v in r["masks_equal_cpu"].items() if key != "torch_ao") for r in rows)
+    record("fused Triton kernels: " + device, ok, rows=rows, triton=_triton_version(),
+           gpu=torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)", torch=torch.__version__)
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -365,13 +521,14 @@ def main():
     p.add_argument("--backend", default="nccl")
     p.add_argument("--init", default=None)
     p.add_argument("--no-fsdp2", action="store_true")
-    p.add_argument("--only", default=None, help="comma list: masks,residency,nccl,gloo,timings,phases")
+    p.add_argument("--only", default=None, help="comma list: masks,residency,nccl,gloo,timings,phases,fused")
     args = p.parse_args()
     if args.rank is not None:
         return rank_main(args)
     print(f"torch {torch.__version__}, distsparse {distsparse.__version__}, device {args.device}", flush=True)
     t0 = time.time()
-    only = set(args.only.split(",")) if args.only else {"masks", "residency", "nccl", "gloo", "timings", "phases"}
+    every = {"masks", "residency", "nccl", "gloo", "timings", "phases", "fused"}
+    only = set(args.only.split(",")) if args.only else every
     if "masks" in only:
         check("masks")(masks_match)(args.device, args.quick)
     if "residency" in only:
@@ -386,6 +543,8 @@ def main():
         check("timings")(timings)(args.device, args.quick)
     if "phases" in only:
         check("phases")(phases)(args.device, args.quick)
+    if "fused" in only:
+        check("fused")(fused)(args.device, args.quick)
     print(f"total {time.time() - t0:.1f} s; {sum(not r['ok'] for r in RESULTS)} failed", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .kernels import fused_triton
 from .kernels.fused_cpu import fused_block_mask
 from .kernels.radix import ShardSelection
 
@@ -285,6 +286,11 @@ def norm_block_mask(
         _check_finite(data)
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
     n_blocks = -(-rows // bh) * -(-cols // bw)
+    if data.device.type == "cuda" and fused_triton.available():  # the Triton kernels, same bits
+        fused = fused_triton.fused_block_mask(matrix, round(sparsity_level * n_blocks), block_shape, zeros_per_block,
+                                              norm, lambda: _check_finite(data))
+        if fused is not None:
+            return fused.reshape(data.shape)
     fused = fused_block_mask(matrix, round(sparsity_level * n_blocks), block_shape, zeros_per_block, norm,
                              lambda: _check_finite(data))
     if fused is not None:  # the compiled one-read path (distsparse.kernels.fused_cpu), same bits
