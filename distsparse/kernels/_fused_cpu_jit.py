@@ -185,3 +185,84 @@ def _write_rows(x, i0, i1, mode, kview, buf, side, bh, bw, l2, nbytes, ones, thr
                         below += 1
                 if below < zeros:
                     buf[r0 + pos[e] // bw, c0 + pos[e] % bw] = 0
+
+@njit(cache=True, nogil=True)
+def _sample_scores(xb, n_blocks, bw, l2, divisors, scores):
+    """The scores of ``scores.size`` blocks spread evenly over the one-row blocks ``xb``
+    (block ``s * n_blocks // size`` for sample ``s``), same arithmetic as the full pass."""
+    size = scores.size
+    div = divisors[bw]
+    for s in range(size):
+        f = s * n_blocks // size
+        t = divisors[0]
+        for b in range(bw):
+            t += _magnitude(xb[f, b], l2)
+        scores[s] = t / div
+
+@njit(cache=True, nogil=True)
+def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, kflat, ones, hi, lo_key, hi_key, cand_keys,
+                  cand_idx):
+    """One read of blocks ``[b0, b1)`` of one-row, one-key-wide blocks (``xb``: blocks ×
+    bw; ``kflat``: one mask word per block) with a bracket ``[lo_key, hi_key]`` around
+    the k-th lowest key: writes the final word of every block outside it (0 below, all
+    ones above: ``hi`` is ``hi_key``'s score, scores ``>= +0`` compare as their keys), 0
+    for the blocks inside it, whose keys and flat indices it gathers in row-major order.
+    ``keys`` is the integer view of the scratch ``acc``; ``flags`` ``acc.size`` (rounded
+    up to 8) bytes of scratch, ``words8`` the same as uint64. Returns (the largest key:
+    non-finite scores when ``>=`` +inf's, blocks below the bracket, blocks inside it),
+    the latter counted past ``cand_keys.size`` (then the caller falls back)."""
+    top = 0
+    below = 0
+    n = 0
+    cap = cand_keys.size
+    step = acc.size
+    div = divisors[bw]
+    for s0 in range(b0, b1, step):
+        m = min(step, b1 - s0)
+        xs = xb[s0 : s0 + m]
+        kf = kflat[s0 : s0 + m]
+        # Branch-free loops the compiler vectorises; the sum starts at the first magnitude
+        # (0 + m0 = m0: magnitudes are >= +0), in the torch path's order.
+        if bw == 4:
+            for j in range(m):
+                t = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
+                     + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)) / div
+                acc[j] = t
+                kf[j] = ones if t > hi else 0
+        elif bw == 8:
+            for j in range(m):
+                t = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
+                     + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)
+                     + _magnitude(xs[j, 4], l2) + _magnitude(xs[j, 5], l2)
+                     + _magnitude(xs[j, 6], l2) + _magnitude(xs[j, 7], l2)) / div
+                acc[j] = t
+                kf[j] = ones if t > hi else 0
+        else:
+            for j in range(m):
+                t = divisors[0]
+                for b in range(bw):
+                    t += _magnitude(xs[j, b], l2)
+                t = t / div
+                acc[j] = t
+                kf[j] = ones if t > hi else 0
+        inside = 0
+        for j in range(m):
+            key = np.int64(keys[j])
+            top = max(top, key)
+            below += key < lo_key
+            hit = (key >= lo_key) & (key <= hi_key)
+            inside += hit
+            flags[j] = hit
+        if inside == 0:
+            continue
+        if n + inside + 8 > cap:  # more than planned: count only (the caller falls back)
+            n += inside
+            continue
+        for w in range((m + 7) // 8):  # candidates are ~2 %: skip 8 flags at a time
+            if words8[w] == 0:
+                continue
+            for j in range(8 * w, min(8 * w + 8, m)):  # branch-free compaction
+                cand_keys[n] = keys[j]
+                cand_idx[n] = s0 + j
+                n += flags[j]
+    return top, below, n

@@ -48,6 +48,11 @@ _SHIFT = {4: 16, 8: 48}
 _BINS = 1 << 15
 # Key of +inf: scores at or above it are not finite.
 _INF_KEY = {4: 0x7F800000, 8: 0x7FF0000000000000}
+# One-read path (``_bracket_mask``): from this many blocks up, with a sample this large.
+_BRACKET_MIN_BLOCKS = 1 << 18
+_SAMPLE = 1 << 16
+# Candidate room per range: this multiple of the sample's share inside the bracket, plus this.
+_CAP_SLACK, _CAP_EXTRA = 1.5, 1024
 _LOCK = threading.Lock()
 _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
@@ -105,18 +110,28 @@ def fused_block_mask(
     nbytes = matrix.element_size()
     x = matrix.detach().numpy()
     exact = rows == n_br * bh and cols == n_bc * bw
-    out = torch.empty(n_br * bh, n_bc * bw, dtype=torch.uint8)
-    buf = out.numpy()
+    # numpy backs large arrays with huge pages (madvise): first-touch faults of a fresh
+    # mask cost ~8 ms for 64 MB against ~27 ms for torch.empty's 4 KiB pages.
+    buf = np.empty((n_br * bh, n_bc * bw), dtype=np.uint8)
+    out = torch.from_numpy(buf)
     key_type = np.int32 if nbytes == 4 else np.int64
     # Keys live in the mask's own bytes when a block's region can hold one: through an
     # integer view when a block row is exactly one key wide, else byte by byte.
     mode = 0 if bw == nbytes else (1 if bh * bw >= nbytes else 2)
     kview = buf.view(key_type) if mode == 0 else np.empty((0, 0), dtype=key_type)
-    side = np.empty(n_blocks if mode == 2 else 0, dtype=np.int64)
     threads = threads or torch.get_num_threads()
     parts = max(1, min(threads, n_br))
     bounds = _ranges(n_br, parts)
     divisors = np.arange(bh * bw + 1).astype(x.dtype)
+    l2 = norm == "L2"
+    ones = int.from_bytes(b"\x01" * nbytes, "little", signed=True)
+    if mode == 0 and bh == 1 and cols % bw == 0 and zeros_per_block >= bh * bw and 0 < k < n_blocks \
+            and n_blocks >= _BRACKET_MIN_BLOCKS:
+        xb = x.reshape(-1, bw)
+        if _bracket_mask(jit, xb, kview.reshape(-1), k, parts, bounds * n_bc, bw, l2, divisors, ones,
+                         _INF_KEY[nbytes], key_type, on_nonfinite):
+            return out.view(torch.bool)
+    side = np.empty(n_blocks if mode == 2 else 0, dtype=np.int64)
     # One-row blocks tiling the data: scored as one long (blocks × bw) loop, 4096 at a time.
     xb = x.reshape(-1, bw) if bh == 1 and cols % bw == 0 else np.empty((0, bw), dtype=x.dtype)
     tmpf = np.empty((parts, max(n_bc, 4096)), dtype=x.dtype)
@@ -124,8 +139,6 @@ def fused_block_mask(
     kflat = kview.reshape(-1)
     hist = np.zeros((parts, 4, _BINS), dtype=np.int64)
     shift = _SHIFT[nbytes]
-    l2 = norm == "L2"
-    ones = int.from_bytes(b"\x01" * nbytes, "little", signed=True)
     flat_scores = bh == 1 and xb.shape[0] and mode != 1
     bad = sum(_run(parts, lambda c: jit._score_flat(
         xb, bounds[c] * n_bc, bounds[c + 1] * n_bc, bw, l2, mode, divisors, tmpf[c], tmpi[c], kflat, side, shift,
@@ -145,6 +158,69 @@ def fused_block_mask(
                                       threshold, last_tie, zeros_per_block))
     mask = out.view(torch.bool)
     return mask if exact else mask[:rows, :cols].contiguous()
+
+
+def bracket(sample: np.ndarray, k: int, n_blocks: int) -> tuple[int, int]:
+    """Keys ``(lo, hi)`` that hold the ``k``-th lowest of ``n_blocks`` keys between them
+    but for a ~4-sigma miss, read off ``sample`` (keys of evenly spaced blocks; consumed)."""
+    size = sample.size
+    p = k / n_blocks
+    margin = 4.0 * np.sqrt(size * p * (1.0 - p)) + 8
+    lo_i, hi_i = int(np.floor(p * size - margin)), int(np.ceil(p * size + margin))
+    picks = [i for i in (lo_i, hi_i) if 0 <= i < size]
+    if picks:
+        sample.partition(picks)
+    lo = int(sample[lo_i]) if lo_i >= 0 else 0
+    hi = int(sample[hi_i]) if hi_i < size else np.iinfo(np.int64).max
+    return lo, hi
+
+
+def _bracket_mask(jit, xb: np.ndarray, words: np.ndarray, k: int, parts: int, bounds: np.ndarray, bw: int,
+                  l2: bool, divisors: np.ndarray, ones: int, inf_key: int, key_type, on_nonfinite) -> bool:
+    """The whole-block mask of one-row, one-key-wide blocks in ONE read of the data, into
+    ``words`` (one word per block): a bracket ``[lo, hi]`` around the k-th lowest key is
+    guessed from a sample, the read writes every block's final word outside it and
+    gathers the keys inside it (~2 % of the blocks), and the cut among those settles the
+    rest. ``False`` (the words then hold garbage) when the bracket missed the k-th key
+    or held more candidates than planned: the caller runs the three-pass path."""
+    n_blocks = words.size
+    sample = np.empty(min(_SAMPLE, n_blocks), dtype=xb.dtype)
+    jit._sample_scores(xb, n_blocks, bw, l2, divisors, sample)
+    lo, hi = bracket(sample.view(key_type).astype(np.int64), k, n_blocks)
+    share = float(np.count_nonzero(sample.view(key_type) >= lo) - np.count_nonzero(sample.view(key_type) > hi))
+    share = share / sample.size
+    # scores >= +0 compare as their keys: the bracket's top as a score (+inf when open)
+    hi_s = np.array(min(hi, inf_key), dtype=key_type).view(xb.dtype)[()]
+    acc = np.empty((parts, min(4096, n_blocks)), dtype=xb.dtype)
+    cand_keys, cand_idx = [], []
+    for c in range(parts):
+        cap = int(share * _CAP_SLACK * (bounds[c + 1] - bounds[c])) + _CAP_EXTRA
+        cand_keys.append(np.empty(cap, dtype=np.int64))
+        cand_idx.append(np.empty(cap, dtype=np.int64))
+    keys = acc.view(key_type)
+    flags = np.zeros((parts, -(-acc.shape[1] // 8) * 8), dtype=np.uint8)
+    words8 = flags.view(np.uint64)
+    counts = _run(parts, lambda c: jit._bracket_flat(xb, bounds[c], bounds[c + 1], bw, l2, divisors, acc[c], keys[c],
+                                                     flags[c], words8[c], words, ones, hi_s, lo, min(hi, inf_key),
+                                                     cand_keys[c], cand_idx[c]))
+    if max(top for top, _, _ in counts) >= inf_key:
+        on_nonfinite()  # raises for NaN/Inf data
+    below = sum(b for _, b, _ in counts)
+    inside = sum(n for _, _, n in counts)
+    if any(n > ck.size for (_, _, n), ck in zip(counts, cand_keys)) or not below <= k <= below + inside:
+        return False
+    ck = np.concatenate([a[:n] for a, (_, _, n) in zip(cand_keys, counts)])
+    ci = np.concatenate([a[:n] for a, (_, _, n) in zip(cand_idx, counts)])
+    need = k - below
+    if need == 0:
+        words[ci] = ones  # every candidate is kept
+        return True
+    threshold = int(np.partition(ck, need - 1)[need - 1])
+    ties = need - int(np.count_nonzero(ck < threshold))  # >= 1
+    last_tie = int(ci[ck == threshold][ties - 1])
+    keep = (ck > threshold) | ((ck == threshold) & (ci > last_tie))
+    words[ci[keep]] = ones
+    return True
 
 
 def k_lowest_cut(hist: np.ndarray, k: int, n_blocks: int, shift: int,
