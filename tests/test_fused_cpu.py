@@ -206,3 +206,24 @@ def test_one_read_path_refuses_non_finite_data(monkeypatch, one_read, bad):
     data[7, :8] = 3e20
     assert torch.equal(fused(data, 0.5, (1, 4), 4, "L2"), torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L2"))
     assert one_read[-1] is True
+
+
+def test_a_reused_mask_buffer_is_never_one_still_referenced(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_SPARE_MIN_BYTES", 1)
+    monkeypatch.setattr(fused_cpu, "_SPARES", {})
+    g = torch.Generator().manual_seed(8)
+    data = [torch.randn(64, 32, generator=g) for _ in range(4)]
+    want = [torch_path(monkeypatch, d, 0.5, (1, 4), 4, "L1") for d in data]
+    first = fused(data[0], 0.5, (1, 4), 4, "L1")
+    view = fused(data[1], 0.5, (1, 4), 4, "L1")[3:, :8]  # a view keeps its buffer in use too
+    third = fused(data[2], 0.5, (1, 4), 4, "L1")  # both kept buffers in use: a new one
+    assert len({first.data_ptr(), view.data_ptr() - view.storage_offset(), third.data_ptr()}) == 3
+    assert torch.equal(first, want[0]) and torch.equal(view, want[1][3:, :8]) and torch.equal(third, want[2])
+    ptr = first.data_ptr()
+    del first
+    fourth = fused(data[3], 0.5, (1, 4), 4, "L1")  # the first one's buffer, free again
+    assert fourth.data_ptr() == ptr and torch.equal(fourth, want[3])
+    assert torch.equal(view, want[1][3:, :8]) and torch.equal(third, want[2])
+    monkeypatch.setenv("DISTSPARSE_FUSED_CPU_REUSE", "0")
+    del fourth
+    assert fused(data[3], 0.5, (1, 4), 4, "L1").data_ptr() != ptr

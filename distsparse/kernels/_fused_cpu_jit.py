@@ -217,34 +217,36 @@ def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, kflat,
     cap = cand_keys.size
     step = acc.size
     div = divisors[bw]
+    zero = ones - ones  # in the words' type
+    x1 = xb.reshape(-1)  # flat indexing: the compiler vectorises it better than [j, b]
     for s0 in range(b0, b1, step):
         m = min(step, b1 - s0)
-        xs = xb[s0 : s0 + m]
+        xs = x1[s0 * bw : (s0 + m) * bw]
         kf = kflat[s0 : s0 + m]
         # Branch-free loops the compiler vectorises; the sum starts at the first magnitude
         # (0 + m0 = m0: magnitudes are >= +0), in the torch path's order.
         if bw == 4:
             for j in range(m):
-                t = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
-                     + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)) / div
+                t = (_magnitude(xs[4 * j], l2) + _magnitude(xs[4 * j + 1], l2)
+                     + _magnitude(xs[4 * j + 2], l2) + _magnitude(xs[4 * j + 3], l2)) / div
                 acc[j] = t
-                kf[j] = ones if t > hi else 0
+                kf[j] = ones if t > hi else zero
         elif bw == 8:
             for j in range(m):
-                t = (_magnitude(xs[j, 0], l2) + _magnitude(xs[j, 1], l2)
-                     + _magnitude(xs[j, 2], l2) + _magnitude(xs[j, 3], l2)
-                     + _magnitude(xs[j, 4], l2) + _magnitude(xs[j, 5], l2)
-                     + _magnitude(xs[j, 6], l2) + _magnitude(xs[j, 7], l2)) / div
+                t = (_magnitude(xs[8 * j], l2) + _magnitude(xs[8 * j + 1], l2)
+                     + _magnitude(xs[8 * j + 2], l2) + _magnitude(xs[8 * j + 3], l2)
+                     + _magnitude(xs[8 * j + 4], l2) + _magnitude(xs[8 * j + 5], l2)
+                     + _magnitude(xs[8 * j + 6], l2) + _magnitude(xs[8 * j + 7], l2)) / div
                 acc[j] = t
-                kf[j] = ones if t > hi else 0
+                kf[j] = ones if t > hi else zero
         else:
             for j in range(m):
                 t = divisors[0]
                 for b in range(bw):
-                    t += _magnitude(xs[j, b], l2)
+                    t += _magnitude(xs[bw * j + b], l2)
                 t = t / div
                 acc[j] = t
-                kf[j] = ones if t > hi else 0
+                kf[j] = ones if t > hi else zero
         inside = 0
         for j in range(m):
             key = np.int64(keys[j])

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,9 @@ _BRACKET_MIN_BLOCKS = 1 << 18
 _SAMPLE = 1 << 16
 # Candidate room per range: this multiple of the sample's share inside the bracket, plus this.
 _CAP_SLACK, _CAP_EXTRA = 1.5, 1024
+# Mask buffers kept for reuse (``_mask_buffer``): per size in bytes, from this size up.
+_SPARES: dict[int, list[np.ndarray]] = {}
+_SPARE_MIN_BYTES, _SPARE_PER_SIZE = 1 << 22, 2
 _LOCK = threading.Lock()
 _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
@@ -74,6 +78,28 @@ def _run(parts: int, work: Callable[[int], int | None]) -> list:
         if pool is None:
             pool = _POOL[key] = ThreadPoolExecutor(parts, thread_name_prefix="distsparse-fused")
     return list(pool.map(work, range(parts)))
+
+
+def _mask_buffer(rows: int, cols: int) -> np.ndarray:
+    """A ``(rows, cols)`` uint8 array for a new mask. Large ones come from a few buffers
+    kept per size: one that nothing references any more (the mask it held was dropped:
+    the sparsifier drops a group's old mask when it stores the new one) is reused, its
+    pages already in memory; else a new one (numpy backs it with huge pages: faulting in
+    a fresh 64 MB mask takes ~8 ms, ~27 ms with torch.empty's 4 KiB pages). So a table
+    stepped again alternates between two buffers; at most ``_SPARE_PER_SIZE`` unused
+    ones per size stay allocated (``DISTSPARSE_FUSED_CPU_REUSE=0``: none)."""
+    size = rows * cols
+    if size < _SPARE_MIN_BYTES or os.environ.get("DISTSPARSE_FUSED_CPU_REUSE", "1") == "0":
+        return np.empty((rows, cols), dtype=np.uint8)
+    with _LOCK:
+        spares = _SPARES.setdefault(size, [])
+        for arr in spares:
+            if sys.getrefcount(arr) == 3:  # the list, ``arr`` and getrefcount's argument: unused
+                return arr.reshape(rows, cols)  # a view: in use (referenced) until it is dropped
+        arr = np.empty(size, dtype=np.uint8)
+        if len(spares) < _SPARE_PER_SIZE:
+            spares.append(arr)
+        return arr.reshape(rows, cols)
 
 
 def _ranges(n: int, parts: int) -> np.ndarray:
@@ -110,9 +136,7 @@ def fused_block_mask(
     nbytes = matrix.element_size()
     x = matrix.detach().numpy()
     exact = rows == n_br * bh and cols == n_bc * bw
-    # numpy backs large arrays with huge pages (madvise): first-touch faults of a fresh
-    # mask cost ~8 ms for 64 MB against ~27 ms for torch.empty's 4 KiB pages.
-    buf = np.empty((n_br * bh, n_bc * bw), dtype=np.uint8)
+    buf = _mask_buffer(n_br * bh, n_bc * bw)
     out = torch.from_numpy(buf)
     key_type = np.int32 if nbytes == 4 else np.int64
     # Keys live in the mask's own bytes when a block's region can hold one: through an
@@ -201,7 +225,7 @@ def _bracket_mask(jit, xb: np.ndarray, words: np.ndarray, k: int, parts: int, bo
     flags = np.zeros((parts, -(-acc.shape[1] // 8) * 8), dtype=np.uint8)
     words8 = flags.view(np.uint64)
     counts = _run(parts, lambda c: jit._bracket_flat(xb, bounds[c], bounds[c + 1], bw, l2, divisors, acc[c], keys[c],
-                                                     flags[c], words8[c], words, ones, hi_s, lo, min(hi, inf_key),
+                                                     flags[c], words8[c], words, words.dtype.type(ones), hi_s, lo, min(hi, inf_key),
                                                      cand_keys[c], cand_idx[c]))
     if max(top for top, _, _ in counts) >= inf_key:
         on_nonfinite()  # raises for NaN/Inf data
