@@ -200,18 +200,19 @@ def _sample_scores(xb, n_blocks, bw, l2, divisors, scores):
         scores[s] = t / div
 
 @njit(cache=True, nogil=True)
-def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, kflat, ones, hi, lo_key, hi_key, cand_keys,
-                  cand_idx):
+def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, busy, kflat, ones, hi, lo_key, hi_key,
+                  cand_keys, cand_idx):
     """One read of blocks ``[b0, b1)`` of one-row, one-key-wide blocks (``xb``: blocks ×
     bw; ``kflat``: one mask word per block) with a bracket ``[lo_key, hi_key]`` around
     the k-th lowest key: writes the final word of every block outside it (0 below, all
     ones above: ``hi`` is ``hi_key``'s score, scores ``>= +0`` compare as their keys), 0
     for the blocks inside it, whose keys and flat indices it gathers in row-major order.
     ``keys`` is the integer view of the scratch ``acc``; ``flags`` ``acc.size`` (rounded
-    up to 8) bytes of scratch, ``words8`` the same as uint64. Returns (the largest key:
+    up to 8) bytes of scratch, ``words8`` the same as uint64, ``busy`` int64 scratch as
+    long as ``words8``. Returns (the largest key:
     non-finite scores when ``>=`` +inf's, blocks below the bracket, blocks inside it),
     the latter counted past ``cand_keys.size`` (then the caller falls back)."""
-    top = 0
+    top = lo_key - lo_key  # 0 in the keys' type
     below = 0
     n = 0
     cap = cand_keys.size
@@ -248,8 +249,8 @@ def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, kflat,
                 acc[j] = t
                 kf[j] = ones if t > hi else zero
         inside = 0
-        for j in range(m):
-            key = np.int64(keys[j])
+        for j in range(m):  # in the keys' own width (lo_key, hi_key: the same type)
+            key = keys[j]
             top = max(top, key)
             below += key < lo_key
             hit = (key >= lo_key) & (key <= hi_key)
@@ -260,11 +261,35 @@ def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, kflat,
         if n + inside + 8 > cap:  # more than planned: count only (the caller falls back)
             n += inside
             continue
-        for w in range((m + 7) // 8):  # candidates are ~2 %: skip 8 flags at a time
-            if words8[w] == 0:
-                continue
-            for j in range(8 * w, min(8 * w + 8, m)):  # branch-free compaction
+        # Candidates are ~2 %: list the 8-flag words holding any (branch-free: no
+        # mispredictions), then compact those words' flags.
+        nw = 0
+        for w in range((m + 7) // 8):
+            busy[nw] = w
+            nw += words8[w] != 0
+        for i in range(nw):
+            w = busy[i]
+            for j in range(8 * w, min(8 * w + 8, m)):
                 cand_keys[n] = keys[j]
                 cand_idx[n] = s0 + j
                 n += flags[j]
     return top, below, n
+
+@njit(cache=True, nogil=True)
+def _settle(cand_keys, cand_idx, need, kflat, ones):
+    """Prune the ``need`` lowest candidates (keys, flat indices in row-major order; ties
+    to the lowest index) and keep the others: writes the kept ones' words (the read
+    wrote 0 for every candidate)."""
+    threshold = np.partition(cand_keys, need - 1)[need - 1]
+    ties = need
+    for key in cand_keys:
+        ties -= key < threshold  # >= 1 left: pruned among the keys equal to the threshold
+    for c in range(cand_keys.size):
+        key = cand_keys[c]
+        if key > threshold:
+            kflat[cand_idx[c]] = ones
+        elif key == threshold:
+            if ties > 0:
+                ties -= 1
+            else:
+                kflat[cand_idx[c]] = ones

@@ -224,26 +224,24 @@ def _bracket_mask(jit, xb: np.ndarray, words: np.ndarray, k: int, parts: int, bo
     keys = acc.view(key_type)
     flags = np.zeros((parts, -(-acc.shape[1] // 8) * 8), dtype=np.uint8)
     words8 = flags.view(np.uint64)
-    counts = _run(parts, lambda c: jit._bracket_flat(xb, bounds[c], bounds[c + 1], bw, l2, divisors, acc[c], keys[c],
-                                                     flags[c], words8[c], words, words.dtype.type(ones), hi_s, lo, min(hi, inf_key),
-                                                     cand_keys[c], cand_idx[c]))
+    busy = np.empty(words8.shape, dtype=np.int64)
+    word_ones, lo_key, hi_key = words.dtype.type(ones), key_type(lo), key_type(min(hi, inf_key))
+    counts = _run(parts, lambda c: jit._bracket_flat(
+        xb, bounds[c], bounds[c + 1], bw, l2, divisors, acc[c], keys[c], flags[c], words8[c], busy[c], words,
+        word_ones, hi_s, lo_key, hi_key, cand_keys[c], cand_idx[c]))
     if max(top for top, _, _ in counts) >= inf_key:
         on_nonfinite()  # raises for NaN/Inf data
     below = sum(b for _, b, _ in counts)
     inside = sum(n for _, _, n in counts)
     if any(n > ck.size for (_, _, n), ck in zip(counts, cand_keys)) or not below <= k <= below + inside:
         return False
-    ck = np.concatenate([a[:n] for a, (_, _, n) in zip(cand_keys, counts)])
-    ci = np.concatenate([a[:n] for a, (_, _, n) in zip(cand_idx, counts)])
+    ck, ci = ((a[0][: counts[0][2]] for a in (cand_keys, cand_idx)) if parts == 1 else
+              (np.concatenate([a[:n] for a, (_, _, n) in zip(arrays, counts)]) for arrays in (cand_keys, cand_idx)))
     need = k - below
     if need == 0:
         words[ci] = ones  # every candidate is kept
-        return True
-    threshold = int(np.partition(ck, need - 1)[need - 1])
-    ties = need - int(np.count_nonzero(ck < threshold))  # >= 1
-    last_tie = int(ci[ck == threshold][ties - 1])
-    keep = (ck > threshold) | ((ck == threshold) & (ci > last_tie))
-    words[ci[keep]] = ones
+    else:
+        jit._settle(ck, ci, need, words, words.dtype.type(ones))
     return True
 
 
