@@ -206,13 +206,19 @@ def machine_floor(data, spec: dict) -> dict:
 
     arrays = [t.numpy() for t in data]
     read = best(lambda _: [np.add.reduce(a, axis=None) for a in arrays])
+    # the same in process CPU time: on a shared machine, compare it with step()'s CPU time
+    read_cpu = []
+    for _ in range(3):
+        c0 = time.process_time()
+        [np.add.reduce(a, axis=None) for a in arrays]
+        read_cpu.append(time.process_time() - c0)
     scores = [block_scores(as_matrix(t), tuple(spec["block"]), "L1").reshape(-1).numpy() for t in data]
     ks = [max(0, round(spec["sparsity"] * s.size) - 1) for s in scores]
     partition = best(lambda copies: [np.partition(c, k) for c, k in zip(copies, ks)],
                      prepare=lambda: [s.copy() for s in scores])
     masks = [np.empty(a.shape, dtype=bool) for a in arrays]
     write = best(lambda _: [m.fill(True) for m in masks])
-    return dict(read_s=read, partition_s=partition, write_s=write, total_s=read + partition + write)
+    return dict(read_s=read, read_cpu_s=min(read_cpu), partition_s=partition, write_s=write, total_s=read + partition + write)
 
 
 # -------------------------------------------------------------------------- parent
@@ -426,7 +432,9 @@ def main() -> int:
                         + (f" ({kt['fused_s'] / f['read_s']:.1f}x)" if kt.get("fused_s") else "")
                         + f"; masks.norm_block_mask {fmt_s(kt['mask_fn_s'])} ({kt['mask_fn_s'] / f['read_s']:.1f}x); "
                         f"step() {fmt_s(t_ds)} ({t_ds / f['read_s']:.1f}x); torch.ao step() {fmt_s(t_ao)} "
-                        f"({t_ao / f['read_s']:.0f}x); load average when the child ended "
+                        f"({t_ao / f['read_s']:.0f}x); in process CPU time step() {fmt_s(min(ds['step_cpu_s']))} "
+                        f"= {min(ds['step_cpu_s']) / f['read_cpu_s']:.1f}x the read's {fmt_s(f['read_cpu_s'])}; "
+                        f"load average when the child ended "
                         f"{' / '.join(f'{x:.2f}' for x in ds['load'])}")
                 notes.append(
                     f"case {case} machine floor (one read pass {fmt_s(f['read_s'])} + numpy.partition of "
