@@ -278,18 +278,36 @@ def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, busy, 
 @njit(cache=True, nogil=True)
 def _settle(cand_keys, cand_idx, need, kflat, ones):
     """Prune the ``need`` lowest candidates (keys, flat indices in row-major order; ties
-    to the lowest index) and keep the others: writes the kept ones' words (the read
-    wrote 0 for every candidate)."""
-    threshold = np.partition(cand_keys, need - 1)[need - 1]
-    ties = need
+    to the lowest index) and keep the others: writes every candidate's word (the read
+    wrote 0 for them). The k-th key is found by one histogram of the candidates (at most
+    2**14 bins over their range) and a partition of its bin only."""
+    lo = cand_keys.min()
+    span = cand_keys.max() - lo
+    shift = 0
+    while (span >> shift) >= (1 << 14):
+        shift += 1
+    counts = np.zeros((span >> shift) + 1, dtype=np.int64)
     for key in cand_keys:
-        ties -= key < threshold  # >= 1 left: pruned among the keys equal to the threshold
-    for c in range(cand_keys.size):
+        counts[(key - lo) >> shift] += 1
+    below = 0  # candidates in the bins before the one holding the need-th lowest
+    b = 0
+    while below + counts[b] < need:
+        below += counts[b]
+        b += 1
+    in_bin = np.empty(counts[b], dtype=cand_keys.dtype)
+    n = 0
+    for key in cand_keys:
+        if (key - lo) >> shift == b:
+            in_bin[n] = key
+            n += 1
+    threshold = np.partition(in_bin, need - below - 1)[need - below - 1]
+    for key in in_bin:
+        below += key < threshold
+    ties = need - below  # >= 1: pruned among the keys equal to the threshold, lowest index first
+    seen = 0
+    for c in range(cand_keys.size):  # branch-free
         key = cand_keys[c]
-        if key > threshold:
-            kflat[cand_idx[c]] = ones
-        elif key == threshold:
-            if ties > 0:
-                ties -= 1
-            else:
-                kflat[cand_idx[c]] = ones
+        equal = key == threshold
+        seen += equal
+        keep = (key > threshold) | (equal & (seen > ties))
+        kflat[cand_idx[c]] = ones * keep
