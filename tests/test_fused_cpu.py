@@ -134,6 +134,7 @@ def one_read(monkeypatch):
     (True: it made the mask, False: its bracket missed, the three-pass path ran)."""
     monkeypatch.setattr(fused_cpu, "_BRACKET_MIN_BLOCKS", 1)
     monkeypatch.setattr(fused_cpu, "_SAMPLE", 64)
+    monkeypatch.setattr(fused_cpu, "_MAX_SHARE", 1.0)  # a 64-block sample's bracket is wide
     outcomes = []
     real = fused_cpu._bracket_mask
 
@@ -190,6 +191,18 @@ def test_more_candidates_than_planned_fall_back(monkeypatch, one_read):
     for threads in (1, 2):
         assert torch.equal(fused(data, 0.5, (1, 4), 4, "L2", threads=threads), want)
     assert one_read == [False, False]
+
+
+def test_a_heavily_tied_cut_takes_the_three_passes(monkeypatch, one_read):
+    """Data already masked at the level (squash_mask, then step): half the blocks score 0."""
+    monkeypatch.setattr(fused_cpu, "_SAMPLE", 6400)  # every block: a tight bracket
+    monkeypatch.setattr(fused_cpu, "_MAX_SHARE", 0.05)
+    data = torch.randn(400, 64, generator=torch.Generator().manual_seed(10))
+    data[~torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L1")] = 0
+    for level in (0.4, 0.5, 0.6):
+        want = torch_path(monkeypatch, data, level, (1, 4), 4, "L1")
+        assert torch.equal(fused(data, level, (1, 4), 4, "L1"), want), level
+    assert one_read[:2] == [False, False]  # (at 60 % the cut is among nonzero scores: either path)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

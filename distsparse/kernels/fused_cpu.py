@@ -72,6 +72,8 @@ _BRACKET_MIN_BLOCKS = 1 << 18
 _SAMPLE = 1 << 16
 # Candidate room per range: this multiple of the sample's share inside the bracket, plus this.
 _CAP_SLACK, _CAP_EXTRA = 1.5, 1024
+# ... unless the sample puts more than this share of the blocks inside the bracket (ties).
+_MAX_SHARE = 0.05
 # Mask buffers kept for reuse (``_mask_buffer``): per size in bytes, from this size up.
 _SPARES: dict[int, list[np.ndarray]] = {}
 _SPARE_MIN_BYTES, _SPARE_PER_SIZE = 1 << 22, 2
@@ -224,13 +226,16 @@ def _bracket_mask(jit, xb: np.ndarray, words: np.ndarray, k: int, parts: int, bo
     guessed from a sample, the read writes every block's final word outside it and
     gathers the keys inside it (~2 % of the blocks), and the cut among those settles the
     rest. ``False`` (the words then hold garbage) when the bracket missed the k-th key
-    or held more candidates than planned: the caller runs the three-pass path."""
+    or held more candidates than planned, or without reading when the sample puts over
+    ``_MAX_SHARE`` of the blocks inside it: the caller runs the three-pass path."""
     n_blocks = words.size
     sample = np.empty(min(_SAMPLE, n_blocks), dtype=xb.dtype)
     jit._sample_scores(xb, n_blocks, bw, l2, divisors, sample)
     lo, hi = bracket(sample.view(key_type).astype(np.int64), k, n_blocks)
     share = float(np.count_nonzero(sample.view(key_type) >= lo) - np.count_nonzero(sample.view(key_type) > hi))
     share = share / sample.size
+    if share > _MAX_SHARE:  # the k-th key is heavily tied (zeroed blocks, say): three passes, no wasted read
+        return False
     # scores >= +0 compare as their keys: the bracket's top as a score (+inf when open)
     hi_s = np.array(min(hi, inf_key), dtype=key_type).view(xb.dtype)[()]
     acc = np.empty((parts, min(4096, n_blocks)), dtype=xb.dtype)
