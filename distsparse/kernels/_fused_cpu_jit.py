@@ -17,8 +17,14 @@ def _load_key(mode, kview, buf, side, r0, c0, j, bw, nbytes, flat):
     if mode == 2:
         return side[flat]
     key = np.int64(0)
-    for t in range(nbytes):
-        key |= np.int64(buf[r0 + t // bw, c0 + t % bw]) << (8 * t)
+    a = 0
+    b = 0
+    for t in range(nbytes):  # byte t at (t // bw, t % bw), without a division per byte
+        key |= np.int64(buf[r0 + a, c0 + b]) << (8 * t)
+        b += 1
+        if b == bw:
+            b = 0
+            a += 1
     return key
 
 @njit(cache=True, nogil=True)
@@ -107,8 +113,14 @@ def _score_rows(x, i0, i1, bh, bw, l2, mode, nbytes, divisors, acc, keys, kview,
         else:
             for j in range(n_bc):
                 key = np.int64(keys[j])
-                for t in range(nbytes):
-                    buf[r0 + t // bw, j * bw + t % bw] = np.uint8((key >> (8 * t)) & 0xFF)
+                a = 0
+                b = 0
+                for t in range(nbytes):  # byte t at (t // bw, t % bw), without a division per byte
+                    buf[r0 + a, j * bw + b] = np.uint8((key >> (8 * t)) & 0xFF)
+                    b += 1
+                    if b == bw:
+                        b = 0
+                        a += 1
     return bad
 
 @njit(cache=True, nogil=True)
@@ -157,7 +169,8 @@ def _write_rows(x, i0, i1, mode, kview, buf, side, bh, bw, l2, nbytes, ones, thr
                         for b in range(bw):
                             buf[r0 + a, j * bw + b] = np.uint8(keep)
         return
-    pos = np.empty(values, np.int64)
+    pos_a = np.empty(values, np.int64)
+    pos_b = np.empty(values, np.int64)
     mags = np.empty(values, x.dtype)
     for i in range(i0, i1):
         r0 = i * bh
@@ -176,15 +189,14 @@ def _write_rows(x, i0, i1, mode, kview, buf, side, bh, bw, l2, nbytes, ones, thr
                 for b in range(bw):
                     if r0 + a < rows and c0 + b < cols:
                         mags[n] = _magnitude(x[r0 + a, c0 + b], l2)
-                        pos[n] = a * bw + b
+                        pos_a[n] = r0 + a
+                        pos_b[n] = c0 + b
                         n += 1
-            for e in range(n):
+            for e in range(n):  # branch-free ranks: random data mispredicts every branch
                 below = 0
                 for f in range(n):
-                    if mags[f] < mags[e] or (f < e and mags[f] == mags[e]):
-                        below += 1
-                if below < zeros:
-                    buf[r0 + pos[e] // bw, c0 + pos[e] % bw] = 0
+                    below += (mags[f] < mags[e]) | ((f < e) & (mags[f] == mags[e]))
+                buf[pos_a[e], pos_b[e]] = below >= zeros
 
 @njit(cache=True, nogil=True)
 def _sample_scores(xb, n_blocks, bw, l2, divisors, scores):
