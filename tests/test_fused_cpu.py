@@ -29,7 +29,7 @@ def fused(x, level, block, zeros, norm, threads=None):
     matrix = masks.as_matrix(x)
     n = -(-matrix.shape[0] // block[0]) * -(-matrix.shape[1] // block[1])
     out = fused_cpu.fused_block_mask(matrix, round(level * n), block, zeros, norm,
-                                     lambda: masks._check_finite(x), threads)
+                                     lambda: masks._check_finite(x), threads, force=True)
     assert out is not None, "the fused kernel did not run"
     return out.reshape(x.shape)
 
@@ -240,3 +240,16 @@ def test_a_reused_mask_buffer_is_never_one_still_referenced(monkeypatch):
     monkeypatch.setenv("DISTSPARSE_FUSED_CPU_REUSE", "0")
     del fourth
     assert fused(data[3], 0.5, (1, 4), 4, "L1").data_ptr() != ptr
+
+
+def test_the_kernel_runs_only_where_it_beats_the_torch_path(monkeypatch):
+    data = torch.randn(64, 64)
+    for block, zeros, dtype, runs in [((1, 4), 4, torch.float32, True), ((1, 4), 2, torch.float32, True),
+                                      ((1, 8), 8, torch.float64, True), ((1, 8), 4, torch.float32, True),
+                                      ((1, 8), 8, torch.float32, False), ((2, 2), 4, torch.float32, False),
+                                      ((2, 2), 2, torch.float32, False), ((4, 1), 4, torch.float32, False)]:
+        x = data.to(dtype)
+        out = fused_cpu.fused_block_mask(x, 100, block, zeros, "L1", lambda: None)
+        assert (out is not None) == runs, (block, zeros, dtype)
+        assert torch.equal(masks.norm_block_mask(x, 0.5, block, zeros, "L1"),
+                           torch_path(monkeypatch, x, 0.5, block, zeros, "L1"))
