@@ -218,7 +218,8 @@ def machine_floor(data, spec: dict) -> dict:
                      prepare=lambda: [s.copy() for s in scores])
     masks = [np.empty(a.shape, dtype=bool) for a in arrays]
     write = best(lambda _: [m.fill(True) for m in masks])
-    return dict(read_s=read, read_cpu_s=min(read_cpu), partition_s=partition, write_s=write, total_s=read + partition + write)
+    return dict(read_s=read, read_cpu_s=min(read_cpu), partition_s=partition, write_s=write,
+                total_s=read + partition + write)
 
 
 # -------------------------------------------------------------------------- parent
