@@ -136,11 +136,12 @@ def run_child(spec: dict) -> dict:
         packed.append(np.packbits(mb.reshape(-1)))
     np.save(spec["mask_out"], np.concatenate(packed))
     floor = machine_floor(data, spec) if impl == "ds" else None
+    kernel = kernel_times(data, spec) if impl == "ds" else None
 
     from distsparse.kernels import fused_cpu
 
     return dict(
-        floor=floor, fused_cpu=impl == "ds" and fused_cpu.available(),
+        load=list(os.getloadavg()), floor=floor, kernel=kernel, fused_cpu=impl == "ds" and fused_cpu.available(),
         impl=impl, ds_as_ao=spec.get("ds_as_ao", False), threads=torch.get_num_threads(),
         data_bytes=data_bytes, add_data_s=add_s, add_data_growth_kb=add_growth_kb,
         add_data_retained_kb=add_retained_kb,
@@ -149,6 +150,39 @@ def run_child(spec: dict) -> dict:
         mask_elements=total, mask_dtypes=sorted(dtypes), mask_shape_ok=shape_ok,
         rss_end_kb=_common.proc_status_kb("VmRSS"),
     )
+
+
+def kernel_times(data, spec: dict) -> dict:
+    """The mask function alone, outside ``step()``: ``masks.norm_block_mask`` (what
+    ``update_mask`` calls) and, inside it, the fused CPU kernel (``None`` where it does not
+    run). Best of ``repeats``, each call on every table, one thread; the mask of each
+    call is dropped before the next, as ``step()`` drops the old mask."""
+    from distsparse import masks
+    from distsparse.kernels import fused_cpu
+
+    block, zeros = tuple(spec["block"]), spec["zeros_per_block"]
+    zeros = block[0] * block[1] if zeros is None else zeros
+
+    def best(fn):
+        times = []
+        for _ in range(max(3, spec["repeats"])):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def fused():
+        for t in data:
+            m = masks.as_matrix(t)
+            n = -(-m.shape[0] // block[0]) * -(-m.shape[1] // block[1])
+            if fused_cpu.fused_block_mask(m, round(spec["sparsity"] * n), block, zeros, "L1", lambda: None) is None:
+                return False
+        return True
+
+    ran = fused()
+    return dict(mask_fn_s=best(lambda: [masks.norm_block_mask(t, spec["sparsity"], block, zeros, "L1")
+                                        for t in data]),
+                fused_s=best(fused) if ran else None)
 
 
 def machine_floor(data, spec: dict) -> dict:
@@ -172,13 +206,20 @@ def machine_floor(data, spec: dict) -> dict:
 
     arrays = [t.numpy() for t in data]
     read = best(lambda _: [np.add.reduce(a, axis=None) for a in arrays])
+    # the same in process CPU time: on a shared machine, compare it with step()'s CPU time
+    read_cpu = []
+    for _ in range(3):
+        c0 = time.process_time()
+        [np.add.reduce(a, axis=None) for a in arrays]
+        read_cpu.append(time.process_time() - c0)
     scores = [block_scores(as_matrix(t), tuple(spec["block"]), "L1").reshape(-1).numpy() for t in data]
     ks = [max(0, round(spec["sparsity"] * s.size) - 1) for s in scores]
     partition = best(lambda copies: [np.partition(c, k) for c, k in zip(copies, ks)],
                      prepare=lambda: [s.copy() for s in scores])
     masks = [np.empty(a.shape, dtype=bool) for a in arrays]
     write = best(lambda _: [m.fill(True) for m in masks])
-    return dict(read_s=read, partition_s=partition, write_s=write, total_s=read + partition + write)
+    return dict(read_s=read, read_cpu_s=min(read_cpu), partition_s=partition, write_s=write,
+                total_s=read + partition + write)
 
 
 # -------------------------------------------------------------------------- parent
@@ -264,8 +305,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="10x smaller tables")
     ap.add_argument("--cases", default="A,B,C", help="comma-separated subset of A,B,C")
     ap.add_argument("--ao-repeats", type=int, default=None,
-                    help="step() calls for torch.ao (default: 2 for case A, 1 for B and C; "
-                         "3 with --quick)")
+                    help="step() calls for torch.ao (default: 1, ~10 s each at full size; 3 with --quick)")
     ap.add_argument("--ds-repeats", type=int, default=5, help="step() calls for distsparse")
     ap.add_argument("--child-timeout", type=float, default=240.0, help="seconds per child")
     ap.add_argument("--out", default=None, help="markdown output file")
@@ -283,7 +323,7 @@ def main() -> int:
     def ao_reps(case: str) -> int:
         if args.ao_repeats:
             return args.ao_repeats
-        return 3 if args.quick else (2 if case == "A" else 1)
+        return 3 if args.quick else 1  # torch.ao takes ~10 s a call at full size: once
 
     out = args.out or os.path.join(HERE, "results", "step_quick.md" if args.quick else "step.md")
     cases = [c.strip().upper() for c in args.cases.split(",") if c.strip()]
@@ -384,6 +424,19 @@ def main() -> int:
                 notes.append(f"case {case}: the 'distsparse' column ran torch.ao (--ds-as-ao)")
             if ds.get("floor"):
                 f = ds["floor"]
+                kt = ds.get("kernel") or {}
+                if kt:
+                    fused_txt = fmt_s(kt["fused_s"]) if kt.get("fused_s") is not None else "not run (torch path)"
+                    notes.append(
+                        f"case {case} same child, one thread: read-once floor {fmt_s(f['read_s'])}; "
+                        f"fused kernel alone {fused_txt}"
+                        + (f" ({kt['fused_s'] / f['read_s']:.1f}x)" if kt.get("fused_s") else "")
+                        + f"; masks.norm_block_mask {fmt_s(kt['mask_fn_s'])} ({kt['mask_fn_s'] / f['read_s']:.1f}x); "
+                        f"step() {fmt_s(t_ds)} ({t_ds / f['read_s']:.1f}x); torch.ao step() {fmt_s(t_ao)} "
+                        f"({t_ao / f['read_s']:.0f}x); in process CPU time step() {fmt_s(min(ds['step_cpu_s']))} "
+                        f"= {min(ds['step_cpu_s']) / f['read_cpu_s']:.1f}x the read's {fmt_s(f['read_cpu_s'])}; "
+                        f"load average when the child ended "
+                        f"{' / '.join(f'{x:.2f}' for x in ds['load'])}")
                 notes.append(
                     f"case {case} machine floor (one read pass {fmt_s(f['read_s'])} + numpy.partition of "
                     f"the block scores {fmt_s(f['partition_s'])} + one mask write {fmt_s(f['write_s'])}) = "

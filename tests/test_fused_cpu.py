@@ -29,7 +29,7 @@ def fused(x, level, block, zeros, norm, threads=None):
     matrix = masks.as_matrix(x)
     n = -(-matrix.shape[0] // block[0]) * -(-matrix.shape[1] // block[1])
     out = fused_cpu.fused_block_mask(matrix, round(level * n), block, zeros, norm,
-                                     lambda: masks._check_finite(x), threads)
+                                     lambda: masks._check_finite(x), threads, force=True)
     assert out is not None, "the fused kernel did not run"
     return out.reshape(x.shape)
 
@@ -123,3 +123,133 @@ def test_a_forked_child_gets_its_own_threads():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung in the fused kernel")
+
+
+# -- the one-read path (whole one-row blocks one key wide: (1,4) float32, (1,8) float64) -----------
+
+
+@pytest.fixture
+def one_read(monkeypatch):
+    """Small inputs take the one-read path (a 64-block sample); records its outcomes
+    (True: it made the mask, False: its bracket missed, the three-pass path ran)."""
+    monkeypatch.setattr(fused_cpu, "_BRACKET_MIN_BLOCKS", 1)
+    monkeypatch.setattr(fused_cpu, "_SAMPLE", 64)
+    monkeypatch.setattr(fused_cpu, "_MAX_SHARE", 1.0)  # a 64-block sample's bracket is wide
+    outcomes = []
+    real = fused_cpu._bracket_mask
+
+    def recording(*args):
+        outcomes.append(real(*args))
+        return outcomes[-1]
+
+    monkeypatch.setattr(fused_cpu, "_bracket_mask", recording)
+    return outcomes
+
+
+@pytest.mark.parametrize("dtype, block", [(torch.float32, (1, 4)), (torch.float64, (1, 8))])
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_one_read_path_is_bit_equal(monkeypatch, one_read, dtype, norm, block):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((dtype, norm)).encode()))
+    for shape in [(400, 64), (37, 24), (1, 64), (3, 7, 16)]:
+        for data in (torch.randn(shape, generator=g, dtype=dtype), tied(shape, dtype, len(shape))):
+            for level in (0.0001, 0.3, 0.5, 0.9, 0.9999, 1.0):
+                want = torch_path(monkeypatch, data, level, block, block[1], norm)
+                for threads in (1, 2, 3):
+                    got = fused(data, level, block, block[1], norm, threads=threads)
+                    assert torch.equal(got, want), (shape, level, threads)
+    assert True in one_read  # the one-read path made masks (misses: the tests below)
+
+
+def test_one_read_path_makes_the_mask_on_tie_free_data(one_read):
+    data = torch.randn(2000, 64, generator=torch.Generator().manual_seed(5))
+    for level in (0.1, 0.5, 0.77):
+        assert torch.equal(fused(data, level, (1, 4), 4, "L1"),
+                           fused(data, level, (1, 4), 4, "L1", threads=2))
+    assert one_read == [True] * 6  # the sample's bracket held the cut every time
+
+
+@pytest.mark.parametrize("wrong", ["low", "high", "narrow"])
+def test_a_missed_bracket_falls_back_to_the_same_mask(monkeypatch, one_read, wrong):
+    data = torch.randn(500, 64, generator=torch.Generator().manual_seed(6))
+    keys = masks.block_scores(data, (1, 4), "L1").reshape(-1).numpy().view("int32").astype("int64")
+    k = round(0.5 * keys.size)
+    ordered = keys[keys.argsort(kind="stable")]
+    kth, above = int(ordered[k - 1]), int(ordered[k])  # tie-free data: kth < above
+    # low: k - 1 keys at most inside or below it; high: k + 1 below it
+    brackets = {"low": (0, kth - 1), "high": (above + 1, 1 << 40), "narrow": (kth, kth)}
+    monkeypatch.setattr(fused_cpu, "bracket", lambda *args: brackets[wrong])
+    want = torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L1")
+    assert torch.equal(fused(data, 0.5, (1, 4), 4, "L1"), want)
+    assert one_read == [wrong == "narrow"]  # the narrow bracket holds exactly the k-th key
+
+
+def test_more_candidates_than_planned_fall_back(monkeypatch, one_read):
+    monkeypatch.setattr(fused_cpu, "_CAP_SLACK", 0.0)
+    monkeypatch.setattr(fused_cpu, "_CAP_EXTRA", 8)  # room for none: the kernel keeps 8 spare
+    data = tied((300, 64), torch.float32, 9)
+    want = torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L2")
+    for threads in (1, 2):
+        assert torch.equal(fused(data, 0.5, (1, 4), 4, "L2", threads=threads), want)
+    assert one_read == [False, False]
+
+
+def test_a_heavily_tied_cut_takes_the_three_passes(monkeypatch, one_read):
+    """Data already masked at the level (squash_mask, then step): half the blocks score 0."""
+    monkeypatch.setattr(fused_cpu, "_SAMPLE", 6400)  # every block: a tight bracket
+    monkeypatch.setattr(fused_cpu, "_MAX_SHARE", 0.05)
+    data = torch.randn(400, 64, generator=torch.Generator().manual_seed(10))
+    data[~torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L1")] = 0
+    for level in (0.4, 0.5, 0.6):
+        want = torch_path(monkeypatch, data, level, (1, 4), 4, "L1")
+        assert torch.equal(fused(data, level, (1, 4), 4, "L1"), want), level
+    assert one_read[:2] == [False, False]  # (at 60 % the cut is among nonzero scores: either path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_read_path_refuses_non_finite_data(monkeypatch, one_read, bad):
+    data = torch.randn(64, 64)
+    data[40, 9] = bad
+    with pytest.raises(ValueError) as want:
+        torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L1")
+    with pytest.raises(ValueError) as got:
+        fused(data, 0.5, (1, 4), 4, "L1")
+    assert str(got.value) == str(want.value)
+    # overflowing squares of finite data: inf scores, ranked last, no error
+    data = torch.randn(64, 64)
+    data[7, :8] = 3e20
+    assert torch.equal(fused(data, 0.5, (1, 4), 4, "L2"), torch_path(monkeypatch, data, 0.5, (1, 4), 4, "L2"))
+    assert one_read[-1] is True
+
+
+def test_a_reused_mask_buffer_is_never_one_still_referenced(monkeypatch):
+    monkeypatch.setattr(fused_cpu, "_SPARE_MIN_BYTES", 1)
+    monkeypatch.setattr(fused_cpu, "_SPARES", {})
+    g = torch.Generator().manual_seed(8)
+    data = [torch.randn(64, 32, generator=g) for _ in range(4)]
+    want = [torch_path(monkeypatch, d, 0.5, (1, 4), 4, "L1") for d in data]
+    first = fused(data[0], 0.5, (1, 4), 4, "L1")
+    view = fused(data[1], 0.5, (1, 4), 4, "L1")[3:, :8]  # a view keeps its buffer in use too
+    third = fused(data[2], 0.5, (1, 4), 4, "L1")  # both kept buffers in use: a new one
+    assert len({first.data_ptr(), view.data_ptr() - view.storage_offset(), third.data_ptr()}) == 3
+    assert torch.equal(first, want[0]) and torch.equal(view, want[1][3:, :8]) and torch.equal(third, want[2])
+    ptr = first.data_ptr()
+    del first
+    fourth = fused(data[3], 0.5, (1, 4), 4, "L1")  # the first one's buffer, free again
+    assert fourth.data_ptr() == ptr and torch.equal(fourth, want[3])
+    assert torch.equal(view, want[1][3:, :8]) and torch.equal(third, want[2])
+    monkeypatch.setenv("DISTSPARSE_FUSED_CPU_REUSE", "0")
+    del fourth
+    assert fused(data[3], 0.5, (1, 4), 4, "L1").data_ptr() != ptr
+
+
+def test_the_kernel_runs_only_where_it_beats_the_torch_path(monkeypatch):
+    data = torch.randn(64, 64)
+    for block, zeros, dtype, runs in [((1, 4), 4, torch.float32, True), ((1, 4), 2, torch.float32, True),
+                                      ((1, 8), 8, torch.float64, True), ((1, 8), 4, torch.float32, True),
+                                      ((1, 8), 8, torch.float32, False), ((2, 2), 4, torch.float32, False),
+                                      ((2, 2), 2, torch.float32, False), ((4, 1), 4, torch.float32, False)]:
+        x = data.to(dtype)
+        out = fused_cpu.fused_block_mask(x, 100, block, zeros, "L1", lambda: None)
+        assert (out is not None) == runs, (block, zeros, dtype)
+        assert torch.equal(masks.norm_block_mask(x, 0.5, block, zeros, "L1"),
+                           torch_path(monkeypatch, x, 0.5, block, zeros, "L1"))
