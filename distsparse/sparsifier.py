@@ -789,8 +789,9 @@ class BaseDataSparsifier(abc.ABC):
                 whole, split = [n for n in names if not self._groups[n].distributed_rows], []
             else:
                 whole = [n for n in names if not self._groups[n].replicated
-                         or (not self._groups[n].distributed_rows and plan.groups[n].kind == "whole"
-                             and plan.groups[n].owner == rank)]
+                         or (not self._groups[n].distributed_rows
+                             and (plan.groups[n].kind == "everywhere"
+                                  or (plan.groups[n].kind == "whole" and plan.groups[n].owner == rank)))]
                 split = plan.split_names
             new_masks: dict[str, torch.Tensor] = {}
             pieces: dict[str, torch.Tensor] = {}  # split groups: the new whole masks

@@ -34,6 +34,12 @@ def check_shape(p, groups):
             assert gp.ranges == {gp.owner: (0, g.rows)} and 0 <= gp.owner < p.world_size
             assert p.owner_of(name) == gp.owner
             continue
+        if gp.kind == "everywhere":  # every rank computes it; the owner's mask decides if they differ
+            assert g.splittable and g.numel and p.min_split_elements is None
+            assert gp.ranges == {r: (0, g.rows) for r in range(p.world_size)} and 0 <= gp.owner < p.world_size
+            assert p.owner_of(name) == gp.owner and all(name not in [n for n, _, _ in p.work_of(r)]
+                                                        for r in range(p.world_size))
+            continue
         assert gp.kind == "split" and g.splittable and len(gp.ranges) >= 2
         ranks = sorted(gp.ranges)
         assert ranks == sorted(gp.ranges, key=lambda r: gp.ranges[r][0])  # rows ascend with the rank
@@ -49,7 +55,8 @@ def check_shape(p, groups):
         for r, (a, b) in gp.ranges.items():
             loads[r] += (b - a) * by_name[name].cols
     assert tuple(loads) == p.loads
-    assert sum(loads) == sum(g.numel for g in groups if g.replicated)
+    everywhere = sum(by_name[n].numel for n in p.everywhere_names)
+    assert sum(loads) == sum(g.numel for g in groups if g.replicated) + (p.world_size - 1) * everywhere
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -137,7 +144,7 @@ def test_local_groups_are_not_planned():
     groups = [GroupSpec("batch", 5_000_000, 64, (1, 4), replicated=False), GroupSpec("w", 100, 64, (1, 4))]
     p = plan(4, groups)
     assert p.groups["batch"].kind == "local" and p.assignment("batch") == {} and p.owner_of("batch") is None
-    assert sum(p.loads) == 6400
+    assert p.groups["w"].kind == "everywhere" and p.loads == (6400,) * 4  # one table: every rank computes it
 
 
 def test_work_of_lists_what_a_rank_computes():
@@ -178,10 +185,11 @@ def test_whole_groups_go_largest_first_so_a_mix_that_balances_whole_is_not_split
 
 @pytest.mark.parametrize("rows, cols", [(1_000_001, 8), (131_072, 8), (4_000_000, 16), (1_000_000, 64),
                                         (500_000, 128), (8_000_000, 8)])
-def test_world_two_keeps_a_single_table_whole_by_default(rows, cols):
-    # A half over the per-shard path plus the rounds costs more than the fused whole.
+def test_world_two_computes_a_single_small_table_on_every_rank(rows, cols):
+    # A half plus the rounds and the mask exchange costs more than the fused whole; computing it on
+    # every rank costs no rank more than the owner alone and sends no mask.
     p = plan(2, [GroupSpec("t", rows, cols, (1, 4))])
-    assert p.groups["t"].kind == "whole" and p.split_names == []
+    assert p.groups["t"].kind == "everywhere" and p.split_names == [] and p.work_of(0) == p.work_of(1) == []
 
 
 def test_the_cost_model_splits_where_the_busiest_rank_gains():
@@ -192,7 +200,7 @@ def test_the_cost_model_splits_where_the_busiest_rank_gains():
     assert costs.split_pays(big.numel, 4)
     small = GroupSpec("small", 100_000, 64, (1, 4))  # fixed costs of the rounds dominate
     assert not costs.split_pays(small.numel, 4)
-    assert plan(4, [small]).groups["small"].kind == "whole"
+    assert plan(4, [small]).groups["small"].kind == "everywhere"
 
 
 def test_split_costs_follow_their_constants():

@@ -32,6 +32,17 @@ on every rank, so every rank makes the same plan) and come from
 ``benchmarks/cost_model.py``. An explicit ``min_split_elements`` restores the size rule:
 every group of at least that many elements may be split when balance needs it.
 
+**Whole groups computed on every rank** (kind ``"everywhere"``). A whole group costs its
+owner the computation and every other rank the unpacking of its mask (plus its share of
+the closing all-gather). Under the cost model (``min_split_elements=None``) a whole
+splittable group — the built-in, deterministic kernels — whose computation fits on every
+other rank without raising the busiest rank's load is instead computed by *every* rank from
+its own copy (largest first): one table at world 2, say, or a third table at world 2 next
+to two others. Its mask then does not travel; only a 8-byte digest of each rank's mask
+rides in the step's closing all-gather, and when the digests differ (the replicated data
+was not the same everywhere) the group's nominal ``owner`` sends its mask to every rank in
+one extra all-gather, so every rank ends with the owner's mask as before.
+
 A split group's shards are contiguous row ranges, in rank order along the rows, each
 starting and ending at a multiple of the block height (the last may end at the last row),
 so no block straddles two ranks. A split group whose pour lands on a single rank is whole.
@@ -102,6 +113,7 @@ class GroupSpec:
 @dataclass(frozen=True)
 class GroupPlan:
     """One group's assignment: ``kind`` is ``"whole"`` (``owner`` computes it),
+    ``"everywhere"`` (every rank computes it whole; ``owner``'s mask wins if they differ),
     ``"split"`` (``ranges`` maps each rank holding rows to its ``(row_start, row_stop)``,
     ascending with the rank and contiguous; ``owner`` is ``None``) or ``"local"`` (every rank, its own data)."""
 
@@ -114,7 +126,7 @@ class GroupPlan:
     def lead(self) -> int | None:
         """What ``owner_of`` reports: the owner of a whole group; for a split group the
         rank holding row 0 (the first range); ``None`` for a local group."""
-        if self.kind == "whole":
+        if self.kind in ("whole", "everywhere"):
             return self.owner
         if self.kind == "split":
             return min(self.ranges, key=lambda r: self.ranges[r][0])
@@ -147,11 +159,18 @@ class Plan:
         """Split groups in name order: the groups the step's selection rounds serve."""
         return [n for n in sorted(self.groups) if self.groups[n].kind == "split"]
 
+    @property
+    def everywhere_names(self) -> list[str]:
+        """Whole groups every rank computes, in name order (their masks do not travel)."""
+        return [n for n in sorted(self.groups) if self.groups[n].kind == "everywhere"]
+
     def work_of(self, rank: int) -> list[tuple[str, int, int]]:
-        """``(name, row_start, row_stop)`` of everything ``rank`` computes, in name order
-        (local groups excluded)."""
+        """``(name, row_start, row_stop)`` of the masks ``rank`` sends in the closing
+        exchange, in name order (local and everywhere groups excluded)."""
         out = []
         for name in sorted(self.groups):
+            if self.groups[name].kind == "everywhere":
+                continue
             rows = self.groups[name].ranges.get(rank)
             if rows is not None:
                 out.append((name, rows[0], rows[1]))
@@ -230,6 +249,25 @@ def _pour(split: list[GroupSpec], loads: list[int]) -> dict[str, dict[int, tuple
     return ranges
 
 
+def _replicate_where_free(result: dict[str, GroupPlan], by_name: Mapping[str, GroupSpec], loads: list[int]) -> None:
+    """Turn whole splittable groups into ``"everywhere"`` groups, largest first (then by
+    name), while every other rank can compute the group too without its load exceeding
+    the busiest rank's: the step's time does not grow, and the mask stops travelling."""
+    busiest = max(loads)
+    whole = sorted((g for g in result.values() if g.kind == "whole" and by_name[g.name].splittable),
+                   key=lambda g: (-by_name[g.name].numel, g.name))
+    world = range(len(loads))
+    for group in whole:
+        numel = by_name[group.name].numel
+        if numel == 0 or any(loads[r] + numel > busiest for r in world if r != group.owner):
+            continue
+        for r in world:
+            if r != group.owner:
+                loads[r] += numel
+        rows = by_name[group.name].rows
+        result[group.name] = GroupPlan(group.name, "everywhere", group.owner, {r: (0, rows) for r in world})
+
+
 def plan(world_size: int, groups: Iterable[GroupSpec], *,
          min_split_elements: int | None = DEFAULT_MIN_SPLIT_ELEMENTS,
          split_costs: SplitCosts = SplitCosts()) -> Plan:
@@ -295,6 +333,8 @@ def plan(world_size: int, groups: Iterable[GroupSpec], *,
                 result[name] = GroupPlan(name, "whole", rank, dict(ranges))
             else:
                 result[name] = GroupPlan(name, "split", None, dict(sorted(ranges.items())))
+    if min_split_elements is None and world_size > 1:
+        _replicate_where_free(result, by_name, loads)
     for s in local:
         result[s.name] = GroupPlan(s.name, "local")
     return Plan(world_size=world_size, groups={n: result[n] for n in sorted(result)},

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .comm import mark_raised_everywhere
+from ..kernels.mask_digest import mask_digest
 from ..masks import as_matrix, pack_bits, packed_size, unpack_bits
 from .planner import Plan
 from .rects import RectView, layout_from_gathered
@@ -339,26 +340,30 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
                    errors: list[str], first_error: BaseException | None,
                    aborted: bool = False, counted: list[str] = ()) -> tuple[int, int, dict[str, int]]:
     """One all-gather of every rank's status byte, the pruned-element counts of its
-    part of each ``counted`` (sharded) group, and bit-packed mask rows — its whole
+    part of each ``counted`` (sharded) group, the digest of its mask of each group every
+    rank computes (planner kind ``"everywhere"``), and bit-packed mask rows — its whole
     groups and its row ranges of split groups, in name order — into ``new_masks``
     (whole masks of every replicated group). If any rank failed (or the selection was
-    ``aborted`` for it), every rank raises instead. Returns (bytes sent, bytes received)
-    by this rank and the global zero count of each counted group."""
+    ``aborted`` for it), every rank raises instead. Where the digests of an everywhere
+    group differ (its replicas were not the same data), :func:`_adopt_owner_masks` gives
+    every rank the owner's mask. Returns (bytes sent, bytes received) by this rank and the
+    global zero count of each counted group."""
     comm = sp._comm
     device = comm.device
     work = [plan.work_of(r) for r in range(comm.world_size)]
+    everywhere = plan.everywhere_names
 
     def cols_of(name: str) -> int:
         data = sp._groups[name].local
         return int(as_matrix(data).shape[1]) if data.dim() else 1
 
-    head = 1 + 8 * len(counted)
+    head = 1 + 8 * len(counted) + 8 * len(everywhere)
     lengths = [head + sum(packed_size((b - a) * cols_of(n)) for n, a, b in items) for items in work]
     if errors or aborted:
         payload = torch.ones(1, dtype=torch.uint8, device=device)  # status 1; masks unused
     else:
-        counts = torch.tensor([_zeros(new_masks[n]) if _contributes(sp, n) else 0 for n in counted],
-                              dtype=torch.int64)
+        counts = torch.tensor([_zeros(new_masks[n]) if _contributes(sp, n) else 0 for n in counted]
+                              + [mask_digest(new_masks[n]) for n in everywhere], dtype=torch.int64)
         parts = [torch.zeros(1, dtype=torch.uint8, device=device), counts.view(torch.uint8).to(device)]
         for name, a, b in work[comm.rank]:
             own = as_matrix(pieces[name])[a:b] if name in pieces else new_masks[name]
@@ -370,8 +375,11 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
         comm.raise_if_any_failed(errors, f"{type(sp).__name__}.step()", local_error=first_error,
                                  failed=failed)
     totals = torch.zeros(len(counted), dtype=torch.int64)
+    digests = []
     for part in gathered:
-        totals += part[1:head].cpu().clone().view(torch.int64)
+        words = part[1:head].cpu().clone().view(torch.int64)
+        totals += words[: len(counted)]
+        digests.append(words[len(counted):].tolist())
     zeros = dict(zip(counted, (int(t) for t in totals)))
     for r, items in enumerate(work):
         offset = head
@@ -389,7 +397,34 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
     new_masks.update(pieces)
     # all-gather: this rank's (padded) buffer goes to every other rank, theirs come here.
     padded = max(lengths)
-    return padded * (comm.world_size - 1), padded * (comm.world_size - 1), zeros
+    sent = received = padded * (comm.world_size - 1)
+    differing = [n for i, n in enumerate(everywhere) if len({d[i] for d in digests}) > 1]
+    if differing:  # the same list on every rank: every rank makes the extra collective
+        extra = _adopt_owner_masks(sp, plan, differing, new_masks)
+        sent, received = sent + extra, received + extra
+    return sent, received, zeros
+
+
+def _adopt_owner_masks(sp, plan: Plan, names: list[str], new_masks: dict[str, torch.Tensor]) -> int:
+    """Groups every rank computed whose masks differ between ranks (their replicated data
+    differed): one all-gather of each owner's bit-packed masks, which every rank adopts —
+    the owner's copy decides, as when only the owner computes a group. Returns bytes sent."""
+    comm = sp._comm
+    owners = {n: plan.groups[n].owner for n in names}
+    sizes = {n: packed_size(sp._groups[n].local.numel()) for n in names}
+    lengths = [sum(sizes[n] for n in names if owners[n] == r) for r in range(comm.world_size)]
+    mine = [pack_bits(new_masks[n]).to(comm.device) for n in names if owners[n] == comm.rank]
+    payload = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.uint8, device=comm.device)
+    gathered = comm.all_gather_tensor(payload, lengths, "all_gather (owners' masks of differing replicas)")
+    offsets = [0] * comm.world_size
+    for name in names:
+        owner, size = owners[name], sizes[name]
+        if owner != comm.rank:
+            data = sp._groups[name].local
+            part = gathered[owner][offsets[owner] : offsets[owner] + size]
+            new_masks[name] = unpack_bits(part, tuple(data.shape)).to(data.device)
+        offsets[owner] += size
+    return max(lengths) * (comm.world_size - 1)
 
 
 def _contributes(sp, name: str) -> bool:
