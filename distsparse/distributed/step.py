@@ -29,7 +29,8 @@ from ..kernels.mask_digest import mask_digest
 from ..masks import as_matrix, pack_bits, packed_size, unpack_bits
 from .planner import Plan
 from .rects import RectView, layout_from_gathered
-from .selection import ShardSelection, choose_digit_bits
+from ..kernels import fused_shard
+from .selection import ShardSelection, check_shard_rows, choose_digit_bits, nonfinite_error
 from .sharding import ShardedRows
 
 __all__ = ["compute_split", "digit_bits_for", "exchange_masks"]
@@ -50,6 +51,9 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
     status all-reduce first makes every rank skip the selection when any rank already
     failed. Returns (aborted, bytes this rank sent in the halo exchanges)."""
     comm, rank = sp._comm, sp._comm.rank
+    fused_names = [n for n in split if _runs_fused(sp, n)]
+    split = [n for n in split if n not in fused_names]
+    fused = {n: _fused_shard(sp, plan, n, pieces, fail) for n in fused_names}
     selections: list[ShardSelection] = []
     slots: list[int] = []
     contributes: list[bool] = []
@@ -108,13 +112,40 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
         select(name, scores, n_blocks, config, torch.empty(0, dtype=view.dtype))
         slots.append(lay.slot() if lay.row_ordered else 0)
         contributes.append(True)
-    failed = comm.all_reduce_sum(torch.tensor([1 if errors else 0], dtype=torch.int64),
+    # The status of every rank and the fused split groups' top-digit histograms, summed in one all-reduce.
+    hists = [fused[n][0].hist if fused[n][0] is not None else torch.zeros(fused_shard.BINS, dtype=torch.int64)
+             for n in fused_names]
+    failed = comm.all_reduce_sum(torch.cat([torch.tensor([1 if errors else 0], dtype=torch.int64)] + hists),
                                  "all_reduce (status before selection)")
     if int(failed[0]):
         return True, halo_bytes
-    _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)
     n_rows = len(split) + len(sharded)
-    rect_flags = _rect_flags(sp, rects, rect_views, selections[n_rows:], ties_before[n_rows:], digit_bits)
+    n_own = n_rows + len(rects)
+    cuts, offset = {}, 1
+    for name in fused_names:
+        shard, k = fused[name]
+        hist = failed[offset : offset + fused_shard.BINS]
+        offset += hist.numel()
+        digit, _, need = shard.digit_cut(hist, k)
+        scores, idx = shard.candidates(digit)
+        cuts[name] = (digit, idx)
+        selections.append(ShardSelection(scores, int(hist[digit]) if digit >= 0 else 0, need, digit_bits))
+        slots.append(rank)
+        contributes.append(True)
+    _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)
+    for name, sel, before in zip(fused_names, selections[n_own:], ties_before[n_own:]):
+        try:
+            digit, idx = cuts[name]
+            pruned = sel.pruned(before) if sel.keys.numel() else None
+            sel.release()
+            config = sp.data_groups[name]
+            zeros = config["zeros_per_block"]
+            block = tuple(config["sparse_block_shape"])
+            fused[name][0].write(digit, pruned, idx, block[0] * block[1] if zeros is None else zeros)
+        except Exception as exc:  # noqa: BLE001
+            fail(name, exc)
+    rect_flags = _rect_flags(sp, rects, rect_views, selections[n_rows:n_own], ties_before[n_rows:n_own],
+                             digit_bits)
     for (name, matrix, row_start, row_stop, config), sel, before in zip(shards, selections, ties_before):
         local = sp._groups[name].local
         try:
@@ -145,6 +176,47 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
     if rects:
         halo_bytes += _rect_masks(sp, rects, rect_views, rect_flags, local_masks, fail)
     return False, halo_bytes
+
+# -- split groups on the fused CPU kernel, see distsparse.kernels.fused_shard -------------------
+
+
+def _runs_fused(sp, name: str) -> bool:
+    """Whether split group ``name`` runs the fused kernel on every rank: the built-in norm
+    scoring (no subclass override), CPU float32/float64 data and the kernel available (the
+    step's agreement compares that last fact, so every rank decides the same)."""
+    from ..norm_sparsifier import DataNormSparsifier
+
+    kind = type(sp)
+    if not (isinstance(sp, DataNormSparsifier) and kind._shard_scores is DataNormSparsifier._shard_scores
+            and kind._shard_mask is DataNormSparsifier._shard_mask):
+        return False
+    data = sp._groups[name].local
+    return fused_shard.applies(data.dtype, data.device)
+
+
+def _fused_shard(sp, plan: Plan, name: str, pieces: dict[str, torch.Tensor], fail: Any):
+    """Pass 1 of the fused kernel on this rank's rows of split group ``name`` into its rows
+    of the new whole mask (``pieces[name]``); returns ``(shard or None on error, k)``."""
+    local = sp._groups[name].local
+    pieces[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)  # the whole new mask
+    try:
+        matrix = as_matrix(local.detach())
+        config = sp.data_groups[name]
+        sp._canonical_config(name, dict(config))
+        bh, bw = sp._block_shape(name)  # type: ignore[misc]
+        k = sp._blocks_to_prune(-(-matrix.shape[0] // bh) * -(-matrix.shape[1] // bw), config)
+        row_start, row_stop = plan.groups[name].ranges.get(sp._comm.rank, (0, 0))
+        check_shard_rows(matrix.shape[0], bh, row_start, row_stop)
+        shard = fused_shard.FusedShard(matrix, row_start, row_stop, (bh, bw), sp.norm,
+                                       as_matrix(pieces[name])[row_start:row_stop])
+        if shard.nonfinite:
+            error = nonfinite_error(matrix[row_start:row_stop], row_start)
+            if error is not None:
+                raise error
+        return shard, k
+    except Exception as exc:  # noqa: BLE001 - reported through the status exchange
+        fail(name, exc)
+        return None, 0
 
 # -- rectangle-sharded groups (TorchRec), see distsparse.distributed.rects ------------------------
 
