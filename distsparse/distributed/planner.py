@@ -23,13 +23,12 @@ rank, each cut rounded to the nearest block row. So:
 **Which groups may be split** (issue 22: split only where it pays). By default
 (``min_split_elements=None``) a group is splittable when :class:`SplitCosts` predicts that
 its busiest rank finishes sooner with the group split over the ranks than with one rank
-computing it whole: ``numel / N × split_cost + rounds × 2(N−1) × latency <
-numel × whole_cost``. A whole group runs the fused one-read kernel
-(``distsparse.kernels.fused_cpu``), a shard the per-shard torch path plus the selection's
-collectives, so at world 2 no single table gains (its two halves cost more than the
-whole) while at world 4 tables from ~13M elements do. The constants are fixed (the same
-on every rank, so every rank makes the same plan) and come from
-``benchmarks/cost_model.py``. An explicit ``min_split_elements`` restores the size rule:
+computing it whole (:meth:`SplitCosts.split_pays`). Both run the fused one-read kernel
+(``distsparse.kernels.fused_cpu``; a shard ``distsparse.kernels.fused_shard``), so a split
+halves the computation at world 2 and adds the selection's all-reduces (~2 ms at world 2
+on gloo over loopback) and the mask rows' exchange: tables from ~3M elements gain at
+world 2. The constants are fixed (the same on every rank, so every rank makes the same
+plan) and come from ``benchmarks/cost_model.py``. An explicit ``min_split_elements`` restores the size rule:
 every group of at least that many elements may be split when balance needs it.
 
 **Whole groups computed on every rank** (kind ``"everywhere"``). A whole group costs its
@@ -64,23 +63,51 @@ DEFAULT_MIN_SPLIT_ELEMENTS: int | None = None
 @dataclass(frozen=True)
 class SplitCosts:
     """The per-rank time model behind the default split decision. Defaults: one core of
-    this project's 2-vCPU machine, gloo over loopback (``benchmarks/cost_model.py``)."""
+    this project's 2-vCPU machine, gloo over loopback (``benchmarks/cost_model.py``).
+
+    A group computed whole costs ``numel × whole_seconds_per_element`` (the fused CPU
+    kernel, on every rank or on its owner). Split over ``N`` ranks, the busiest rank costs
+    ``numel / N × split_seconds_per_element`` (the same kernel on its rows,
+    :mod:`distsparse.kernels.fused_shard`), plus the selection's all-reduces — the
+    top-digit histogram (``2**15`` int64 counts, with the status), ``rounds`` rounds over
+    the candidates (``2**16`` counts each at most) and the tie counts — each a ring of
+    ``2(N−1)`` steps of ``step_latency_s`` plus a 1/N slice at ``allreduce_bytes_per_s``,
+    plus receiving and unpacking the other ranks' mask rows (``numel × (N−1)/N ×
+    exchange_seconds_per_element``)."""
 
     #: Seconds per element of a whole group's mask (the fused CPU kernel, one thread).
     whole_seconds_per_element: float = 1.6e-9
-    #: Seconds per element of a shard's part (scores, radix passes, mask rows: torch path).
-    split_seconds_per_element: float = 5.6e-9
+    #: Seconds per element of a shard's part (the fused kernel on its rows, candidates, mask rows).
+    split_seconds_per_element: float = 1.7e-9
     #: One ring step of a small all-reduce (``selection.ALLREDUCE_STEP_LATENCY_S``).
     step_latency_s: float = 104e-6
-    #: All-reduces a split adds to the step: status, two radix rounds, the tie counts.
-    collectives: int = 4
+    #: Ring all-reduce bandwidth (``selection.ALLREDUCE_BYTES_PER_S``).
+    allreduce_bytes_per_s: float = 1.04e9
+    #: Receiving (1 bit over gloo) and unpacking one element of another rank's mask rows.
+    exchange_seconds_per_element: float = 0.21e-9
+    #: Selection rounds over the candidates (float32 keys, 16-bit digits), then the tie counts.
+    rounds: int = 2
+
+    def fixed_seconds(self, world_size: int) -> float:
+        """The selection's all-reduces at ``world_size`` (independent of the group's size)."""
+        steps = 2 * (world_size - 1)
+
+        def ring(n_bytes: int) -> float:
+            return steps * (self.step_latency_s + n_bytes / (world_size * self.allreduce_bytes_per_s))
+
+        return ring(8 << 15) + self.rounds * ring(8 << 16) + ring(8 * world_size)
+
+    def split_seconds(self, numel: int, world_size: int) -> float:
+        """The busiest rank's modelled time for ``numel`` elements split over ``world_size`` ranks."""
+        share = numel / world_size
+        return (share * self.split_seconds_per_element + self.fixed_seconds(world_size)
+                + (numel - share) * self.exchange_seconds_per_element)
 
     def split_pays(self, numel: int, world_size: int) -> bool:
         """Whether ``numel`` elements over ``world_size`` ranks beat one rank doing all."""
         if world_size < 2:
             return False
-        fixed = self.collectives * 2 * (world_size - 1) * self.step_latency_s
-        return numel / world_size * self.split_seconds_per_element + fixed < numel * self.whole_seconds_per_element
+        return self.split_seconds(numel, world_size) < numel * self.whole_seconds_per_element
 
 
 @dataclass(frozen=True)

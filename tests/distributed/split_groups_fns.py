@@ -92,7 +92,10 @@ def default_plan_groups(shapes: list, kind: str, level: float, block: list, zero
     for name, table in tables.items():
         sp.add_data(name, table)
     plan = sp._plan() if sp.world_size > 1 else None
+    from distsparse.distributed.step import _runs_fused
+
     out = {"kinds": {n: plan.groups[n].kind if plan else "single" for n in tables},
+           "fused": {n: _runs_fused(sp, n) for n in tables},
            "owners": {n: sp.owner_of(n) for n in tables}, "steps": [], "bytes_sent": []}
     for i in range(steps):
         step_level = min(1.0, level + 0.21 * i)
