@@ -220,7 +220,7 @@ def test_split_costs_follow_their_constants():
     # Splitting pays exactly when numel/2 * split + fixed < numel * whole (world 2, no exchange cost).
     edge = int(costs.fixed_seconds(2) / 2e-9)
     assert not costs.split_pays(edge - 1000, 2) and costs.split_pays(edge + 1000, 2)
-    assert costs.fixed_seconds(2) == pytest.approx(2 * (4 * 104e-6 + (2**18 + 2 * 2**19 + 16) / 2 / 1.04e9))
+    assert costs.fixed_seconds(2) == pytest.approx(2 * (5 * 245e-6 + (2**18 + 3 * 2**14 + 16) / 2 / 1.04e9))
     p = plan(2, [GroupSpec("t", 100_001, 8, (1, 4))], split_costs=SplitCosts(step_latency_s=0.0,
                                                                              allreduce_bytes_per_s=1e30))
     assert p.groups["t"].kind == "split"

@@ -25,7 +25,7 @@ rank, each cut rounded to the nearest block row. So:
 its busiest rank finishes sooner with the group split over the ranks than with one rank
 computing it whole (:meth:`SplitCosts.split_pays`). Both run the fused one-read kernel
 (``distsparse.kernels.fused_cpu``; a shard ``distsparse.kernels.fused_shard``), so a split
-halves the computation at world 2 and adds the selection's all-reduces (~2 ms at world 2
+halves the computation at world 2 and adds the selection's all-reduces (~2.6 ms at world 2
 on gloo over loopback) and the mask rows' exchange: tables from ~3M elements gain at
 world 2. The constants are fixed (the same on every rank, so every rank makes the same
 plan) and come from ``benchmarks/cost_model.py``. An explicit ``min_split_elements`` restores the size rule:
@@ -70,7 +70,7 @@ class SplitCosts:
     ``numel / N × split_seconds_per_element`` (the same kernel on its rows,
     :mod:`distsparse.kernels.fused_shard`), plus the selection's all-reduces — the
     top-digit histogram (``2**15`` int64 counts, with the status), ``rounds`` rounds over
-    the candidates (``2**16`` counts each at most) and the tie counts — each a ring of
+    the candidates (``2**candidate_digit_bits`` counts each) and the tie counts — each a ring of
     ``2(N−1)`` steps of ``step_latency_s`` plus a 1/N slice at ``allreduce_bytes_per_s``,
     plus receiving and unpacking the other ranks' mask rows (``numel × (N−1)/N ×
     exchange_seconds_per_element``)."""
@@ -79,14 +79,18 @@ class SplitCosts:
     whole_seconds_per_element: float = 1.6e-9
     #: Seconds per element of a shard's part (the fused kernel on its rows, candidates, mask rows).
     split_seconds_per_element: float = 1.7e-9
-    #: One ring step of a small all-reduce (``selection.ALLREDUCE_STEP_LATENCY_S``).
-    step_latency_s: float = 104e-6
+    #: One ring step of a small all-reduce: half the 0.49 ms of a raw 64-byte all-reduce at world 2
+    #: (benchmarks/results/comm.md, load 0.45); ``selection.ALLREDUCE_STEP_LATENCY_S`` (104 µs) is the
+    #: calibrated fit of larger buffers, optimistic for the step's short all-reduces.
+    step_latency_s: float = 245e-6
     #: Ring all-reduce bandwidth (``selection.ALLREDUCE_BYTES_PER_S``).
     allreduce_bytes_per_s: float = 1.04e9
     #: Receiving (1 bit over gloo) and unpacking one element of another rank's mask rows.
     exchange_seconds_per_element: float = 0.21e-9
-    #: Selection rounds over the candidates (float32 keys, 16-bit digits), then the tie counts.
-    rounds: int = 2
+    #: Selection rounds over the candidates (float32 keys, 11-bit digits: few candidates, so
+    #: ``selection.choose_digit_bits`` picks small histograms), then the tie counts.
+    rounds: int = 3
+    candidate_digit_bits: int = 11
 
     def fixed_seconds(self, world_size: int) -> float:
         """The selection's all-reduces at ``world_size`` (independent of the group's size)."""
@@ -95,7 +99,7 @@ class SplitCosts:
         def ring(n_bytes: int) -> float:
             return steps * (self.step_latency_s + n_bytes / (world_size * self.allreduce_bytes_per_s))
 
-        return ring(8 << 15) + self.rounds * ring(8 << 16) + ring(8 * world_size)
+        return ring(8 << 15) + self.rounds * ring(8 << self.candidate_digit_bits) + ring(8 * world_size)
 
     def split_seconds(self, numel: int, world_size: int) -> float:
         """The busiest rank's modelled time for ``numel`` elements split over ``world_size`` ranks."""

@@ -129,7 +129,9 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
         digit, _, need = shard.digit_cut(hist, k)
         scores, idx = shard.candidates(digit)
         cuts[name] = (digit, idx)
-        selections.append(ShardSelection(scores, int(hist[digit]) if digit >= 0 else 0, need, digit_bits))
+        n_cand = int(hist[digit]) if digit >= 0 else 0  # global: the same digit width on every rank
+        bits = choose_digit_bits(comm.world_size, 1, torch.finfo(scores.dtype).bits, n_cand // comm.world_size)
+        selections.append(ShardSelection(scores, n_cand, need, bits))
         slots.append(rank)
         contributes.append(True)
     _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)

@@ -122,8 +122,8 @@ def test_nan_in_one_ranks_copy_of_an_everywhere_group_fails_every_rank_naming_it
     ("repeated_rows", 0.5, [1, 4], None, "float64"),
 ], ids=["ties-3x4-zpb2-f32", "repeated-rows-1x4-f64"])
 def test_a_big_table_is_split_on_the_fused_kernel_by_default(world_size, kind, level, block, zeros, dtype):
-    # 1,048,583 x 4 (ragged block rows): the cost model splits it; each rank runs the fused kernel on its rows.
-    results = run_ranks(split_groups_fns.default_plan_groups, world_size, [(1_048_583, 4), (50, 12)], kind, level,
+    # 1,600,003 x 4 (ragged block rows): the cost model splits it; each rank runs the fused kernel on its rows.
+    results = run_ranks(split_groups_fns.default_plan_groups, world_size, [(1_600_003, 4), (50, 12)], kind, level,
                         block, zeros, dtype, timeout=JOB_TIMEOUT)
     _check_default(results, world_size)
     assert results[0]["kinds"]["t0"] == "split" and results[0]["fused"]["t0"]
