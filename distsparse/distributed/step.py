@@ -186,11 +186,12 @@ def _runs_fused(sp, name: str) -> bool:
     """Whether split group ``name`` runs the fused kernel on every rank: the built-in norm
     scoring (no subclass override), CPU float32/float64 data and the kernel available (the
     step's agreement compares that last fact, so every rank decides the same)."""
-    from ..norm_sparsifier import DataNormSparsifier
+    def built_in(method: Any) -> bool:  # DataNormSparsifier's own, not a subclass override (no import upward)
+        return getattr(method, "__module__", None) == "distsparse.norm_sparsifier" and \
+            getattr(method, "__qualname__", "").startswith("DataNormSparsifier.")
 
     kind = type(sp)
-    if not (isinstance(sp, DataNormSparsifier) and kind._shard_scores is DataNormSparsifier._shard_scores
-            and kind._shard_mask is DataNormSparsifier._shard_mask):
+    if not (built_in(kind._shard_scores) and built_in(kind._shard_mask) and isinstance(getattr(sp, "norm", None), str)):
         return False
     data = sp._groups[name].local
     return fused_shard.applies(data.dtype, data.device)
