@@ -26,6 +26,7 @@ import torch
 
 from .comm import mark_raised_everywhere
 from ..kernels.mask_digest import mask_digest
+from ..kernels.unpack_rows import unpack_into
 from ..masks import as_matrix, pack_bits, packed_size, unpack_bits
 from .planner import Plan
 from .rects import RectView, layout_from_gathered
@@ -465,7 +466,8 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
                 part = gathered[r][offset : offset + size]
                 if name in pieces:  # rows of a split group
                     rows = as_matrix(pieces[name])[a:b]
-                    rows.copy_(unpack_bits(part, tuple(rows.shape)))
+                    if not unpack_into(part, rows):
+                        rows.copy_(unpack_bits(part, tuple(rows.shape)))
                 else:
                     new_masks[name] = unpack_bits(part, tuple(data.shape)).to(data.device)
             offset += size
