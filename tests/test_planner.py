@@ -232,3 +232,26 @@ def test_split_costs_follow_their_constants():
 def test_an_explicit_min_split_elements_restores_the_size_rule():
     p = plan(2, [GroupSpec("t", 1_000_001, 8, (1, 4))], min_split_elements=1 << 20)
     assert p.groups["t"].kind == "split"
+
+
+def test_only_builtin_kernel_groups_under_the_cost_model_are_computed_everywhere():
+    plain = GroupSpec("custom", 1000, 8, (1, 1), splittable=False)  # an update_mask subclass: maybe not deterministic
+    assert plan(2, [plain]).groups["custom"].kind == "whole"
+    table = GroupSpec("t", 1000, 8, (1, 4))
+    assert plan(2, [table]).groups["t"].kind == "everywhere"
+    assert plan(2, [table], min_split_elements=1 << 30).groups["t"].kind == "whole"  # the explicit size rule
+    assert plan(1, [table]).groups["t"].kind == "whole"
+
+
+def test_everywhere_never_raises_the_busiest_load():
+    rng = random.Random(5)
+    for _ in range(30):
+        world = rng.choice([2, 3, 4, 8])
+        groups = random_groups(rng, rng.randint(1, 12))
+        p = plan(world, groups)
+        whole_only = [GroupSpec(g.name, g.rows, g.cols, g.block_shape, g.replicated, g.splittable) for g in groups]
+        check_shape(p, whole_only)
+        # Taking the everywhere copies away leaves each rank's own load; the busiest is what it was.
+        extra = [sum(g.numel for g in groups if g.name in p.everywhere_names and p.groups[g.name].owner != r)
+                 for r in range(world)]
+        assert max(p.loads) == max(load - e for load, e in zip(p.loads, extra))
