@@ -82,9 +82,14 @@ def run_child(cfg: dict) -> dict:
     for n, p in zip(names, params):
         sp.add_data(n, p)
 
-    owners = {}
+    owners, plans = {}, {}
     if hasattr(sp, "owner_of"):
         owners = {n: int(sp.owner_of(n)) for n in names}
+    if world > 1 and hasattr(sp, "_plan"):
+        for n in names:
+            g = sp._plan().groups[n]
+            plans[n] = g.kind if g.kind != "split" else "split " + "/".join(
+                f"{b - a}" for _, (a, b) in sorted(g.ranges.items()))
 
     def barrier():
         dist.barrier()
@@ -158,7 +163,7 @@ def run_child(cfg: dict) -> dict:
 
     barrier()
     dist.destroy_process_group()
-    return dict(rank=rank, world=world, init_s=init_s, data_bytes=data_bytes, owners=owners,
+    return dict(rank=rank, world=world, init_s=init_s, data_bytes=data_bytes, owners=owners, plans=plans,
                 warmup_s=warm_s, step_s=step_s, step_cpu_s=cpu_s, raw_allgather_s=raw_ag_s,
                 raw_allgather_bytes=raw_ag_bytes, step_breakdown=step_breakdown,
                 sched_breakdown=sched_breakdown, step_growth_kb=growth_kb, stats=stats,
@@ -450,6 +455,73 @@ def parallel_floor(args) -> tuple[float, float] | None:
     return solo, max(halves)
 
 
+def _elements(text: str) -> int:
+    text = text.strip().upper()
+    return int(text[:-1]) << 20 if text.endswith("M") else int(text)
+
+
+def sweep(args) -> int:
+    """One replicated table per (elements, dim): world 1 and world 2 wall time, each
+    rank's CPU time, the no-communication floor and the plan; appended to the results file
+    (issue 22 item 5 targets: world 2 / world 1 <= 1.05 everywhere, <= 0.75 from 32M up)."""
+    out = args.out or os.path.join(HERE, "results", "distributed_sweep.md")
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    header = ["elements", "rows x dim", "plan (world 2)", "world 1 wall", "world 2 wall", "ratio",
+              "target", "floor (1 proc vs 2 halves)", "CPU w1", "CPU w2 per rank", "busiest CPU ratio",
+              "masks = w1", "load"]
+    rows_md = []
+    for size in args.sizes.split(","):
+        numel = _elements(size)
+        for dim in (int(d) for d in args.dims.split(",")):
+            rows = numel // dim
+            cfg = dict(tables=1, rows=rows, cols=dim, steps=args.steps, sched_steps=0, pg_timeout=120,
+                       module=args.module, breakdown=False)
+            res = {w: launch_world(w, cfg, args.timeout) for w in (1, 2)}
+            bad = [f"w{w} r{r['rank']}: {r['error'][-300:]}" for w in res for r in res[w] if "error" in r]
+            load = os.getloadavg()[0]
+            if bad:
+                rows_md.append([size, f"{rows:,} x {dim}", "error: " + "; ".join(bad)] + [""] * 9 + [f"{load:.1f}"])
+                print(rows_md[-1], file=sys.stderr, flush=True)
+                continue
+            s = {w: summarize(res[w]) for w in res}
+            fargs = argparse.Namespace(**{**vars(args), "tables": 1, "rows": rows, "cols": dim})
+            floor = parallel_floor(fargs)
+            ratio = s[2]["step_median"] / s[1]["step_median"]
+            target = 0.75 if numel >= 32 << 20 else 1.05
+            cpu1 = max(s[1]["cpu_median"].values())
+            cpu2 = s[2]["cpu_median"]
+            rows_md.append([
+                size, f"{rows:,} x {dim}", res[2][0]["plans"].get("table_0", "?"),
+                ms(s[1]["step_median"]), ms(s[2]["step_median"]), f"{ratio:.2f}",
+                f"<= {target} {'PASS' if ratio <= target else 'FAIL'}",
+                f"{ms(floor[0])} vs {ms(floor[1])} ({floor[1] / floor[0]:.2f})" if floor else "n/a",
+                ms(cpu1), " / ".join(ms(v) for _, v in sorted(cpu2.items())),
+                f"{max(cpu2.values()) / cpu1:.2f}", "yes" if s[2]["sha"] == s[1]["sha"] and s[2]["sha_same"]
+                else "NO", f"{load:.1f}"])
+            print(" | ".join(rows_md[-1]), file=sys.stderr, flush=True)
+    md = [f"\n## {args.label or 'sweep'} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n",
+          f"`python benchmarks/bench_distributed.py --sweep --steps {args.steps} --sizes {args.sizes} "
+          f"--dims {args.dims}`: one replicated float32 table, block (1,4), sparsity 0.5, L1, gloo on 127.0.0.1, "
+          f"1 thread per process; wall = median over {args.steps} steps of the max over ranks. Load average "
+          f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}.\n",
+          _common.md_table(header, rows_md),
+          f"\nSweep wall time {time.perf_counter() - t_start:.0f} s; load average at the end "
+          f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}.\n"]
+    text = "\n".join(md)
+    print(text, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if not os.path.exists(out):
+        text = ("# distsparse step(): one replicated table, world 2 vs world 1 (issue 22 item 5)\n\n"
+                "Target: world 2 / world 1 wall <= 1.05 for every table from 1M to 64M elements and dims "
+                "8-128, <= 0.75 from 32M up. *floor*: no communication, one process scoring the whole "
+                "table vs two concurrent processes scoring half the rows each (what this machine allows).\n"
+                + text)
+    with open(out, "a") as f:
+        f.write(text)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10x smaller tables")
@@ -463,6 +535,11 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-breakdown", action="store_true",
                     help="don't time distsparse's internal phases")
+    ap.add_argument("--sweep", action="store_true",
+                    help="one replicated table per size x dim (issue 22 item 5): world 1 vs 2 per cell")
+    ap.add_argument("--sizes", default="1M,4M,16M,32M,64M", help="--sweep: elements per table (M = 2**20)")
+    ap.add_argument("--dims", default="8,32,128", help="--sweep: columns per table")
+    ap.add_argument("--label", default="", help="--sweep: a heading for this run (e.g. before/after)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--floor-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--module", default="distsparse", help=argparse.SUPPRESS)  # harness dev
@@ -475,6 +552,8 @@ def main() -> int:
         res = run_child(json.loads(args.child))
         print("RESULT " + json.dumps(res), flush=True)
         return 0
+    if args.sweep:
+        return sweep(args)
 
     rows = args.rows or (25_000 if args.quick else 250_000)
     cfg = dict(tables=args.tables, rows=rows, cols=args.cols, steps=args.steps,

@@ -43,6 +43,7 @@ from .distributed.comm import Comm
 from .masks import as_matrix, pack_bits, unpack_bits
 from .distributed.planner import DEFAULT_MIN_SPLIT_ELEMENTS, GroupSpec, Plan
 from .distributed.planner import plan as plan_step
+from .kernels.fused_cpu import available as fused_cpu_available
 from .distributed.rects import RectLayout, RectShards, as_rect_shards, flat_views, layout_from_gathered
 from .distributed.selection import DIGIT_BITS_CHOICES
 from .distributed.sharding import ShardLayout, is_dtensor, layout_of
@@ -744,6 +745,8 @@ class BaseDataSparsifier(abc.ABC):
                 facts["rects"] = "learnt at this step" if group.rect_layout is None else group.rect_layout.describe()
             out[name] = facts
         out["<sparsifier>"] = {"min_split_elements": self.min_split_elements}
+        if not fused_cpu_available():  # split groups run another kernel: every rank must do the same
+            out["<sparsifier>"]["fused_cpu"] = False
         if self._selection_digit_bits is not None:
             out["<sparsifier>"]["selection_digit_bits"] = self._selection_digit_bits
         return out
@@ -789,8 +792,9 @@ class BaseDataSparsifier(abc.ABC):
                 whole, split = [n for n in names if not self._groups[n].distributed_rows], []
             else:
                 whole = [n for n in names if not self._groups[n].replicated
-                         or (not self._groups[n].distributed_rows and plan.groups[n].kind == "whole"
-                             and plan.groups[n].owner == rank)]
+                         or (not self._groups[n].distributed_rows
+                             and (plan.groups[n].kind == "everywhere"
+                                  or (plan.groups[n].kind == "whole" and plan.groups[n].owner == rank)))]
                 split = plan.split_names
             new_masks: dict[str, torch.Tensor] = {}
             pieces: dict[str, torch.Tensor] = {}  # split groups: the new whole masks

@@ -23,14 +23,24 @@ rank, each cut rounded to the nearest block row. So:
 **Which groups may be split** (issue 22: split only where it pays). By default
 (``min_split_elements=None``) a group is splittable when :class:`SplitCosts` predicts that
 its busiest rank finishes sooner with the group split over the ranks than with one rank
-computing it whole: ``numel / N × split_cost + rounds × 2(N−1) × latency <
-numel × whole_cost``. A whole group runs the fused one-read kernel
-(``distsparse.kernels.fused_cpu``), a shard the per-shard torch path plus the selection's
-collectives, so at world 2 no single table gains (its two halves cost more than the
-whole) while at world 4 tables from ~13M elements do. The constants are fixed (the same
-on every rank, so every rank makes the same plan) and come from
-``benchmarks/cost_model.py``. An explicit ``min_split_elements`` restores the size rule:
+computing it whole (:meth:`SplitCosts.split_pays`). Both run the fused one-read kernel
+(``distsparse.kernels.fused_cpu``; a shard ``distsparse.kernels.fused_shard``), so a split
+halves the computation at world 2 and adds the selection's all-reduces (~2.6 ms at world 2
+on gloo over loopback) and the mask rows' exchange: tables from ~3M elements gain at
+world 2. The constants are fixed (the same on every rank, so every rank makes the same
+plan) and come from ``benchmarks/cost_model.py``. An explicit ``min_split_elements`` restores the size rule:
 every group of at least that many elements may be split when balance needs it.
+
+**Whole groups computed on every rank** (kind ``"everywhere"``). A whole group costs its
+owner the computation and every other rank the unpacking of its mask (plus its share of
+the closing all-gather). Under the cost model (``min_split_elements=None``) a whole
+splittable group — the built-in, deterministic kernels — whose computation fits on every
+other rank without raising the busiest rank's load is instead computed by *every* rank from
+its own copy (largest first): one table at world 2, say, or a third table at world 2 next
+to two others. Its mask then does not travel; only a 8-byte digest of each rank's mask
+rides in the step's closing all-gather, and when the digests differ (the replicated data
+was not the same everywhere) the group's nominal ``owner`` sends its mask to every rank in
+one extra all-gather, so every rank ends with the owner's mask as before.
 
 A split group's shards are contiguous row ranges, in rank order along the rows, each
 starting and ending at a multiple of the block height (the last may end at the last row),
@@ -53,23 +63,55 @@ DEFAULT_MIN_SPLIT_ELEMENTS: int | None = None
 @dataclass(frozen=True)
 class SplitCosts:
     """The per-rank time model behind the default split decision. Defaults: one core of
-    this project's 2-vCPU machine, gloo over loopback (``benchmarks/cost_model.py``)."""
+    this project's 2-vCPU machine, gloo over loopback (``benchmarks/cost_model.py``).
+
+    A group computed whole costs ``numel × whole_seconds_per_element`` (the fused CPU
+    kernel, on every rank or on its owner). Split over ``N`` ranks, the busiest rank costs
+    ``numel / N × split_seconds_per_element`` (the same kernel on its rows,
+    :mod:`distsparse.kernels.fused_shard`), plus the selection's all-reduces — the
+    top-digit histogram (``2**15`` int64 counts, with the status), ``rounds`` rounds over
+    the candidates (``2**candidate_digit_bits`` counts each) and the tie counts — each a ring of
+    ``2(N−1)`` steps of ``step_latency_s`` plus a 1/N slice at ``allreduce_bytes_per_s``,
+    plus receiving and unpacking the other ranks' mask rows (``numel × (N−1)/N ×
+    exchange_seconds_per_element``)."""
 
     #: Seconds per element of a whole group's mask (the fused CPU kernel, one thread).
     whole_seconds_per_element: float = 1.6e-9
-    #: Seconds per element of a shard's part (scores, radix passes, mask rows: torch path).
-    split_seconds_per_element: float = 5.6e-9
-    #: One ring step of a small all-reduce (``selection.ALLREDUCE_STEP_LATENCY_S``).
-    step_latency_s: float = 104e-6
-    #: All-reduces a split adds to the step: status, two radix rounds, the tie counts.
-    collectives: int = 4
+    #: Seconds per element of a shard's part (the fused kernel on its rows, candidates, mask rows).
+    split_seconds_per_element: float = 1.7e-9
+    #: One ring step of a small all-reduce: half the 0.49 ms of a raw 64-byte all-reduce at world 2
+    #: (benchmarks/results/comm.md, load 0.45); ``selection.ALLREDUCE_STEP_LATENCY_S`` (104 µs) is the
+    #: calibrated fit of larger buffers, optimistic for the step's short all-reduces.
+    step_latency_s: float = 245e-6
+    #: Ring all-reduce bandwidth (``selection.ALLREDUCE_BYTES_PER_S``).
+    allreduce_bytes_per_s: float = 1.04e9
+    #: Receiving (1 bit over gloo) and unpacking one element of another rank's mask rows.
+    exchange_seconds_per_element: float = 0.21e-9
+    #: Selection rounds over the candidates (float32 keys, 11-bit digits: few candidates, so
+    #: ``selection.choose_digit_bits`` picks small histograms), then the tie counts.
+    rounds: int = 3
+    candidate_digit_bits: int = 11
+
+    def fixed_seconds(self, world_size: int) -> float:
+        """The selection's all-reduces at ``world_size`` (independent of the group's size)."""
+        steps = 2 * (world_size - 1)
+
+        def ring(n_bytes: int) -> float:
+            return steps * (self.step_latency_s + n_bytes / (world_size * self.allreduce_bytes_per_s))
+
+        return ring(8 << 15) + self.rounds * ring(8 << self.candidate_digit_bits) + ring(8 * world_size)
+
+    def split_seconds(self, numel: int, world_size: int) -> float:
+        """The busiest rank's modelled time for ``numel`` elements split over ``world_size`` ranks."""
+        share = numel / world_size
+        return (share * self.split_seconds_per_element + self.fixed_seconds(world_size)
+                + (numel - share) * self.exchange_seconds_per_element)
 
     def split_pays(self, numel: int, world_size: int) -> bool:
         """Whether ``numel`` elements over ``world_size`` ranks beat one rank doing all."""
         if world_size < 2:
             return False
-        fixed = self.collectives * 2 * (world_size - 1) * self.step_latency_s
-        return numel / world_size * self.split_seconds_per_element + fixed < numel * self.whole_seconds_per_element
+        return self.split_seconds(numel, world_size) < numel * self.whole_seconds_per_element
 
 
 @dataclass(frozen=True)
@@ -102,6 +144,7 @@ class GroupSpec:
 @dataclass(frozen=True)
 class GroupPlan:
     """One group's assignment: ``kind`` is ``"whole"`` (``owner`` computes it),
+    ``"everywhere"`` (every rank computes it whole; ``owner``'s mask wins if they differ),
     ``"split"`` (``ranges`` maps each rank holding rows to its ``(row_start, row_stop)``,
     ascending with the rank and contiguous; ``owner`` is ``None``) or ``"local"`` (every rank, its own data)."""
 
@@ -114,7 +157,7 @@ class GroupPlan:
     def lead(self) -> int | None:
         """What ``owner_of`` reports: the owner of a whole group; for a split group the
         rank holding row 0 (the first range); ``None`` for a local group."""
-        if self.kind == "whole":
+        if self.kind in ("whole", "everywhere"):
             return self.owner
         if self.kind == "split":
             return min(self.ranges, key=lambda r: self.ranges[r][0])
@@ -147,11 +190,18 @@ class Plan:
         """Split groups in name order: the groups the step's selection rounds serve."""
         return [n for n in sorted(self.groups) if self.groups[n].kind == "split"]
 
+    @property
+    def everywhere_names(self) -> list[str]:
+        """Whole groups every rank computes, in name order (their masks do not travel)."""
+        return [n for n in sorted(self.groups) if self.groups[n].kind == "everywhere"]
+
     def work_of(self, rank: int) -> list[tuple[str, int, int]]:
-        """``(name, row_start, row_stop)`` of everything ``rank`` computes, in name order
-        (local groups excluded)."""
+        """``(name, row_start, row_stop)`` of the masks ``rank`` sends in the closing
+        exchange, in name order (local and everywhere groups excluded)."""
         out = []
         for name in sorted(self.groups):
+            if self.groups[name].kind == "everywhere":
+                continue
             rows = self.groups[name].ranges.get(rank)
             if rows is not None:
                 out.append((name, rows[0], rows[1]))
@@ -230,6 +280,25 @@ def _pour(split: list[GroupSpec], loads: list[int]) -> dict[str, dict[int, tuple
     return ranges
 
 
+def _replicate_where_free(result: dict[str, GroupPlan], by_name: Mapping[str, GroupSpec], loads: list[int]) -> None:
+    """Turn whole splittable groups into ``"everywhere"`` groups, largest first (then by
+    name), while every other rank can compute the group too without its load exceeding
+    the busiest rank's: the step's time does not grow, and the mask stops travelling."""
+    busiest = max(loads)
+    whole = sorted((g for g in result.values() if g.kind == "whole" and by_name[g.name].splittable),
+                   key=lambda g: (-by_name[g.name].numel, g.name))
+    world = range(len(loads))
+    for group in whole:
+        numel = by_name[group.name].numel
+        if numel == 0 or any(loads[r] + numel > busiest for r in world if r != group.owner):
+            continue
+        for r in world:
+            if r != group.owner:
+                loads[r] += numel
+        rows = by_name[group.name].rows
+        result[group.name] = GroupPlan(group.name, "everywhere", group.owner, {r: (0, rows) for r in world})
+
+
 def plan(world_size: int, groups: Iterable[GroupSpec], *,
          min_split_elements: int | None = DEFAULT_MIN_SPLIT_ELEMENTS,
          split_costs: SplitCosts = SplitCosts()) -> Plan:
@@ -295,6 +364,8 @@ def plan(world_size: int, groups: Iterable[GroupSpec], *,
                 result[name] = GroupPlan(name, "whole", rank, dict(ranges))
             else:
                 result[name] = GroupPlan(name, "split", None, dict(sorted(ranges.items())))
+    if min_split_elements is None and world_size > 1:
+        _replicate_where_free(result, by_name, loads)
     for s in local:
         result[s.name] = GroupPlan(s.name, "local")
     return Plan(world_size=world_size, groups={n: result[n] for n in sorted(result)},

@@ -25,10 +25,13 @@ from typing import Any
 import torch
 
 from .comm import mark_raised_everywhere
+from ..kernels.mask_digest import mask_digest
+from ..kernels.unpack_rows import unpack_into
 from ..masks import as_matrix, pack_bits, packed_size, unpack_bits
 from .planner import Plan
 from .rects import RectView, layout_from_gathered
-from .selection import ShardSelection, choose_digit_bits
+from ..kernels import fused_shard
+from .selection import ShardSelection, check_shard_rows, choose_digit_bits, nonfinite_error
 from .sharding import ShardedRows
 
 __all__ = ["compute_split", "digit_bits_for", "exchange_masks"]
@@ -49,6 +52,9 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
     status all-reduce first makes every rank skip the selection when any rank already
     failed. Returns (aborted, bytes this rank sent in the halo exchanges)."""
     comm, rank = sp._comm, sp._comm.rank
+    fused_names = [n for n in split if _runs_fused(sp, n)]
+    split = [n for n in split if n not in fused_names]
+    fused = {n: _fused_shard(sp, plan, n, pieces, fail) for n in fused_names}
     selections: list[ShardSelection] = []
     slots: list[int] = []
     contributes: list[bool] = []
@@ -107,13 +113,42 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
         select(name, scores, n_blocks, config, torch.empty(0, dtype=view.dtype))
         slots.append(lay.slot() if lay.row_ordered else 0)
         contributes.append(True)
-    failed = comm.all_reduce_sum(torch.tensor([1 if errors else 0], dtype=torch.int64),
+    # The status of every rank and the fused split groups' top-digit histograms, summed in one all-reduce.
+    hists = [fused[n][0].hist if fused[n][0] is not None else torch.zeros(fused_shard.BINS, dtype=torch.int64)
+             for n in fused_names]
+    failed = comm.all_reduce_sum(torch.cat([torch.tensor([1 if errors else 0], dtype=torch.int64)] + hists),
                                  "all_reduce (status before selection)")
     if int(failed[0]):
         return True, halo_bytes
-    _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)
     n_rows = len(split) + len(sharded)
-    rect_flags = _rect_flags(sp, rects, rect_views, selections[n_rows:], ties_before[n_rows:], digit_bits)
+    n_own = n_rows + len(rects)
+    cuts, offset = {}, 1
+    for name in fused_names:
+        shard, k = fused[name]
+        hist = failed[offset : offset + fused_shard.BINS]
+        offset += hist.numel()
+        digit, _, need = shard.digit_cut(hist, k)
+        scores, idx = shard.candidates(digit)
+        cuts[name] = (digit, idx)
+        n_cand = int(hist[digit]) if digit >= 0 else 0  # global: the same digit width on every rank
+        bits = choose_digit_bits(comm.world_size, 1, torch.finfo(scores.dtype).bits, n_cand // comm.world_size)
+        selections.append(ShardSelection(scores, n_cand, need, bits))
+        slots.append(rank)
+        contributes.append(True)
+    _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)
+    for name, sel, before in zip(fused_names, selections[n_own:], ties_before[n_own:]):
+        try:
+            digit, idx = cuts[name]
+            pruned = sel.pruned(before) if sel.keys.numel() else None
+            sel.release()
+            config = sp.data_groups[name]
+            zeros = config["zeros_per_block"]
+            block = tuple(config["sparse_block_shape"])
+            fused[name][0].write(digit, pruned, idx, block[0] * block[1] if zeros is None else zeros)
+        except Exception as exc:  # noqa: BLE001
+            fail(name, exc)
+    rect_flags = _rect_flags(sp, rects, rect_views, selections[n_rows:n_own], ties_before[n_rows:n_own],
+                             digit_bits)
     for (name, matrix, row_start, row_stop, config), sel, before in zip(shards, selections, ties_before):
         local = sp._groups[name].local
         try:
@@ -144,6 +179,48 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
     if rects:
         halo_bytes += _rect_masks(sp, rects, rect_views, rect_flags, local_masks, fail)
     return False, halo_bytes
+
+# -- split groups on the fused CPU kernel, see distsparse.kernels.fused_shard -------------------
+
+
+def _runs_fused(sp, name: str) -> bool:
+    """Whether split group ``name`` runs the fused kernel on every rank: the built-in norm
+    scoring (no subclass override), CPU float32/float64 data and the kernel available (the
+    step's agreement compares that last fact, so every rank decides the same)."""
+    def built_in(method: Any) -> bool:  # DataNormSparsifier's own, not a subclass override (no import upward)
+        return getattr(method, "__module__", None) == "distsparse.norm_sparsifier" and \
+            getattr(method, "__qualname__", "").startswith("DataNormSparsifier.")
+
+    kind = type(sp)
+    if not (built_in(kind._shard_scores) and built_in(kind._shard_mask) and isinstance(getattr(sp, "norm", None), str)):
+        return False
+    data = sp._groups[name].local
+    return fused_shard.applies(data.dtype, data.device)
+
+
+def _fused_shard(sp, plan: Plan, name: str, pieces: dict[str, torch.Tensor], fail: Any):
+    """Pass 1 of the fused kernel on this rank's rows of split group ``name`` into its rows
+    of the new whole mask (``pieces[name]``); returns ``(shard or None on error, k)``."""
+    local = sp._groups[name].local
+    pieces[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)  # the whole new mask
+    try:
+        matrix = as_matrix(local.detach())
+        config = sp.data_groups[name]
+        sp._canonical_config(name, dict(config))
+        bh, bw = sp._block_shape(name)  # type: ignore[misc]
+        k = sp._blocks_to_prune(-(-matrix.shape[0] // bh) * -(-matrix.shape[1] // bw), config)
+        row_start, row_stop = plan.groups[name].ranges.get(sp._comm.rank, (0, 0))
+        check_shard_rows(matrix.shape[0], bh, row_start, row_stop)
+        shard = fused_shard.FusedShard(matrix, row_start, row_stop, (bh, bw), sp.norm,
+                                       as_matrix(pieces[name])[row_start:row_stop])
+        if shard.nonfinite:
+            error = nonfinite_error(matrix[row_start:row_stop], row_start)
+            if error is not None:
+                raise error
+        return shard, k
+    except Exception as exc:  # noqa: BLE001 - reported through the status exchange
+        fail(name, exc)
+        return None, 0
 
 # -- rectangle-sharded groups (TorchRec), see distsparse.distributed.rects ------------------------
 
@@ -339,26 +416,30 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
                    errors: list[str], first_error: BaseException | None,
                    aborted: bool = False, counted: list[str] = ()) -> tuple[int, int, dict[str, int]]:
     """One all-gather of every rank's status byte, the pruned-element counts of its
-    part of each ``counted`` (sharded) group, and bit-packed mask rows — its whole
+    part of each ``counted`` (sharded) group, the digest of its mask of each group every
+    rank computes (planner kind ``"everywhere"``), and bit-packed mask rows — its whole
     groups and its row ranges of split groups, in name order — into ``new_masks``
     (whole masks of every replicated group). If any rank failed (or the selection was
-    ``aborted`` for it), every rank raises instead. Returns (bytes sent, bytes received)
-    by this rank and the global zero count of each counted group."""
+    ``aborted`` for it), every rank raises instead. Where the digests of an everywhere
+    group differ (its replicas were not the same data), :func:`_adopt_owner_masks` gives
+    every rank the owner's mask. Returns (bytes sent, bytes received) by this rank and the
+    global zero count of each counted group."""
     comm = sp._comm
     device = comm.device
     work = [plan.work_of(r) for r in range(comm.world_size)]
+    everywhere = plan.everywhere_names
 
     def cols_of(name: str) -> int:
         data = sp._groups[name].local
         return int(as_matrix(data).shape[1]) if data.dim() else 1
 
-    head = 1 + 8 * len(counted)
+    head = 1 + 8 * len(counted) + 8 * len(everywhere)
     lengths = [head + sum(packed_size((b - a) * cols_of(n)) for n, a, b in items) for items in work]
     if errors or aborted:
         payload = torch.ones(1, dtype=torch.uint8, device=device)  # status 1; masks unused
     else:
-        counts = torch.tensor([_zeros(new_masks[n]) if _contributes(sp, n) else 0 for n in counted],
-                              dtype=torch.int64)
+        counts = torch.tensor([_zeros(new_masks[n]) if _contributes(sp, n) else 0 for n in counted]
+                              + [mask_digest(new_masks[n]) for n in everywhere], dtype=torch.int64)
         parts = [torch.zeros(1, dtype=torch.uint8, device=device), counts.view(torch.uint8).to(device)]
         for name, a, b in work[comm.rank]:
             own = as_matrix(pieces[name])[a:b] if name in pieces else new_masks[name]
@@ -370,8 +451,11 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
         comm.raise_if_any_failed(errors, f"{type(sp).__name__}.step()", local_error=first_error,
                                  failed=failed)
     totals = torch.zeros(len(counted), dtype=torch.int64)
+    digests = []
     for part in gathered:
-        totals += part[1:head].cpu().clone().view(torch.int64)
+        words = part[1:head].cpu().clone().view(torch.int64)
+        totals += words[: len(counted)]
+        digests.append(words[len(counted):].tolist())
     zeros = dict(zip(counted, (int(t) for t in totals)))
     for r, items in enumerate(work):
         offset = head
@@ -382,14 +466,42 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
                 part = gathered[r][offset : offset + size]
                 if name in pieces:  # rows of a split group
                     rows = as_matrix(pieces[name])[a:b]
-                    rows.copy_(unpack_bits(part, tuple(rows.shape)))
+                    if not unpack_into(part, rows):
+                        rows.copy_(unpack_bits(part, tuple(rows.shape)))
                 else:
                     new_masks[name] = unpack_bits(part, tuple(data.shape)).to(data.device)
             offset += size
     new_masks.update(pieces)
     # all-gather: this rank's (padded) buffer goes to every other rank, theirs come here.
     padded = max(lengths)
-    return padded * (comm.world_size - 1), padded * (comm.world_size - 1), zeros
+    sent = received = padded * (comm.world_size - 1)
+    differing = [n for i, n in enumerate(everywhere) if len({d[i] for d in digests}) > 1]
+    if differing:  # the same list on every rank: every rank makes the extra collective
+        extra = _adopt_owner_masks(sp, plan, differing, new_masks)
+        sent, received = sent + extra, received + extra
+    return sent, received, zeros
+
+
+def _adopt_owner_masks(sp, plan: Plan, names: list[str], new_masks: dict[str, torch.Tensor]) -> int:
+    """Groups every rank computed whose masks differ between ranks (their replicated data
+    differed): one all-gather of each owner's bit-packed masks, which every rank adopts —
+    the owner's copy decides, as when only the owner computes a group. Returns bytes sent."""
+    comm = sp._comm
+    owners = {n: plan.groups[n].owner for n in names}
+    sizes = {n: packed_size(sp._groups[n].local.numel()) for n in names}
+    lengths = [sum(sizes[n] for n in names if owners[n] == r) for r in range(comm.world_size)]
+    mine = [pack_bits(new_masks[n]).to(comm.device) for n in names if owners[n] == comm.rank]
+    payload = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.uint8, device=comm.device)
+    gathered = comm.all_gather_tensor(payload, lengths, "all_gather (owners' masks of differing replicas)")
+    offsets = [0] * comm.world_size
+    for name in names:
+        owner, size = owners[name], sizes[name]
+        if owner != comm.rank:
+            data = sp._groups[name].local
+            part = gathered[owner][offsets[owner] : offsets[owner] + size]
+            new_masks[name] = unpack_bits(part, tuple(data.shape)).to(data.device)
+        offsets[owner] += size
+    return max(lengths) * (comm.world_size - 1)
 
 
 def _contributes(sp, name: str) -> bool:

@@ -75,3 +75,57 @@ def nan_in_one_ranks_rows() -> dict:
     outcome = capture_error(sp.step)
     return {**outcome, "unchanged": before == _digest(sp.get_mask("big")) + _digest(sp.get_mask("small")),
             "ranges": {str(r): list(v) for r, v in sp.assignment("big").items()}, "rank": dist.get_rank()}
+
+
+def _reference(data: torch.Tensor, level: float, block: list, zeros) -> torch.Tensor:
+    zeros_n = zeros if zeros is not None else block[0] * block[1]
+    return norm_block_mask(data.detach(), level, tuple(block), zeros_n, "L1")
+
+
+def default_plan_groups(shapes: list, kind: str, level: float, block: list, zeros, dtype: str = "float32",
+                        steps: int = 2) -> dict:
+    """Tables of ``shapes`` under the default (cost model) plan: each group's plan kind,
+    mask digests per step and whether each equals the single-process mask."""
+    tables = {f"t{i}": nn.Parameter(_data(kind, r, c, 40 + i).to(getattr(torch, dtype)))
+              for i, (r, c) in enumerate(shapes)}
+    sp = distsparse.DataNormSparsifier(sparsity_level=level, sparse_block_shape=tuple(block), zeros_per_block=zeros)
+    for name, table in tables.items():
+        sp.add_data(name, table)
+    plan = sp._plan() if sp.world_size > 1 else None
+    from distsparse.distributed.step import _runs_fused
+
+    out = {"kinds": {n: plan.groups[n].kind if plan else "single" for n in tables},
+           "fused": {n: _runs_fused(sp, n) for n in tables},
+           "owners": {n: sp.owner_of(n) for n in tables}, "steps": [], "bytes_sent": []}
+    for i in range(steps):
+        step_level = min(1.0, level + 0.21 * i)
+        for name in tables:
+            sp.data_groups[name]["sparsity_level"] = step_level
+        sp.step()
+        out["steps"].append({name: {"digest": _digest(sp.get_mask(name)), "equals_single_process": bool(
+            torch.equal(sp.get_mask(name), _reference(tables[name], step_level, block, zeros)))}
+            for name in sorted(tables)})
+        out["bytes_sent"].append(sp.last_step_stats["bytes_sent"])
+    return out
+
+
+def differing_replicas(nan_on_rank: int | None = None) -> dict:
+    """One replicated table whose copies differ per rank (every rank computes it under
+    the default plan): every rank must end with the owner's mask; with ``nan_on_rank``,
+    that rank's copy has a NaN and every rank raises naming the group."""
+    from rank_fns import capture_error
+
+    rank = dist.get_rank()
+    data = _data("random", 301, 16, 5 + rank)
+    if nan_on_rank == rank:
+        data[17, 3] = float("nan")
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("shared", nn.Parameter(data))
+    kind, owner = sp._plan().groups["shared"].kind, sp.owner_of("shared")
+    before = _digest(sp.get_mask("shared"))
+    outcome = capture_error(sp.step)
+    owner_copy = _data("random", 301, 16, 5 + owner)
+    return {**outcome, "kind": kind, "owner": owner, "rank": rank, "digest": _digest(sp.get_mask("shared")),
+            "unchanged": before == _digest(sp.get_mask("shared")),
+            "equals_owners_copy": bool(torch.equal(sp.get_mask("shared"),
+                                                   _reference(owner_copy, 0.5, [1, 4], None)))}

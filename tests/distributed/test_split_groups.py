@@ -59,3 +59,71 @@ def test_nan_in_one_ranks_rows_of_a_split_group_fails_every_rank_and_changes_no_
     owner_of_row_380 = next(int(r) for r, (a, b) in results[0]["ranges"].items() if a <= 380 < b)
     assert "ValueError" in results[owner_of_row_380]["mro"]
     assert results[1 - owner_of_row_380]["error_type"] == "RemoteError"
+
+
+# -- the default plan (issue 22 item 5): small tables computed on every rank, big ones split ---------
+
+
+def _check_default(results, world_size):
+    for i in range(len(results[0]["steps"])):
+        assert len({repr(res["steps"][i]) for res in results}) == 1  # identical on every rank
+        for name, facts in results[0]["steps"][i].items():
+            assert facts["equals_single_process"], (i, name, facts)
+    assert all(res["kinds"] == results[0]["kinds"] for res in results)
+
+
+@pytest.mark.parametrize("world_size", [2, 3], ids=lambda ws: f"ws{ws}")
+@pytest.mark.parametrize("kind, level, block, zeros", [
+    ("random", 0.5, [1, 4], None),
+    ("few_values", 0.37, [2, 2], 2),
+    ("constant", 0.5, [3, 5], None),
+    ("repeated_rows", 0.61, [1, 4], 3),
+], ids=["random-1x4", "ties-2x2-zpb2", "constant-3x5", "repeated-rows-zpb3"])
+def test_one_table_is_computed_on_every_rank_and_no_mask_travels(world_size, kind, level, block, zeros):
+    results = run_ranks(split_groups_fns.default_plan_groups, world_size, [(389, 37)], kind, level, block, zeros,
+                        timeout=JOB_TIMEOUT)
+    _check_default(results, world_size)
+    assert results[0]["kinds"] == {"t0": "everywhere"}
+    # The closing all-gather carries a status byte and one 8-byte digest: no mask bytes.
+    assert all(sent <= 9 * (world_size - 1) for res in results for sent in res["bytes_sent"]), results[0]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_every_rank_computing_a_mix_of_tables_gives_the_single_process_masks(dtype):
+    # 3 tables at world 2: t0 and t2 on one rank, t1 on the other, which computes t2 too (no time lost).
+    results = run_ranks(split_groups_fns.default_plan_groups, 2, [(201, 37), (201, 37), (199, 37)], "few_values",
+                        0.5, [1, 4], None, dtype, timeout=JOB_TIMEOUT)
+    _check_default(results, 2)
+    assert results[0]["kinds"] == {"t0": "whole", "t1": "whole", "t2": "everywhere"}
+
+
+def test_replicas_that_differ_end_with_the_owners_mask_on_every_rank():
+    results = run_ranks(split_groups_fns.differing_replicas, 2, timeout=JOB_TIMEOUT)
+    assert [res["kind"] for res in results] == ["everywhere"] * 2
+    for res in results:
+        assert not res["raised"], res
+        assert res["equals_owners_copy"], res
+    assert results[0]["digest"] == results[1]["digest"]
+
+
+@pytest.mark.parametrize("nan_on_rank", [0, 1])
+def test_nan_in_one_ranks_copy_of_an_everywhere_group_fails_every_rank_naming_it(nan_on_rank):
+    results = run_ranks(split_groups_fns.differing_replicas, 2, nan_on_rank, timeout=JOB_TIMEOUT)
+    for res in results:
+        assert res["raised"] and "'shared'" in res["message"], res
+        assert res["unchanged"], res
+    assert "ValueError" in results[nan_on_rank]["mro"]
+    assert results[1 - nan_on_rank]["error_type"] == "RemoteError"
+
+
+@pytest.mark.parametrize("world_size", [2, 3], ids=lambda ws: f"ws{ws}")
+@pytest.mark.parametrize("kind, level, block, zeros, dtype", [
+    ("few_values", 0.37, [3, 4], 2, "float32"),
+    ("repeated_rows", 0.5, [1, 4], None, "float64"),
+], ids=["ties-3x4-zpb2-f32", "repeated-rows-1x4-f64"])
+def test_a_big_table_is_split_on_the_fused_kernel_by_default(world_size, kind, level, block, zeros, dtype):
+    # 1,600,003 x 4 (ragged block rows): the cost model splits it; each rank runs the fused kernel on its rows.
+    results = run_ranks(split_groups_fns.default_plan_groups, world_size, [(1_600_003, 4), (50, 12)], kind, level,
+                        block, zeros, dtype, timeout=JOB_TIMEOUT)
+    _check_default(results, world_size)
+    assert results[0]["kinds"]["t0"] == "split" and results[0]["fused"]["t0"]
