@@ -670,8 +670,8 @@ class BaseDataSparsifier(abc.ABC):
 
     # -- who computes what ------------------------------------------------------------
     def _plan(self) -> Plan:
-        """This step's plan (see :mod:`distsparse.distributed.planner`): whole groups with an owner,
-        big splittable groups in row ranges. Identical on every rank: it depends only on
+        """This step's plan (see :mod:`distsparse.distributed.planner`): whole groups with an owner
+        (or computed everywhere), big splittable groups in row ranges. Identical on every rank: it depends only on
         names, shapes, block shapes, scopes, the world size and ``min_split_elements``,
         which the step's agreement check covers. Recomputed when any of them changes."""
         specs = []
@@ -770,7 +770,8 @@ class BaseDataSparsifier(abc.ABC):
         """Recompute every group's mask. *Collective* when distributed.
 
         Replicated groups are computed by their owner and shared bit-packed in one
-        all-gather; local groups by every rank from its own data; sharded DTensor groups
+        all-gather, or (where that costs no rank more) by every rank from its own copy with
+        only a mask digest compared, or split in row ranges (see :meth:`assignment`); local groups by every rank from its own data; sharded DTensor groups
         by the ranks holding their rows, each keeping its own mask rows (only selection
         counts and the rows of blocks straddling shard boundaries travel). Ranks first check that
         they are in the same call and hold the same groups (:class:`RankDisagreementError`
