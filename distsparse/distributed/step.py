@@ -242,6 +242,16 @@ def _learn_rect_layouts(sp, names: list[str]) -> None:
             raise mark_raised_everywhere(exc)
 
 
+def _sharded_block(sp, name: str, what: str) -> tuple[int, int]:
+    """The group's block shape; a sparsifier that only implements ``update_mask`` (whole
+    tensors) cannot mask a table that no rank holds whole."""
+    block = sp._block_shape(name)
+    if block is None:
+        raise TypeError(f"group {name!r}: {type(sp).__name__} computes whole tensors only "
+                        f"(update_mask); {what} needs the sharded protocol")
+    return tuple(block)
+
+
 def _rect_views(sp, names: list[str]) -> tuple[dict[str, RectView], int]:
     """Each rectangle-sharded group's :class:`~distsparse.distributed.rects.RectView` with its halo
     data: one all-gather of the rows/columns of blocks straddling shard boundaries (none
@@ -250,11 +260,8 @@ def _rect_views(sp, names: list[str]) -> tuple[dict[str, RectView], int]:
     views: dict[str, RectView] = {}
     for name in names:
         group = sp._groups[name]
-        block = sp._block_shape(name)
-        if block is None:
-            raise TypeError(f"group {name!r}: {type(sp).__name__} computes whole tensors only "
-                            "(update_mask); a sharded table needs the sharded protocol")
-        views[name] = RectView(group.rect_layout, [t.detach() for t in group.rects.tensors], tuple(block))
+        block = _sharded_block(sp, name, "a sharded table")
+        views[name] = RectView(group.rect_layout, [t.detach() for t in group.rects.tensors], block)
     lengths = {n: views[n].halo_lengths(comm.world_size) for n in names}
     payload = [views[n].halo_payload() for n in names]  # also keeps pieces between this rank's own shards
     totals = [sum(lengths[n][r] for n in names) for r in range(comm.world_size)]
@@ -369,11 +376,8 @@ def _sharded_rows(sp, names: list[str]) -> tuple[dict[str, ShardedRows], int]:
     need = []
     for name in names:
         group = sp._groups[name]
-        block = sp._block_shape(name)
-        if block is None:
-            raise TypeError(f"group {name!r}: {type(sp).__name__} computes whole tensors only "
-                            "(update_mask); a sharded DTensor group needs the sharded protocol")
-        views[name] = ShardedRows(group.layout, as_matrix(group.local.detach()), tuple(block))
+        block = _sharded_block(sp, name, "a sharded DTensor group")
+        views[name] = ShardedRows(group.layout, as_matrix(group.local.detach()), block)
         if group.layout.needs_halo(block[0]):
             need.append(name)
     if not need:
