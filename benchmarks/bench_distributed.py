@@ -33,7 +33,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -247,50 +246,8 @@ def _jsonable(x):
 
 
 def launch_world(world: int, cfg: dict, timeout: float) -> list[dict]:
-    port = _common.free_port()
-    tmp = tempfile.mkdtemp(prefix=f"distsparse_bench_w{world}_")
-    procs = []
-    for rank in range(world):
-        env = _common.child_env()
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-        out = open(os.path.join(tmp, f"rank{rank}.out"), "w+")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
-        procs.append((subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT),
-                      out))
-    deadline = time.monotonic() + timeout
-    timed_out = False
-    for p, _ in procs:
-        left = deadline - time.monotonic()
-        try:
-            p.wait(timeout=max(left, 0.1))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            break
-    if timed_out:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = []
-    for rank, (p, out) in enumerate(procs):
-        out.seek(0)
-        text = out.read()
-        out.close()
-        res = None
-        for line in reversed(text.splitlines()):
-            if line.startswith("RESULT "):
-                res = json.loads(line[len("RESULT "):])
-                break
-        if res is None:
-            why = f"timed out after {timeout:.0f} s" if timed_out else f"exit {p.returncode}"
-            tail = " / ".join(text.strip().splitlines()[-12:])
-            res = dict(rank=rank, error=f"{why}: {tail}")
-        results.append(res)
-    for f in os.listdir(tmp):
-        os.remove(os.path.join(tmp, f))
-    os.rmdir(tmp)
-    return results
+    """``world`` ranks of this script's child (``_common.launch_ranks``: free port, hard timeout)."""
+    return _common.launch_ranks(__file__, f"w{world}", world, cfg, timeout)
 
 
 def ms(x: float | None) -> str:
