@@ -29,13 +29,18 @@ def _check(results, world_size):
         assert ranges == {"0": [0, 389]}
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4], ids=lambda ws: f"ws{ws}")
-@pytest.mark.parametrize("kind, level, block, zeros", [
+# Data kinds (tie-free, ties with zeros_per_block, all equal, repeated rows) x block shapes, shared by the tests below.
+DATA_CASES = [
     ("random", 0.5, [1, 4], None),
     ("few_values", 0.37, [2, 2], 2),
     ("constant", 0.5, [3, 5], None),
     ("repeated_rows", 0.61, [1, 4], 3),
-], ids=["random-1x4", "ties-2x2-zpb2", "constant-3x5", "repeated-rows-zpb3"])
+]
+DATA_IDS = ["random-1x4", "ties-2x2-zpb2", "constant-3x5", "repeated-rows-zpb3"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4], ids=lambda ws: f"ws{ws}")
+@pytest.mark.parametrize("kind, level, block, zeros", DATA_CASES, ids=DATA_IDS)
 def test_one_big_table_and_small_ones_give_the_single_process_masks_on_every_rank(world_size, kind, level,
                                                                                   block, zeros):
     results = run_ranks(split_groups_fns.split_and_small_groups, world_size, kind, level, block, zeros, 5,
@@ -73,12 +78,7 @@ def _check_default(results, world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 3], ids=lambda ws: f"ws{ws}")
-@pytest.mark.parametrize("kind, level, block, zeros", [
-    ("random", 0.5, [1, 4], None),
-    ("few_values", 0.37, [2, 2], 2),
-    ("constant", 0.5, [3, 5], None),
-    ("repeated_rows", 0.61, [1, 4], 3),
-], ids=["random-1x4", "ties-2x2-zpb2", "constant-3x5", "repeated-rows-zpb3"])
+@pytest.mark.parametrize("kind, level, block, zeros", DATA_CASES, ids=DATA_IDS)
 def test_one_table_is_computed_on_every_rank_and_no_mask_travels(world_size, kind, level, block, zeros):
     results = run_ranks(split_groups_fns.default_plan_groups, world_size, [(389, 37)], kind, level, block, zeros,
                         timeout=JOB_TIMEOUT)
