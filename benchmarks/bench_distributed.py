@@ -80,6 +80,8 @@ def run_child(cfg: dict) -> dict:
     sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), norm="L1")
     for n, p in zip(names, params):
         sp.add_data(n, p)
+    if cfg.get("min_split") is not None:  # the size rule instead of the cost model (measure a forced split)
+        sp.min_split_elements = cfg["min_split"]
 
     owners, plans = {}, {}
     if hasattr(sp, "owner_of"):
@@ -214,7 +216,8 @@ def _instrument(sp, distsparse) -> dict:
                             ("broadcast_bytes", "collective: broadcast_bytes"),
                             ("select_lowest", "split groups: selection rounds (incl. all-reduces)"),
                             ("all_reduce_sum", "collective: all_reduce_sum"),
-                            ("run_on_coordinator", "collective: run_on_coordinator (other)")):
+                            ("run_on_coordinator", "collective: run_on_coordinator (other)"),
+                            ("close", "collective: close (one-round frame, status, digests)")):
             _wrap(comm, attr, label, timers)
     norm = getattr(distsparse, "norm_sparsifier", None)
     if norm is not None:
@@ -433,7 +436,7 @@ def sweep(args) -> int:
         for dim in (int(d) for d in args.dims.split(",")):
             rows = numel // dim
             cfg = dict(tables=1, rows=rows, cols=dim, steps=args.steps, sched_steps=0, pg_timeout=120,
-                       module=args.module, breakdown=False)
+                       module=args.module, breakdown=False, min_split=args.min_split)
             res = {w: launch_world(w, cfg, args.timeout) for w in (1, 2)}
             bad = [f"w{w} r{r['rank']}: {r['error'][-300:]}" for w in res for r in res[w] if "error" in r]
             load = os.getloadavg()[0]
@@ -497,6 +500,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="1M,4M,16M,32M,64M", help="--sweep: elements per table (M = 2**20)")
     ap.add_argument("--dims", default="8,32,128", help="--sweep: columns per table")
     ap.add_argument("--label", default="", help="--sweep: a heading for this run (e.g. before/after)")
+    ap.add_argument("--min-split", type=int, default=None,
+                    help="set sp.min_split_elements (the size rule instead of the cost model: forces splits)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--floor-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--module", default="distsparse", help=argparse.SUPPRESS)  # harness dev
@@ -515,7 +520,7 @@ def main() -> int:
     rows = args.rows or (25_000 if args.quick else 250_000)
     cfg = dict(tables=args.tables, rows=rows, cols=args.cols, steps=args.steps,
                sched_steps=args.sched_steps, pg_timeout=60, module=args.module,
-               breakdown=not args.no_breakdown)
+               breakdown=not args.no_breakdown, min_split=args.min_split)
     out = args.out or os.path.join(
         HERE, "results", "distributed_quick.md" if args.quick else "distributed.md")
     info = _common.machine_info()

@@ -462,7 +462,7 @@ def _send(comm: Any, tensor: torch.Tensor, dst: int, what: str) -> None:
     flat = tensor.reshape(-1).to(comm.device)
     for start in range(0, flat.numel(), _CHUNK):
         piece = flat[start : start + _CHUNK].contiguous()
-        comm._wait(dist.isend(piece, group=comm.group, group_dst=dst), what)
+        comm._wait(lambda: dist.isend(piece, group=comm.group, group_dst=dst), what)
 
 
 def _recv(comm: Any, nbytes: int, src: int, what: str) -> Iterator[torch.Tensor]:
@@ -472,7 +472,7 @@ def _recv(comm: Any, nbytes: int, src: int, what: str) -> Iterator[torch.Tensor]
     buffer = torch.empty(min(nbytes, _CHUNK), dtype=torch.uint8, device=comm.device)
     for start in range(0, nbytes, _CHUNK):
         piece = buffer[: min(_CHUNK, nbytes - start)]
-        comm._wait(dist.irecv(piece, group=comm.group, group_src=src), what)
+        comm._wait(lambda: dist.irecv(piece, group=comm.group, group_src=src), what)
         yield piece.cpu()
 
 

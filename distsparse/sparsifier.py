@@ -782,10 +782,15 @@ class BaseDataSparsifier(abc.ABC):
         comm = self._comm
         op = f"{type(self).__name__}.step()"
         started = time.perf_counter()
+        rank, distributed = comm.rank, comm.world_size > 1
+        plan = self._plan() if distributed else None
+        # Every mask computed from this rank's own data (computed everywhere, or local): the
+        # step's only collective is its closing frame (Comm.close), which also compares digests.
+        one_round = plan is not None and all(
+            not g.distributed_rows and (not g.replicated or plan.groups[n].kind == "everywhere")
+            for n, g in self._groups.items())
         # Masks are plain tensors even when step() runs under torch.inference_mode().
-        with torch.inference_mode(False), torch.no_grad(), comm.operation(op, self._describe()):
-            rank, distributed = comm.rank, comm.world_size > 1
-            plan = self._plan() if distributed else None
+        with torch.inference_mode(False), torch.no_grad(), comm.operation(op, self._describe(), deferred=one_round):
             names = sorted(self._groups)
             sharded = [n for n in names if self._groups[n].sharded]
             rects = [n for n in names if self._groups[n].rects is not None]
@@ -828,6 +833,10 @@ class BaseDataSparsifier(abc.ABC):
                 if first_error is not None:
                     raise first_error
                 zeros = {n: _zeros(new_masks[n]) for n in counted}
+            elif one_round:
+                zeros = {}
+                bytes_sent = bytes_received = distributed_step.close_everywhere(self, plan, op, new_masks, errors,
+                                                                                first_error)
             else:
                 sent, received, zeros = self._exchange_masks(plan, new_masks, pieces, errors, first_error, aborted,
                                                              counted)

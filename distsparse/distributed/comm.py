@@ -24,6 +24,12 @@ that operation's commit point), ``begin``'s ``inline`` bytes in an all-gather.
 ``finish`` is the commit point: state changes only after every rank reached it, so a rank
 that gave up waiting (the backstop timeout) cannot leave the others committed alone — they
 wait in ``finish`` and give up too.
+
+An operation whose body needs no collective (a step whose every mask comes from the rank's
+own data) is *deferred* (``operation(..., deferred=True)``): its frame is sent once, at the
+end, by :meth:`Comm.close`, with the rank's status and a digest of its outcome folded into the
+fingerprint — one 16-byte all-reduce in all, which is also the commit point. A rank in another
+call meets it in the same 16-byte all-reduce, so mismatches are found and named as above.
 """
 
 from __future__ import annotations
@@ -105,11 +111,16 @@ class Comm:
         self.framing_bytes_sent = 0
         #: A decided operation whose value all-reduce already was its commit point.
         self._committed: str | None = None
+        #: A deferred operation's description, framed by :meth:`close`.
+        self._pending = b"{}"
 
-    def _wait(self, work: Any, what: str) -> None:
+    def _wait(self, start: Callable[[], Any], what: str) -> None:
+        """Start a collective (``start()`` returns its work) and wait for it with the
+        backstop timeout. A peer that went away may fail the start itself (gloo raises at
+        once): that, too, becomes the named error below."""
         started = time.monotonic()
         try:
-            work.wait(timeout=timedelta(seconds=self.timeout))
+            start().wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as exc:
             op = f" of {self._operation}" if self._operation else ""
             waited = time.monotonic() - started
@@ -177,30 +188,78 @@ class Comm:
             self._frame_all_reduce("<finish> " + op, 0, False, f"the end of {op}", b"{}")
         self._operation = None
 
+    def _defer(self, op: str, description: dict[str, Any] | None) -> None:
+        """:meth:`begin` without its collective: the frame waits for :meth:`close`."""
+        self._check_usable()
+        self.calls += 1
+        self._committed = None
+        self._operation = op
+        self._pending = _canonical(description or {})
+
+    def close(self, op: str, errors: Sequence[str], local_error: BaseException | None, outcome: bytes) -> bool:
+        """Collective: the ONE all-reduce of a deferred operation — its opening frame, its
+        status and a digest of its ``outcome`` (bytes every rank should hold alike, e.g. the
+        digests of masks every rank computed) in one 16-byte frame.
+
+        Equal frames mean every rank is in the same call with the same description, none
+        failed and all hold the same outcome: that all-reduce is the commit point (the
+        body's ``finish`` sends nothing) and this returns True. Otherwise every rank sees
+        the mismatch and all-gather their records: ranks in different calls or with different
+        descriptions raise :class:`RankDisagreementError` as :meth:`begin` does; if any rank
+        failed, every rank raises as :meth:`raise_if_any_failed`; else only the outcomes
+        differ and this returns False (the caller settles it collectively, then calls
+        ``finish``, a frame as usual)."""
+        blob, self._pending = self._pending, b"{}"
+        if not self.is_distributed or self.world_size == 1:
+            if local_error is not None:
+                raise local_error
+            return True
+        failed = bool(errors) or local_error is not None
+        digest, result = _digest62(blob), _digest62(bytes([failed]) + outcome)
+        call = "<begin> " + op
+        frame = _frame(call, self.calls, digest, False, result)
+        if self._frame_all_reduce_raw(frame, f"the step's frame, status and outcome of {op}"):
+            self._committed = op
+            return True
+        records = self._gathered_records(call, digest, False, blob, failed, result)
+        flags = [bool(status) for status, _ in records]
+        if any(flags):
+            self.raise_if_any_failed(errors, op, local_error=local_error, failed=flags)
+        return False
+
     def _frame_all_reduce(self, call: str, digest: int, carries: bool, what: str, blob: bytes) -> None:
         """Collective: one all-reduce (MIN) of the 16-byte frame of ``call`` (see
         :func:`_frame`). Every rank sees the same result, so on a mismatch every rank goes on
-        to :meth:`_raise_mismatch` and raises."""
-        frame = torch.tensor(_frame(call, self.calls, digest, carries), dtype=torch.int64, device=self.device)
+        to :meth:`_gathered_records`, which raises."""
+        if not self._frame_all_reduce_raw(_frame(call, self.calls, digest, carries), what):
+            self._gathered_records(call, digest, carries, blob)
+            raise RankDisagreementError(f"{call}: ranks' frames differ (rank {self.rank} of {self.world_size})")
+
+    def _frame_all_reduce_raw(self, fingerprints: list[int], what: str) -> bool:
+        """Collective: the all-reduce (MIN) of a frame; whether every rank sent the same."""
+        frame = torch.tensor(fingerprints, dtype=torch.int64, device=self.device)
         n = self.world_size
         self.framing_bytes_sent += 2 * (n - 1) * frame.numel() * frame.element_size() // n
-        self._wait(dist.all_reduce(frame, op=dist.ReduceOp.MIN, group=self._group, async_op=True),
+        self._wait(lambda: dist.all_reduce(frame, op=dist.ReduceOp.MIN, group=self._group, async_op=True),
                    f"all_reduce ({what})")
         low, minus_high = frame.cpu().tolist()
-        if low != -minus_high:
-            self._raise_mismatch(call, digest, carries, blob)
+        return low == -minus_high
 
-    def _raise_mismatch(self, call: str, digest: int, carries: bool, blob: bytes) -> None:
+    def _gathered_records(self, call: str, digest: int, carries: bool, blob: bytes, failed: bool = False,
+                          result: int = 0) -> list[tuple[bool, int]]:
         """Collective, on a mismatch only (every rank saw it): all-gather every rank's call
-        name, counter and description digest, and raise :class:`RankDisagreementError`
-        naming every rank's call, or (same calls) the groups whose descriptions differ."""
+        name, counter, description digest, inline flag, status and outcome digest. Raises
+        :class:`RankDisagreementError` naming every rank's call, or (same calls) the groups
+        whose descriptions differ, or the ranks that passed inline bytes; else returns every
+        rank's (failed, outcome digest) — a deferred operation's mismatch (:meth:`close`)."""
         name = call.encode()[:_NAME_BYTES].ljust(_NAME_BYTES, b"\0")
-        mine = name + self.calls.to_bytes(8, "little") + digest.to_bytes(8, "little") + bytes([carries])
+        mine = (name + self.calls.to_bytes(8, "little") + digest.to_bytes(8, "little") + bytes([carries, failed])
+                + result.to_bytes(8, "little"))
         parts = self._all_gather_fixed(mine, "the names of the calls")
-        self._operation = None
         calls = [(p[:_NAME_BYTES].rstrip(b"\0").decode(errors="replace").removeprefix("<begin> "),
                   int.from_bytes(p[_NAME_BYTES : _NAME_BYTES + 8], "little")) for p in parts]
         if any(c != calls[0] for c in calls):
+            self._operation = None
             shown = "; ".join(f"rank {r}: {op} (distsparse call #{n})" for r, (op, n) in enumerate(calls))
             raise RankDisagreementError(
                 f"distsparse: ranks are in different collective calls (rank {self.rank} of "
@@ -209,14 +268,21 @@ class Comm:
             )
         op = calls[0][0]
         if any(p[_NAME_BYTES + 8 : _NAME_BYTES + 16] != parts[0][_NAME_BYTES + 8 : _NAME_BYTES + 16] for p in parts):
+            self._operation = None
             self._raise_on_disagreement(blob, op)
-        carried = [r for r, p in enumerate(parts) if p[-1]]
-        raise RankDisagreementError(f"{op}: only rank(s) {carried} of {self.world_size} passed inline bytes")
+        carried = [r for r, p in enumerate(parts) if p[_NAME_BYTES + 16]]
+        if carried and len(carried) < len(parts):
+            self._operation = None
+            raise RankDisagreementError(f"{op}: only rank(s) {carried} of {self.world_size} passed inline bytes")
+        return [(bool(p[_NAME_BYTES + 17]), int.from_bytes(p[_NAME_BYTES + 18 :], "little")) for p in parts]
 
     @contextmanager
     def operation(self, op: str, description: dict[str, Any] | None = None,
-                  inline: bytes | None = None) -> Iterator[list[bytes]]:
+                  inline: bytes | None = None, deferred: bool = False) -> Iterator[list[bytes]]:
         """``begin`` … body … (the body calls ``finish`` before committing).
+
+        ``deferred``: for a body that makes no collective of its own — its frame is sent
+        only by :meth:`close`, which the body then calls once with its outcome (see there).
 
         If the body raises an exception that is not raised on every rank alike (those
         are :class:`RankDisagreementError`, :class:`RemoteError`, and exceptions flagged
@@ -224,7 +290,13 @@ class Comm:
         :meth:`raise_if_any_failed` re-raises), this rank may have left the others
         inside a collective: the Comm is marked broken and refuses later calls.
         """
-        parts = self.begin(op, description, inline)
+        if deferred:
+            if inline is not None:
+                raise ValueError("a deferred operation carries no inline bytes")
+            self._defer(op, description)
+            parts = [b""] * self.world_size
+        else:
+            parts = self.begin(op, description, inline)
         with self._guard(op):
             yield parts
 
@@ -301,13 +373,13 @@ class Comm:
         device = self.device
         size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
         sizes = [torch.empty_like(size) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(sizes, size, group=self._group, async_op=True), "all_gather (sizes)")
+        self._wait(lambda: dist.all_gather(sizes, size, group=self._group, async_op=True), "all_gather (sizes)")
         lengths = [int(s.item()) for s in sizes]
         buf = torch.zeros(max(lengths) or 1, dtype=torch.uint8, device=device)
         if payload:
             buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         out = [torch.empty_like(buf) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(out, buf, group=self._group, async_op=True), "all_gather (bytes)")
+        self._wait(lambda: dist.all_gather(out, buf, group=self._group, async_op=True), "all_gather (bytes)")
         return [o[:n].cpu().numpy().tobytes() for o, n in zip(out, lengths)]
 
     def all_gather_tensor(self, tensor: torch.Tensor, lengths: Sequence[int],
@@ -324,7 +396,7 @@ class Comm:
         buf = torch.zeros(longest, dtype=torch.uint8, device=device)
         buf[: tensor.numel()] = tensor.to(device)
         out = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
-        self._wait(_all_gather_into(out, buf, self._group), what)
+        self._wait(lambda: _all_gather_into(out, buf, self._group), what)
         return [out[r * longest : r * longest + n] for r, n in enumerate(lengths)]
 
     def all_reduce_sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -335,7 +407,7 @@ class Comm:
         buf = tensor.to(self.device, copy=True)
         n = self.world_size
         self.all_reduce_bytes_sent += 2 * (n - 1) * buf.numel() * buf.element_size() // n
-        self._wait(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._group, async_op=True), what)
+        self._wait(lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._group, async_op=True), what)
         return buf.to(tensor.device)
 
     def select_lowest(self, selections: Sequence[Any], failed: bool,
@@ -405,13 +477,13 @@ class Comm:
         device = self.device
         is_src = self.rank == src
         size = torch.tensor([len(payload) if is_src and payload is not None else 0], dtype=torch.int64, device=device)
-        self._wait(dist.broadcast(size, src=self._global_rank(src), group=self._group, async_op=True),
+        self._wait(lambda: dist.broadcast(size, src=self._global_rank(src), group=self._group, async_op=True),
                    "broadcast (size)")
         n = int(size.item())
         buf = torch.zeros(max(n, 1), dtype=torch.uint8, device=device)
         if is_src and n:
             buf[:n] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)  # type: ignore[arg-type]
-        self._wait(dist.broadcast(buf, src=self._global_rank(src), group=self._group, async_op=True),
+        self._wait(lambda: dist.broadcast(buf, src=self._global_rank(src), group=self._group, async_op=True),
                    "broadcast (bytes)")
         return buf[:n].cpu().numpy().tobytes()
 
@@ -460,7 +532,7 @@ class Comm:
             return
         if failed is None:
             flag = torch.tensor([1 if errors else 0], dtype=torch.int64, device=self.device)
-            self._wait(dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
+            self._wait(lambda: dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
                        "all_reduce (status)")
             failed = [bool(int(flag.item()))]
         if not any(failed):
@@ -532,7 +604,7 @@ class Comm:
             assert body is not None
             first = bytes([failed]) + len(body).to_bytes(8, "little") + body[: _DECISION_BYTES - 9]
             head[: len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
-        self._wait(dist.all_reduce(head, op=dist.ReduceOp.MIN, group=self._group, async_op=True),
+        self._wait(lambda: dist.all_reduce(head, op=dist.ReduceOp.MIN, group=self._group, async_op=True),
                    "all_reduce (the decided value)")
         received = head.cpu().numpy().tobytes()
         length = int.from_bytes(received[1:9], "little")
@@ -542,7 +614,7 @@ class Comm:
             tail = torch.empty(rest, dtype=torch.uint8, device=device)
             if self.rank == src:
                 tail.copy_(torch.frombuffer(bytearray(body[len(out) :]), dtype=torch.uint8))  # type: ignore[index]
-            self._wait(dist.broadcast(tail, src=self._global_rank(src), group=self._group, async_op=True),
+            self._wait(lambda: dist.broadcast(tail, src=self._global_rank(src), group=self._group, async_op=True),
                        "broadcast (the rest of the decided value)")
             out += tail.cpu().numpy().tobytes()
         return bool(received[0]), out, rest <= 0
@@ -604,13 +676,15 @@ def _digest62(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") & _FIELD
 
 
-def _frame(call: str, calls: int, digest: int, carries: bool) -> list[int]:
+def _frame(call: str, calls: int, digest: int, carries: bool, result: int | None = None) -> list[int]:
     """The two ``int64`` all-reduced (MIN) at the start and end of every operation: a
     fingerprint of (call name and phase, call counter, description digest, whether inline
     bytes follow) and its negation, so one MIN gives the lowest and the highest fingerprint
     over the ranks — equal exactly when every rank is in the same call with the same
-    description. 16 bytes at every world size."""
-    fingerprint = _digest62(f"{call}\0{calls}\0{digest}\0{int(carries)}".encode())
+    description; ``result``: a deferred operation's status and outcome digest, see
+    :meth:`Comm.close`). 16 bytes at every world size."""
+    tail = "" if result is None else f"\0{result}"
+    fingerprint = _digest62(f"{call}\0{calls}\0{digest}\0{int(carries)}{tail}".encode())
     return [fingerprint, -fingerprint]
 
 

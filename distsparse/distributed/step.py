@@ -34,7 +34,7 @@ from ..kernels import fused_shard
 from .selection import ShardSelection, check_shard_rows, choose_digit_bits, nonfinite_error
 from .sharding import ShardedRows
 
-__all__ = ["compute_split", "digit_bits_for", "exchange_masks"]
+__all__ = ["close_everywhere", "compute_split", "digit_bits_for", "exchange_masks"]
 
 
 def _zeros(mask: torch.Tensor) -> int:
@@ -484,6 +484,30 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
         extra = _adopt_owner_masks(sp, plan, differing, new_masks)
         sent, received = sent + extra, received + extra
     return sent, received, zeros
+
+
+def close_everywhere(sp, plan: Plan, op: str, new_masks: dict[str, torch.Tensor], errors: list[str],
+                     first_error: BaseException | None) -> int:
+    """The end of a step whose every mask was computed from this rank's own data (groups
+    computed everywhere, local groups): ONE all-reduce (:meth:`Comm.close`) of the step's
+    frame, every rank's status and the digests of its everywhere masks. If those digests
+    differ (the replicas were not the same data), a gather of each group's digests finds
+    the groups, whose owners' masks every rank adopts (:func:`_adopt_owner_masks`). Every
+    rank raises if any failed. Returns bytes sent (0 on the common path: framing only)."""
+    comm = sp._comm
+    everywhere = plan.everywhere_names
+    digests = torch.tensor([0 if errors else mask_digest(new_masks[n]) for n in everywhere], dtype=torch.int64)
+    outcome = digests.numpy().tobytes()
+    if comm.close(op, errors, first_error, outcome):
+        return 0
+    mine = digests.view(torch.uint8)
+    gathered = comm.all_gather_tensor(mine, [mine.numel()] * comm.world_size, "all_gather (mask digests)")
+    per_rank = [g.cpu().clone().view(torch.int64).tolist() for g in gathered]
+    differing = [n for i, n in enumerate(everywhere) if len({d[i] for d in per_rank}) > 1]
+    sent = mine.numel() * (comm.world_size - 1)
+    if differing:  # the same list on every rank: every rank makes the extra collective
+        sent += _adopt_owner_masks(sp, plan, differing, new_masks)
+    return sent
 
 
 def _adopt_owner_masks(sp, plan: Plan, names: list[str], new_masks: dict[str, torch.Tensor]) -> int:

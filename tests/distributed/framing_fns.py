@@ -115,3 +115,49 @@ def mismatches() -> dict:
     out["any_failed"] = capture_error(comm.raise_if_any_failed, errors, "writing", local_error=local)
     out["usable"] = comm.broken is None
     return out
+
+
+def one_round_step() -> dict:
+    """A step whose every mask comes from the rank's own data — one replicated table (computed
+    everywhere) and a local group: its collectives, recorded, and whether its masks are the
+    single-process ones."""
+    from distsparse.masks import norm_block_mask
+
+    rank = dist.get_rank()
+    table = nn.Parameter(torch.randn(389, 37, generator=torch.Generator().manual_seed(11)))
+    batch = torch.randn(16, 8, generator=torch.Generator().manual_seed(100 + rank))
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("table", table)
+    sp.add_data("batch", batch, replicated=False)
+    kind = sp._plan().groups["table"].kind
+    sp.step()
+    framing_before = sp.comm.framing_bytes_sent
+    with _Recorder() as step:
+        sp.step()
+    expected = {"table": table.detach(), "batch": batch}
+    return {"kind": kind, "step": step.calls, "framing_bytes": sp.comm.framing_bytes_sent - framing_before,
+            "bytes_sent": sp.last_step_stats["bytes_sent"],
+            "single_process": {n: bool(torch.equal(sp.get_mask(n), norm_block_mask(d, 0.5, (1, 4), 4, "L1")))
+                               for n, d in expected.items()}}
+
+
+def one_round_mismatches() -> dict:
+    """A rank in a one-round step() meets (a) a rank in scheduler.step(), (b) a rank whose
+    description differs (another min_split_elements): every rank raises, naming it; no mask
+    changes."""
+    rank = dist.get_rank()
+    out = {}
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("table", nn.Parameter(torch.randn(389, 37, generator=torch.Generator().manual_seed(11))))
+    sch = distsparse.LinearScheduler(sp, final_value=0.8, ramp_steps=10)
+    out["kind"] = sp._plan().groups["table"].kind
+    before = sp.get_mask("table").clone()
+    out["step_vs_scheduler"] = capture_error(sp.step if rank == 0 else sch.step)
+    sp = distsparse.DataNormSparsifier(sparsity_level=0.5)
+    sp.add_data("table", nn.Parameter(torch.randn(389, 37, generator=torch.Generator().manual_seed(11))))
+    if rank == 1:
+        sp.min_split_elements = 1000
+    out["kinds_by_rank"] = sp._plan().groups["table"].kind
+    out["differing_description"] = capture_error(sp.step)
+    out["unchanged"] = bool(torch.equal(sp.get_mask("table"), before))
+    return out

@@ -80,3 +80,33 @@ def test_one_ranks_error_makes_every_rank_raise_and_the_comm_stays_usable(mismat
         assert err["raised"] and "rank 1's disk is full" in err["message"], (rank, err)
         assert err["error_type"] == ("OSError" if rank == 1 else "RemoteError"), (rank, err)
         assert res["usable"], rank
+
+
+# -- a step whose every mask comes from the rank's own data: one collective in all ---------------
+
+
+@pytest.mark.parametrize("world_size", [2, 3], ids=lambda ws: f"ws{ws}")
+def test_a_step_computed_from_every_ranks_own_data_is_one_16_byte_all_reduce(world_size):
+    results = run_ranks(framing_fns.one_round_step, world_size, timeout=JOB_TIMEOUT)
+    ring = 2 * (world_size - 1) * FRAME_BYTES // world_size
+    for rank, res in enumerate(results):
+        assert res["kind"] == "everywhere", res
+        assert res["step"] == [["all_reduce", FRAME_BYTES]], (rank, res["step"])
+        assert res["framing_bytes"] == ring and res["bytes_sent"] == 0, (rank, res)
+        assert res["single_process"] == {"table": True, "batch": True}, (rank, res)
+
+
+def test_a_one_round_step_meeting_another_call_or_description_fails_on_every_rank_naming_it():
+    results = run_ranks(framing_fns.one_round_mismatches, 2, timeout=JOB_TIMEOUT)
+    assert [res["kind"] for res in results] == ["everywhere"] * 2
+    assert results[1]["kinds_by_rank"] == "split"  # rank 1 would split: another protocol, same first collective
+    for rank, res in enumerate(results):
+        case = res["step_vs_scheduler"]
+        assert case["raised"] and case["error_type"] == "RankDisagreementError", (rank, case)
+        assert "rank 0: DataNormSparsifier.step() (distsparse call #" in case["message"], case["message"]
+        assert "rank 1: LinearScheduler.step()" in case["message"], case["message"]
+        assert case["seconds"] < 10
+        case = res["differing_description"]
+        assert case["raised"] and case["error_type"] == "RankDisagreementError", (rank, case)
+        assert "min_split_elements" in case["message"], case["message"]
+        assert res["unchanged"], rank
