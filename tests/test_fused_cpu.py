@@ -253,3 +253,18 @@ def test_the_kernel_runs_only_where_it_beats_the_torch_path(monkeypatch):
         assert (out is not None) == runs, (block, zeros, dtype)
         assert torch.equal(masks.norm_block_mask(x, 0.5, block, zeros, "L1"),
                            torch_path(monkeypatch, x, 0.5, block, zeros, "L1"))
+
+
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_the_smallest_one_read_table_samples_one_block_in_sixteen_and_matches_the_torch_path(monkeypatch, norm):
+    """2**18 blocks (1M float32 elements) with the real constants: a 2**14-block sample,
+    whose bracket holds the cut, and the torch path's mask."""
+    assert fused_cpu.sample_size(1 << 18) == 1 << 14 and fused_cpu.sample_size(1 << 22) == fused_cpu._SAMPLE
+    outcomes = []
+    real = fused_cpu._bracket_mask
+    monkeypatch.setattr(fused_cpu, "_bracket_mask", lambda *a: outcomes.append(real(*a)) or outcomes[-1])
+    data = torch.randn(1 << 16, 16, generator=torch.Generator().manual_seed(12))
+    for level in (0.05, 0.5, 0.93):
+        want = torch_path(monkeypatch, data, level, (1, 4), 4, norm)
+        assert torch.equal(fused(data, level, (1, 4), 4, norm), want), level
+    assert outcomes == [True] * 3
