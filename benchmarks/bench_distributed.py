@@ -78,6 +78,8 @@ def run_child(cfg: dict) -> dict:
     data_bytes = sum(p.numel() * p.element_size() for p in params)
 
     sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), norm="L1")
+    if cfg.get("min_split_elements") is not None:
+        sp.min_split_elements = cfg["min_split_elements"]  # the size rule instead of the cost model
     for n, p in zip(names, params):
         sp.add_data(n, p)
 
@@ -433,7 +435,7 @@ def sweep(args) -> int:
         for dim in (int(d) for d in args.dims.split(",")):
             rows = numel // dim
             cfg = dict(tables=1, rows=rows, cols=dim, steps=args.steps, sched_steps=0, pg_timeout=120,
-                       module=args.module, breakdown=False)
+                       module=args.module, breakdown=False, min_split_elements=args.min_split_elements)
             res = {w: launch_world(w, cfg, args.timeout) for w in (1, 2)}
             bad = [f"w{w} r{r['rank']}: {r['error'][-300:]}" for w in res for r in res[w] if "error" in r]
             load = os.getloadavg()[0]
@@ -459,7 +461,8 @@ def sweep(args) -> int:
             print(" | ".join(rows_md[-1]), file=sys.stderr, flush=True)
     md = [f"\n## {args.label or 'sweep'} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n",
           f"`python benchmarks/bench_distributed.py --sweep --steps {args.steps} --sizes {args.sizes} "
-          f"--dims {args.dims}`: one replicated float32 table, block (1,4), sparsity 0.5, L1, gloo on 127.0.0.1, "
+          f"--dims {args.dims}{'' if args.min_split_elements is None else f' --min-split-elements {args.min_split_elements}'}`"
+          f": one replicated float32 table, block (1,4), sparsity 0.5, L1, gloo on 127.0.0.1, "
           f"1 thread per process; wall = median over {args.steps} steps of the max over ranks. Load average "
           f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}.\n",
           _common.md_table(header, rows_md),
@@ -497,6 +500,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="1M,4M,16M,32M,64M", help="--sweep: elements per table (M = 2**20)")
     ap.add_argument("--dims", default="8,32,128", help="--sweep: columns per table")
     ap.add_argument("--label", default="", help="--sweep: a heading for this run (e.g. before/after)")
+    ap.add_argument("--min-split-elements", type=int, default=None,
+                    help="split every table of at least this many elements (default: the planner's cost model)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--floor-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--module", default="distsparse", help=argparse.SUPPRESS)  # harness dev
@@ -515,7 +520,7 @@ def main() -> int:
     rows = args.rows or (25_000 if args.quick else 250_000)
     cfg = dict(tables=args.tables, rows=rows, cols=args.cols, steps=args.steps,
                sched_steps=args.sched_steps, pg_timeout=60, module=args.module,
-               breakdown=not args.no_breakdown)
+               breakdown=not args.no_breakdown, min_split_elements=args.min_split_elements)
     out = args.out or os.path.join(
         HERE, "results", "distributed_quick.md" if args.quick else "distributed.md")
     info = _common.machine_info()

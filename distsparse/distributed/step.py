@@ -242,8 +242,8 @@ def _fused_shard(sp, plan: Plan, name: str, pieces: dict[str, torch.Tensor], fai
     whether it is the one read)``; the last is a function of the group's shape and config
     only (the same on every rank, also when one rank failed: it sizes the status)."""
     local = sp._groups[name].local
-    if name not in pieces:
-        pieces[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)  # the whole new mask
+    if name not in pieces:  # the whole new mask (a reused buffer: its pages are in memory)
+        pieces[name] = fused_shard.new_whole_mask(local.shape)
     decided = False  # an error before the decision: on every rank alike (agreed shapes and configs)
     try:
         matrix = as_matrix(local.detach())

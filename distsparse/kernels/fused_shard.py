@@ -38,12 +38,14 @@ arithmetic, and a block's key depends on its own elements only.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from . import fused_cpu
 
-__all__ = ["BINS", "FusedShard", "OneReadShard", "applies", "one_read_applies"]
+__all__ = ["BINS", "FusedShard", "OneReadShard", "applies", "new_whole_mask", "one_read_applies"]
 
 #: Length of a shard's top-digit histogram.
 BINS = fused_cpu._BINS
@@ -53,6 +55,15 @@ def applies(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a split group of this dtype and device runs the fused shard kernel here
     (every rank must agree: the step's agreement includes :func:`fused_cpu.available`)."""
     return fused_cpu.available() and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+def new_whole_mask(shape: torch.Size) -> torch.Tensor:
+    """An uninitialised CPU bool mask of ``shape``: a split group's new whole mask, whose
+    rows this rank's kernel writes and the mask exchange the others'. Large ones come
+    from ``fused_cpu._mask_buffer``'s buffers, reused once nothing references them, so
+    their pages are already in memory (a fresh 32 MB mask costs ~6 ms of page faults on
+    each rank, half in the kernel's read, half in unpacking the other ranks' rows)."""
+    return torch.from_numpy(fused_cpu._mask_buffer(1, math.prod(shape))).view(torch.bool).view(shape)
 
 
 def one_read_applies(shape: tuple[int, int], block_shape: tuple[int, int], zeros_per_block: int, nbytes: int,
