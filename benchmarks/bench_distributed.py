@@ -461,7 +461,8 @@ def sweep(args) -> int:
             print(" | ".join(rows_md[-1]), file=sys.stderr, flush=True)
     md = [f"\n## {args.label or 'sweep'} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n",
           f"`python benchmarks/bench_distributed.py --sweep --steps {args.steps} --sizes {args.sizes} "
-          f"--dims {args.dims}{'' if args.min_split_elements is None else f' --min-split-elements {args.min_split_elements}'}`"
+          f"--dims {args.dims}"
+          f"{'' if args.min_split_elements is None else f' --min-split-elements {args.min_split_elements}'}`"
           f": one replicated float32 table, block (1,4), sparsity 0.5, L1, gloo on 127.0.0.1, "
           f"1 thread per process; wall = median over {args.steps} steps of the max over ranks. Load average "
           f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}.\n",

@@ -24,13 +24,16 @@ kernel, compiled with numba, makes three passes:
 ``_BRACKET_MIN_BLOCKS`` blocks take :func:`_bracket_mask` instead: the scores of
 :func:`sample_size` evenly spaced blocks (one in 16, 2**14 to 2**16) give a bracket
 ``[lo, hi]`` around the k-th lowest key (4 standard deviations of the sample quantile
-either side: ~1.6 % of the blocks at 1M x 64, ~3 % at 2**18 blocks), and ONE read of the data writes every block's final mask word (pruned below
-``lo``, kept above ``hi``) while gathering the keys inside the bracket; the cut among
-those (:func:`_fused_cpu_jit._settle`) writes the rest. Nothing is read twice. When the
+either side: ~1.6 % of the blocks at 1M x 64, ~3 % at 2**18 blocks), and ONE read of
+the data writes every block's final mask word (pruned below ``lo``, kept above ``hi``)
+while gathering the keys inside the bracket; the cut among those
+(:func:`_fused_cpu_jit._settle`) writes the rest. Nothing is read twice. When the
 bracket missed the k-th key (a sample unlike the data) or held more candidates than
 planned, the three passes above run instead: the same mask, slower. The keys' order is
 the scores' order, so the read compares scores with ``hi``'s score and keys with the
-keys' bounds, in their own width (both vectorise).
+keys' bounds, in their own width (both vectorise). A split group's shard
+(:class:`~distsparse.kernels.fused_shard.OneReadShard`) takes the same sample of the
+whole table (:func:`sample_bracket`) and reads only its rows (:func:`bracket_read`).
 
 Masks of 4 MiB and more are allocated from :func:`_mask_buffer`, which reuses a buffer of
 an earlier mask once nothing references it: a table stepped again alternates between two
