@@ -268,3 +268,50 @@ def test_the_smallest_one_read_table_samples_one_block_in_sixteen_and_matches_th
         want = torch_path(monkeypatch, data, level, (1, 4), 4, norm)
         assert torch.equal(fused(data, level, (1, 4), 4, norm), want), level
     assert outcomes == [True] * 3
+
+
+# -- split shards on the one-read path (distsparse.kernels.fused_shard.OneReadShard) -----------------------------
+
+
+def _simulated_selection(sels):
+    """comm.select_lowest's rounds with the all-reduces as plain sums (shards in row order)."""
+    while not all(s.done for s in sels):
+        total = torch.stack([s.histogram() for s in sels]).sum(0)
+        for s in sels:
+            s.advance(total)
+    if not sels[0].needs_tie_prefix:
+        return [0] * len(sels)
+    counts = [s.local_ties() for s in sels]
+    return [sum(counts[:i]) for i in range(len(sels))]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("kind", ["random", "rounded"])
+def test_one_read_shards_and_the_exact_selection_give_the_whole_mask(monkeypatch, threads, kind):
+    """Three shards (one of a single row) of a 2**18-block table, each sampling the whole
+    table: their summed counts hold the cut, and the candidates' selection settles the
+    torch path's mask, ties (rounded data) to the lowest block index across shards."""
+    from distsparse.kernels import fused_shard
+    from distsparse.kernels.radix import ShardSelection
+
+    g = torch.Generator().manual_seed(13)
+    data = torch.randn(65_539, 16, generator=g)
+    if kind == "rounded":  # ~800 distinct scores: ties at the cut, spread over the shards
+        data = (data * 100).round() / 100
+    n = data.numel() // 4
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for norm, level in (("L1", 0.5), ("L2", 0.9)):
+            k = round(level * n)
+            out = torch.empty(data.shape, dtype=torch.bool)
+            ranges = [(0, 20_000), (20_000, 20_001), (20_001, 65_539)]
+            shards = [fused_shard.OneReadShard(data, a, b, (1, 4), norm, out[a:b], k) for a, b in ranges]
+            held, need, n_cand = fused_shard.OneReadShard.holds_cut(sum(s.status for s in shards), k)
+            assert held and 0 < need < n_cand < n // 10, (need, n_cand)
+            sels = [ShardSelection(s.candidates(), n_cand, need, 11) for s in shards]
+            for shard, sel, before in zip(shards, sels, _simulated_selection(sels)):
+                shard.settle(sel.pruned(before))
+            assert torch.equal(out, torch_path(monkeypatch, data, level, (1, 4), 4, norm)), (norm, level)
+    finally:
+        torch.set_num_threads(old_threads)

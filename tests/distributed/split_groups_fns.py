@@ -136,8 +136,8 @@ def one_read_split(shape: list, dtype: str, block: list, norm: str, levels: list
     """One table of ``shape`` big enough for the one-read shard kernel, split over every
     rank, stepped at each of ``levels``; per step whether the mask equals the torch path's
     (``DISTSPARSE_FUSED_CPU=0``) and world 1's fused kernel, plus how many shards of each
-    kernel this rank built. ``kind="zero_rows"``: 60 % of the rows are zero (the cut is
-    tied: three passes). ``miss="bracket"``: every rank's bracket lies wholly above the
+    kernel this rank built. ``kind="rounded"``: values to 0.01 (ties at the cut, across
+    ranks); ``"zero_rows"``: 60 % of the rows are zero (the cut is tied: three passes). ``miss="bracket"``: every rank's bracket lies wholly above the
     k-th key; ``"cap_on_rank1"``: rank 1 alone gathers more candidates than planned.
     ``nan_at``: a NaN at that (row, col); then the outcome of the first step instead."""
     import os
@@ -147,6 +147,8 @@ def one_read_split(shape: list, dtype: str, block: list, norm: str, levels: list
 
     rank = dist.get_rank()
     data = _data("random", *shape, 61).to(getattr(torch, dtype))
+    if kind == "rounded":  # ~800 distinct scores: the blocks tied at the cut lie in every rank's rows
+        data = (data * 100).round() / 100
     if kind == "zero_rows":
         data[torch.randperm(shape[0], generator=torch.Generator().manual_seed(3))[: shape[0] * 3 // 5]] = 0
     if nan_at is not None:

@@ -160,6 +160,15 @@ def test_a_split_table_in_one_read_per_rank_gives_the_single_process_masks(world
         assert all(step["selection_bytes"] < 8 * 2**15 for step in res["steps"]), res["steps"]
 
 
+def test_blocks_tied_at_the_cut_in_every_ranks_rows_go_to_the_lowest_indices_in_one_read():
+    shape, block = ONE_READ_TABLES["float32"]
+    results = run_ranks(split_groups_fns.one_read_split, 3, shape, "float32", block, "L1", LEVELS, "rounded",
+                        timeout=JOB_TIMEOUT)
+    _check_one_read(results, 3)
+    for res in results:
+        assert res["made"] == {"one_read": len(LEVELS), "one_read_missed": 0, "three_pass": 0}, res["made"]
+
+
 def test_a_cut_among_many_zero_rows_takes_the_three_passes_on_every_rank():
     shape, block = ONE_READ_TABLES["float32"]
     results = run_ranks(split_groups_fns.one_read_split, 2, shape, "float32", block, "L1", [0.5, 0.3], "zero_rows",
