@@ -315,3 +315,25 @@ def test_one_read_shards_and_the_exact_selection_give_the_whole_mask(monkeypatch
             assert torch.equal(out, torch_path(monkeypatch, data, level, (1, 4), 4, norm)), (norm, level)
     finally:
         torch.set_num_threads(old_threads)
+
+
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_a_nan_with_its_sign_bit_set_is_refused_on_every_path(monkeypatch, norm):
+    """-nan: its square keeps the sign bit (L2), so its score's key is negative, not above +inf's."""
+    from distsparse.kernels import fused_shard
+
+    data = torch.randn(1 << 16, 16, generator=torch.Generator().manual_seed(14))  # 2**18 blocks: one read
+    data[40_000, 9] = -float("nan")
+    assert int(data[40_000, 9].view(torch.int32)) < 0
+    with pytest.raises(ValueError) as want:
+        torch_path(monkeypatch, data, 0.5, (1, 4), 4, norm)
+    for blocks in (1 << 18, (1 << 18) + 1):  # the one read; the three passes (one-read minimum above the table)
+        monkeypatch.setattr(fused_cpu, "_BRACKET_MIN_BLOCKS", blocks)
+        with pytest.raises(ValueError) as got:
+            fused(data, 0.5, (1, 4), 4, norm)
+        assert str(got.value) == str(want.value), blocks
+    k = data.numel() // 8
+    out = torch.empty(data.shape, dtype=torch.bool)
+    assert fused_shard.OneReadShard(data, 30_000, 50_000, (1, 4), norm, out[30_000:50_000], k).nonfinite
+    assert not fused_shard.OneReadShard(data, 0, 30_000, (1, 4), norm, out[:30_000], k).nonfinite
+    assert fused_shard.FusedShard(data, 30_000, 50_000, (1, 4), norm, out[30_000:50_000]).nonfinite

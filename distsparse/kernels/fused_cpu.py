@@ -259,7 +259,8 @@ def bracket_read(jit, xb: np.ndarray, words: np.ndarray, parts: int, bounds: np.
     keys inside it with their indices in ``xb``, in row-major order. Returns (the largest
     key: non-finite scores when ``>= inf_key``, blocks below the bracket, blocks inside
     it, whether every range's candidates fitted the room planned from ``share``, the
-    candidates' keys, their indices); the candidates are only whole when they fitted."""
+    candidates' keys, their indices); the candidates are only whole when they fitted. The
+    largest key is negative when some key is (a NaN keeping its sign: L2's ``-nan * -nan``)."""
     bw = xb.shape[1]
     acc = np.empty((parts, max(1, min(4096, xb.shape[0]))), dtype=xb.dtype)
     cand_keys, cand_idx = [], []
@@ -277,7 +278,8 @@ def bracket_read(jit, xb: np.ndarray, words: np.ndarray, parts: int, bounds: np.
     counts = _run(parts, lambda c: jit._bracket_flat(
         xb, bounds[c], bounds[c + 1], bw, l2, divisors, acc[c], keys[c], flags[c], words8[c], busy[c], words,
         word_ones, hi_s, lo_key, hi_key, cand_keys[c], cand_idx[c]))
-    top = max(int(t) for t, _, _ in counts)
+    tops = [int(t) for t, _, _ in counts]
+    top = min(tops) if min(tops) < 0 else max(tops)
     below = sum(int(b) for _, b, _ in counts)
     inside = sum(int(n) for _, _, n in counts)
     fits = all(n <= ck.size for (_, _, n), ck in zip(counts, cand_keys))
@@ -304,7 +306,7 @@ def _bracket_mask(jit, xb: np.ndarray, words: np.ndarray, k: int, parts: int, bo
         return False
     top, below, inside, fits, ck, ci = bracket_read(jit, xb, words, parts, bounds, l2, divisors, ones, inf_key,
                                                     key_type, lo, hi, share)
-    if top >= inf_key:
+    if top >= inf_key or top < 0:
         on_nonfinite()  # raises for NaN/Inf data
     if not fits or not below <= k <= below + inside:
         return False

@@ -123,7 +123,7 @@ class OneReadShard:
         top, below, inside, fits, self.keys, self.idx = fused_cpu.bracket_read(
             jit, shard, self.words, parts, bounds, l2, divisors, self.ones, fused_cpu._INF_KEY[self.nbytes],
             key_type, lo, hi, share)
-        self.nonfinite = top >= fused_cpu._INF_KEY[self.nbytes]
+        self.nonfinite = top >= fused_cpu._INF_KEY[self.nbytes] or top < 0
         self.status = torch.tensor([below, inside, 0 if fits else 1], dtype=torch.int64)
 
     @staticmethod
