@@ -253,3 +253,87 @@ def test_the_kernel_runs_only_where_it_beats_the_torch_path(monkeypatch):
         assert (out is not None) == runs, (block, zeros, dtype)
         assert torch.equal(masks.norm_block_mask(x, 0.5, block, zeros, "L1"),
                            torch_path(monkeypatch, x, 0.5, block, zeros, "L1"))
+
+
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_the_smallest_one_read_table_samples_one_block_in_sixteen_and_matches_the_torch_path(monkeypatch, norm):
+    """2**18 blocks (1M float32 elements) with the real constants: a 2**14-block sample,
+    whose bracket holds the cut, and the torch path's mask."""
+    assert fused_cpu.sample_size(1 << 18) == 1 << 14 and fused_cpu.sample_size(1 << 22) == fused_cpu._SAMPLE
+    outcomes = []
+    real = fused_cpu._bracket_mask
+    monkeypatch.setattr(fused_cpu, "_bracket_mask", lambda *a: outcomes.append(real(*a)) or outcomes[-1])
+    data = torch.randn(1 << 16, 16, generator=torch.Generator().manual_seed(12))
+    for level in (0.05, 0.5, 0.93):
+        want = torch_path(monkeypatch, data, level, (1, 4), 4, norm)
+        assert torch.equal(fused(data, level, (1, 4), 4, norm), want), level
+    assert outcomes == [True] * 3
+
+
+# -- split shards on the one-read path (distsparse.kernels.fused_shard.OneReadShard) -----------------------------
+
+
+def _simulated_selection(sels):
+    """comm.select_lowest's rounds with the all-reduces as plain sums (shards in row order)."""
+    while not all(s.done for s in sels):
+        total = torch.stack([s.histogram() for s in sels]).sum(0)
+        for s in sels:
+            s.advance(total)
+    if not sels[0].needs_tie_prefix:
+        return [0] * len(sels)
+    counts = [s.local_ties() for s in sels]
+    return [sum(counts[:i]) for i in range(len(sels))]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("kind", ["random", "rounded"])
+def test_one_read_shards_and_the_exact_selection_give_the_whole_mask(monkeypatch, threads, kind):
+    """Three shards (one of a single row) of a 2**18-block table, each sampling the whole
+    table: their summed counts hold the cut, and the candidates' selection settles the
+    torch path's mask, ties (rounded data) to the lowest block index across shards."""
+    from distsparse.kernels import fused_shard
+    from distsparse.kernels.radix import ShardSelection
+
+    g = torch.Generator().manual_seed(13)
+    data = torch.randn(65_539, 16, generator=g)
+    if kind == "rounded":  # ~800 distinct scores: ties at the cut, spread over the shards
+        data = (data * 100).round() / 100
+    n = data.numel() // 4
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for norm, level in (("L1", 0.5), ("L2", 0.9)):
+            k = round(level * n)
+            out = torch.empty(data.shape, dtype=torch.bool)
+            ranges = [(0, 20_000), (20_000, 20_001), (20_001, 65_539)]
+            shards = [fused_shard.OneReadShard(data, a, b, (1, 4), norm, out[a:b], k) for a, b in ranges]
+            held, need, n_cand = fused_shard.OneReadShard.holds_cut(sum(s.status for s in shards), k)
+            assert held and 0 < need < n_cand < n // 10, (need, n_cand)
+            sels = [ShardSelection(s.candidates(), n_cand, need, 11) for s in shards]
+            for shard, sel, before in zip(shards, sels, _simulated_selection(sels)):
+                shard.settle(sel.pruned(before))
+            assert torch.equal(out, torch_path(monkeypatch, data, level, (1, 4), 4, norm)), (norm, level)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_a_nan_with_its_sign_bit_set_is_refused_on_every_path(monkeypatch, norm):
+    """-nan: its square keeps the sign bit (L2), so its score's key is negative, not above +inf's."""
+    from distsparse.kernels import fused_shard
+
+    data = torch.randn(1 << 16, 16, generator=torch.Generator().manual_seed(14))  # 2**18 blocks: one read
+    data[40_000, 9] = -float("nan")
+    assert int(data[40_000, 9].view(torch.int32)) < 0
+    with pytest.raises(ValueError) as want:
+        torch_path(monkeypatch, data, 0.5, (1, 4), 4, norm)
+    for blocks in (1 << 18, (1 << 18) + 1):  # the one read; the three passes (one-read minimum above the table)
+        monkeypatch.setattr(fused_cpu, "_BRACKET_MIN_BLOCKS", blocks)
+        with pytest.raises(ValueError) as got:
+            fused(data, 0.5, (1, 4), 4, norm)
+        assert str(got.value) == str(want.value), blocks
+    k = data.numel() // 8
+    out = torch.empty(data.shape, dtype=torch.bool)
+    assert fused_shard.OneReadShard(data, 30_000, 50_000, (1, 4), norm, out[30_000:50_000], k).nonfinite
+    assert not fused_shard.OneReadShard(data, 0, 30_000, (1, 4), norm, out[:30_000], k).nonfinite
+    assert fused_shard.FusedShard(data, 30_000, 50_000, (1, 4), norm, out[30_000:50_000]).nonfinite

@@ -113,24 +113,47 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
         select(name, scores, n_blocks, config, torch.empty(0, dtype=view.dtype))
         slots.append(lay.slot() if lay.row_ordered else 0)
         contributes.append(True)
-    # The status of every rank and the fused split groups' top-digit histograms, summed in one all-reduce.
-    hists = [fused[n][0].hist if fused[n][0] is not None else torch.zeros(fused_shard.BINS, dtype=torch.int64)
-             for n in fused_names]
-    failed = comm.all_reduce_sum(torch.cat([torch.tensor([1 if errors else 0], dtype=torch.int64)] + hists),
+    # The status of every rank and, per fused split group, the one-read shards' (below, inside, missed)
+    # or the three-pass shards' top-digit histograms, summed in one all-reduce.
+    failed = comm.all_reduce_sum(torch.cat([torch.tensor([1 if errors else 0], dtype=torch.int64)]
+                                           + [_fused_status(*fused[n]) for n in fused_names]),
                                  "all_reduce (status before selection)")
     if int(failed[0]):
         return True, halo_bytes
     n_rows = len(split) + len(sharded)
     n_own = n_rows + len(rects)
-    cuts, offset = {}, 1
+    totals, offset = {}, 1
     for name in fused_names:
-        shard, k = fused[name]
-        hist = failed[offset : offset + fused_shard.BINS]
-        offset += hist.numel()
-        digit, _, need = shard.digit_cut(hist, k)
-        scores, idx = shard.candidates(digit)
-        cuts[name] = (digit, idx)
-        n_cand = int(hist[digit]) if digit >= 0 else 0  # global: the same digit width on every rank
+        size = _fused_status(*fused[name]).numel()
+        totals[name] = failed[offset : offset + size]
+        offset += size
+    # One-read shards whose summed brackets missed the k-th key: every rank (the same sums) runs the three
+    # passes on them, with a second all-reduce of their histograms.
+    missed = [n for n in fused_names if fused[n][2] and not fused_shard.OneReadShard.holds_cut(
+        totals[n], fused[n][1])[0]]
+    if missed:
+        for name in missed:
+            fused[name] = _fused_shard(sp, plan, name, pieces, fail, one_read=False)
+        again = comm.all_reduce_sum(torch.cat([torch.tensor([1 if errors else 0], dtype=torch.int64)]
+                                              + [_fused_status(*fused[n]) for n in missed]),
+                                    "all_reduce (histograms after a missed bracket)")
+        if int(again[0]):
+            return True, halo_bytes
+        for i, name in enumerate(missed):
+            totals[name] = again[1 + i * fused_shard.BINS : 1 + (i + 1) * fused_shard.BINS]
+    cuts = {}
+    for name in fused_names:
+        shard, k, one_read = fused[name]
+        if one_read:
+            _, need, n_cand = shard.holds_cut(totals[name], k)
+            scores, cuts[name] = shard.candidates(), None
+        else:
+            hist = totals[name]
+            digit, _, need = shard.digit_cut(hist, k)
+            scores, idx = shard.candidates(digit)
+            cuts[name] = (digit, idx)
+            n_cand = int(hist[digit]) if digit >= 0 else 0
+        # n_cand is global: the same digit width on every rank
         bits = choose_digit_bits(comm.world_size, 1, torch.finfo(scores.dtype).bits, n_cand // comm.world_size)
         selections.append(ShardSelection(scores, n_cand, need, bits))
         slots.append(rank)
@@ -138,9 +161,12 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
     _, ties_before = comm.select_lowest(selections, failed=False, slots=slots, contributes=contributes)
     for name, sel, before in zip(fused_names, selections[n_own:], ties_before[n_own:]):
         try:
-            digit, idx = cuts[name]
             pruned = sel.pruned(before) if sel.keys.numel() else None
             sel.release()
+            if cuts[name] is None:  # one read: only the candidates' words are left to write
+                fused[name][0].settle(pruned)
+                continue
+            digit, idx = cuts[name]
             config = sp.data_groups[name]
             zeros = config["zeros_per_block"]
             block = tuple(config["sparse_block_shape"])
@@ -198,29 +224,52 @@ def _runs_fused(sp, name: str) -> bool:
     return fused_shard.applies(data.dtype, data.device)
 
 
-def _fused_shard(sp, plan: Plan, name: str, pieces: dict[str, torch.Tensor], fail: Any):
-    """Pass 1 of the fused kernel on this rank's rows of split group ``name`` into its rows
-    of the new whole mask (``pieces[name]``); returns ``(shard or None on error, k)``."""
+def _fused_status(shard: Any, k: int, one_read: bool) -> torch.Tensor:
+    """What a split group's shard adds to the status all-reduce: a one-read shard its
+    ``(below, inside, missed)``, a three-pass shard its top-digit histogram (zeros from a
+    rank that failed: the length depends on ``one_read`` only, the same on every rank)."""
+    if one_read:
+        return shard.status if shard is not None else torch.zeros(fused_shard.OneReadShard.STATUS, dtype=torch.int64)
+    return shard.hist if shard is not None else torch.zeros(fused_shard.BINS, dtype=torch.int64)
+
+
+def _fused_shard(sp, plan: Plan, name: str, pieces: dict[str, torch.Tensor], fail: Any,
+                 one_read: bool = True) -> tuple[Any, int, bool]:
+    """This rank's rows of split group ``name`` on the fused kernel, into its rows of the
+    new whole mask (``pieces[name]``, allocated unless there already): the one read
+    (:class:`~distsparse.kernels.fused_shard.OneReadShard`) where it applies and
+    ``one_read``, else pass 1 of the three passes. Returns ``(shard or None on error, k,
+    whether it is the one read)``; the last is a function of the group's shape and config
+    only (the same on every rank, also when one rank failed: it sizes the status)."""
     local = sp._groups[name].local
-    pieces[name] = torch.empty(local.shape, dtype=torch.bool, device=local.device)  # the whole new mask
+    if name not in pieces:  # the whole new mask (a reused buffer: its pages are in memory)
+        pieces[name] = fused_shard.new_whole_mask(local.shape)
+    decided = False  # an error before the decision: on every rank alike (agreed shapes and configs)
     try:
         matrix = as_matrix(local.detach())
         config = sp.data_groups[name]
         sp._canonical_config(name, dict(config))
         bh, bw = sp._block_shape(name)  # type: ignore[misc]
+        zeros = config["zeros_per_block"]
         k = sp._blocks_to_prune(-(-matrix.shape[0] // bh) * -(-matrix.shape[1] // bw), config)
+        decided = one_read and fused_shard.one_read_applies(tuple(matrix.shape), (bh, bw),
+                                                            bh * bw if zeros is None else zeros,
+                                                            matrix.element_size(), k)
         row_start, row_stop = plan.groups[name].ranges.get(sp._comm.rank, (0, 0))
         check_shard_rows(matrix.shape[0], bh, row_start, row_stop)
-        shard = fused_shard.FusedShard(matrix, row_start, row_stop, (bh, bw), sp.norm,
-                                       as_matrix(pieces[name])[row_start:row_stop])
+        out = as_matrix(pieces[name])[row_start:row_stop]
+        if decided:
+            shard = fused_shard.OneReadShard(matrix, row_start, row_stop, (bh, bw), sp.norm, out, k)
+        else:
+            shard = fused_shard.FusedShard(matrix, row_start, row_stop, (bh, bw), sp.norm, out)
         if shard.nonfinite:
             error = nonfinite_error(matrix[row_start:row_stop], row_start)
             if error is not None:
                 raise error
-        return shard, k
+        return shard, k, decided
     except Exception as exc:  # noqa: BLE001 - reported through the status exchange
         fail(name, exc)
-        return None, 0
+        return None, 0, decided
 
 # -- rectangle-sharded groups (TorchRec), see distsparse.distributed.rects ------------------------
 

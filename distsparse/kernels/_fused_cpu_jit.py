@@ -60,7 +60,7 @@ def _score_flat(xb, b0, b1, bw, l2, mode, divisors, acc, keys, kflat, side, shif
                 acc[j] = t / div
         for j in range(m):
             key = np.int64(keys[j])
-            bad += key >= inf_key
+            bad += (key >= inf_key) | (key < 0)  # < 0: a NaN whose sign survived (L2: -nan * -nan)
             h[j & 3, key >> shift] += 1
         if mode == 0:
             kf = kflat[s0 : s0 + m]
@@ -102,7 +102,7 @@ def _score_rows(x, i0, i1, bh, bw, l2, mode, nbytes, divisors, acc, keys, kview,
             acc[full] = acc[full] / divisors[(r1 - r0) * (cols - full * bw)]
         for j in range(n_bc):
             key = np.int64(keys[j])
-            bad += key >= inf_key
+            bad += (key >= inf_key) | (key < 0)  # < 0: a NaN whose sign survived (L2: -nan * -nan)
             h[j & 3, key >> shift] += 1
         if mode == 0:
             for j in range(n_bc):
@@ -221,10 +221,12 @@ def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, busy, 
     for the blocks inside it, whose keys and flat indices it gathers in row-major order.
     ``keys`` is the integer view of the scratch ``acc``; ``flags`` ``acc.size`` (rounded
     up to 8) bytes of scratch, ``words8`` the same as uint64, ``busy`` int64 scratch as
-    long as ``words8``. Returns (the largest key:
-    non-finite scores when ``>=`` +inf's, blocks below the bracket, blocks inside it),
+    long as ``words8``. Returns (the largest key,
+    or a negative key when some key is: non-finite scores when ``>=`` +inf's or negative,
+    blocks below the bracket, blocks inside it),
     the latter counted past ``cand_keys.size`` (then the caller falls back)."""
     top = lo_key - lo_key  # 0 in the keys' type
+    sign = top  # the keys OR-ed: negative when some key is (a NaN keeping its sign bit: L2's -nan * -nan)
     below = 0
     n = 0
     cap = cand_keys.size
@@ -264,6 +266,7 @@ def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, busy, 
         for j in range(m):  # in the keys' own width (lo_key, hi_key: the same type)
             key = keys[j]
             top = max(top, key)
+            sign |= key
             below += key < lo_key
             hit = (key >= lo_key) & (key <= hi_key)
             inside += hit
@@ -285,7 +288,7 @@ def _bracket_flat(xb, b0, b1, bw, l2, divisors, acc, keys, flags, words8, busy, 
                 cand_keys[n] = keys[j]
                 cand_idx[n] = s0 + j
                 n += flags[j]
-    return top, below, n
+    return (sign if sign < 0 else top), below, n
 
 @njit(cache=True, nogil=True)
 def _settle(cand_keys, cand_idx, need, kflat, ones):

@@ -22,15 +22,18 @@ kernel, compiled with numba, makes three passes:
 **One read, the common case.** Whole blocks one row by one key wide ((1,4) float32,
 (1,8) float64, ``zeros_per_block`` covering the block) with at least
 ``_BRACKET_MIN_BLOCKS`` blocks take :func:`_bracket_mask` instead: the scores of
-``_SAMPLE`` evenly spaced blocks give a bracket ``[lo, hi]`` around the k-th lowest key
-(4 standard deviations of the sample quantile either side: ~1.6 % of the blocks at
-1M x 64), and ONE read of the data writes every block's final mask word (pruned below
-``lo``, kept above ``hi``) while gathering the keys inside the bracket; the cut among
-those (:func:`_fused_cpu_jit._settle`) writes the rest. Nothing is read twice. When the
+:func:`sample_size` evenly spaced blocks (one in 16, 2**14 to 2**16) give a bracket
+``[lo, hi]`` around the k-th lowest key (4 standard deviations of the sample quantile
+either side: ~1.6 % of the blocks at 1M x 64, ~3 % at 2**18 blocks), and ONE read of
+the data writes every block's final mask word (pruned below ``lo``, kept above ``hi``)
+while gathering the keys inside the bracket; the cut among those
+(:func:`_fused_cpu_jit._settle`) writes the rest. Nothing is read twice. When the
 bracket missed the k-th key (a sample unlike the data) or held more candidates than
 planned, the three passes above run instead: the same mask, slower. The keys' order is
 the scores' order, so the read compares scores with ``hi``'s score and keys with the
-keys' bounds, in their own width (both vectorise).
+keys' bounds, in their own width (both vectorise). A split group's shard
+(:class:`~distsparse.kernels.fused_shard.OneReadShard`) takes the same sample of the
+whole table (:func:`sample_bracket`) and reads only its rows (:func:`bracket_read`).
 
 Masks of 4 MiB and more are allocated from :func:`_mask_buffer`, which reuses a buffer of
 an earlier mask once nothing references it: a table stepped again alternates between two
@@ -69,7 +72,8 @@ _BINS = 1 << 15
 _INF_KEY = {4: 0x7F800000, 8: 0x7FF0000000000000}
 # One-read path (``_bracket_mask``): from this many blocks up, with a sample this large.
 _BRACKET_MIN_BLOCKS = 1 << 18
-_SAMPLE = 1 << 16
+# Blocks sampled: one in _SAMPLE_EVERY, at least _SAMPLE_MIN and at most _SAMPLE (sample_size).
+_SAMPLE, _SAMPLE_MIN, _SAMPLE_EVERY = 1 << 16, 1 << 14, 16
 # Candidate room per range: this multiple of the sample's share inside the bracket, plus this.
 _CAP_SLACK, _CAP_EXTRA = 1.5, 1024
 # ... unless the sample puts more than this share of the blocks inside the bracket (ties).
@@ -208,6 +212,14 @@ def fused_block_mask(
     return mask if exact else mask[:rows, :cols].contiguous()
 
 
+def sample_size(n_blocks: int) -> int:
+    """Blocks the bracket samples: one in ``_SAMPLE_EVERY``, clamped to
+    ``[_SAMPLE_MIN, _SAMPLE]`` (and to ``n_blocks``). 2**18 blocks sample 2**14 (~0.5 ms
+    less than 2**16 at 1M elements; ~3 % of the blocks inside the bracket instead of
+    ~1.6 %), 2**20 blocks and more 2**16."""
+    return min(n_blocks, _SAMPLE, max(_SAMPLE_MIN, n_blocks // _SAMPLE_EVERY))
+
+
 def bracket(sample: np.ndarray, k: int, n_blocks: int) -> tuple[int, int]:
     """Keys ``(lo, hi)`` that hold the ``k``-th lowest of ``n_blocks`` keys between them
     but for a ~4-sigma miss, read off ``sample`` (keys of evenly spaced blocks; consumed)."""
@@ -223,26 +235,34 @@ def bracket(sample: np.ndarray, k: int, n_blocks: int) -> tuple[int, int]:
     return lo, hi
 
 
-def _bracket_mask(jit, xb: np.ndarray, words: np.ndarray, k: int, parts: int, bounds: np.ndarray, bw: int,
-                  l2: bool, divisors: np.ndarray, ones: int, inf_key: int, key_type, on_nonfinite) -> bool:
-    """The whole-block mask of one-row, one-key-wide blocks in ONE read of the data, into
-    ``words`` (one word per block): a bracket ``[lo, hi]`` around the k-th lowest key is
-    guessed from a sample, the read writes every block's final word outside it and
-    gathers the keys inside it (~2 % of the blocks), and the cut among those settles the
-    rest. ``False`` (the words then hold garbage) when the bracket missed the k-th key
-    or held more candidates than planned, or without reading when the sample puts over
-    ``_MAX_SHARE`` of the blocks inside it: the caller runs the three-pass path."""
-    n_blocks = words.size
-    sample = np.empty(min(_SAMPLE, n_blocks), dtype=xb.dtype)
-    jit._sample_scores(xb, n_blocks, bw, l2, divisors, sample)
-    lo, hi = bracket(sample.view(key_type).astype(np.int64), k, n_blocks)
-    share = float(np.count_nonzero(sample.view(key_type) >= lo) - np.count_nonzero(sample.view(key_type) > hi))
-    share = share / sample.size
-    if share > _MAX_SHARE:  # the k-th key is heavily tied (zeroed blocks, say): three passes, no wasted read
-        return False
-    # scores >= +0 compare as their keys: the bracket's top as a score (+inf when open)
-    hi_s = np.array(min(hi, inf_key), dtype=key_type).view(xb.dtype)[()]
-    acc = np.empty((parts, min(4096, n_blocks)), dtype=xb.dtype)
+def sample_bracket(jit, xb: np.ndarray, k: int, l2: bool, divisors: np.ndarray,
+                   key_type) -> tuple[int, int, float]:
+    """``(lo, hi, share)``: the bracket around the ``k``-th lowest key of ALL the one-row
+    blocks ``xb`` (blocks × bw) from the scores of :func:`sample_size` evenly spaced
+    blocks, and the share of the sample inside it. A pure function of the data: every
+    rank holding the same table gets the same bracket."""
+    n_blocks = xb.shape[0]
+    sample = np.empty(sample_size(n_blocks), dtype=xb.dtype)
+    jit._sample_scores(xb, n_blocks, xb.shape[1], l2, divisors, sample)
+    keys = sample.view(key_type)
+    lo, hi = bracket(keys.astype(np.int64), k, n_blocks)
+    share = float(np.count_nonzero(keys >= lo) - np.count_nonzero(keys > hi)) / sample.size
+    return lo, hi, share
+
+
+def bracket_read(jit, xb: np.ndarray, words: np.ndarray, parts: int, bounds: np.ndarray, l2: bool,
+                 divisors: np.ndarray, ones: int, inf_key: int, key_type, lo: int, hi: int,
+                 share: float) -> tuple[int, int, int, bool, np.ndarray, np.ndarray]:
+    """ONE read of the one-row, one-key-wide blocks ``xb`` (blocks × bw), in ``parts``
+    ranges of blocks (``bounds``), writing each block's final word into ``words`` (0
+    below the bracket ``[lo, hi]``, all ones above it, 0 inside it) and gathering the
+    keys inside it with their indices in ``xb``, in row-major order. Returns (the largest
+    key: non-finite scores when ``>= inf_key``, blocks below the bracket, blocks inside
+    it, whether every range's candidates fitted the room planned from ``share``, the
+    candidates' keys, their indices); the candidates are only whole when they fitted. The
+    largest key is negative when some key is (a NaN keeping its sign: L2's ``-nan * -nan``)."""
+    bw = xb.shape[1]
+    acc = np.empty((parts, max(1, min(4096, xb.shape[0]))), dtype=xb.dtype)
     cand_keys, cand_idx = [], []
     for c in range(parts):
         cap = int(share * _CAP_SLACK * (bounds[c + 1] - bounds[c])) + _CAP_EXTRA
@@ -252,18 +272,44 @@ def _bracket_mask(jit, xb: np.ndarray, words: np.ndarray, k: int, parts: int, bo
     flags = np.zeros((parts, -(-acc.shape[1] // 8) * 8), dtype=np.uint8)
     words8 = flags.view(np.uint64)
     busy = np.empty(words8.shape, dtype=np.int64)
+    # scores >= +0 compare as their keys: the bracket's top as a score (+inf when open)
+    hi_s = np.array(min(hi, inf_key), dtype=key_type).view(xb.dtype)[()]
     word_ones, lo_key, hi_key = words.dtype.type(ones), key_type(lo), key_type(min(hi, inf_key))
     counts = _run(parts, lambda c: jit._bracket_flat(
         xb, bounds[c], bounds[c + 1], bw, l2, divisors, acc[c], keys[c], flags[c], words8[c], busy[c], words,
         word_ones, hi_s, lo_key, hi_key, cand_keys[c], cand_idx[c]))
-    if max(top for top, _, _ in counts) >= inf_key:
-        on_nonfinite()  # raises for NaN/Inf data
-    below = sum(b for _, b, _ in counts)
-    inside = sum(n for _, _, n in counts)
-    if any(n > ck.size for (_, _, n), ck in zip(counts, cand_keys)) or not below <= k <= below + inside:
+    tops = [int(t) for t, _, _ in counts]
+    top = min(tops) if min(tops) < 0 else max(tops)
+    below = sum(int(b) for _, b, _ in counts)
+    inside = sum(int(n) for _, _, n in counts)
+    fits = all(n <= ck.size for (_, _, n), ck in zip(counts, cand_keys))
+    if parts == 1:
+        ck, ci = cand_keys[0][: counts[0][2]], cand_idx[0][: counts[0][2]]
+    elif fits:
+        ck, ci = (np.concatenate([a[:n] for a, (_, _, n) in zip(arrays, counts)]) for arrays in (cand_keys, cand_idx))
+    else:
+        ck = ci = np.empty(0, dtype=np.int64)
+    return top, below, inside, fits, ck, ci
+
+
+def _bracket_mask(jit, xb: np.ndarray, words: np.ndarray, k: int, parts: int, bounds: np.ndarray, bw: int,
+                  l2: bool, divisors: np.ndarray, ones: int, inf_key: int, key_type, on_nonfinite) -> bool:
+    """The whole-block mask of one-row, one-key-wide blocks in ONE read of the data, into
+    ``words`` (one word per block): a bracket ``[lo, hi]`` around the k-th lowest key is
+    guessed from a sample, the read writes every block's final word outside it and
+    gathers the keys inside it (~2 % of the blocks), and the cut among those settles the
+    rest. ``False`` (the words then hold garbage) when the bracket missed the k-th key
+    or held more candidates than planned, or without reading when the sample puts over
+    ``_MAX_SHARE`` of the blocks inside it: the caller runs the three-pass path."""
+    lo, hi, share = sample_bracket(jit, xb, k, l2, divisors, key_type)
+    if share > _MAX_SHARE:  # the k-th key is heavily tied (zeroed blocks, say): three passes, no wasted read
         return False
-    ck, ci = ((a[0][: counts[0][2]] for a in (cand_keys, cand_idx)) if parts == 1 else
-              (np.concatenate([a[:n] for a, (_, _, n) in zip(arrays, counts)]) for arrays in (cand_keys, cand_idx)))
+    top, below, inside, fits, ck, ci = bracket_read(jit, xb, words, parts, bounds, l2, divisors, ones, inf_key,
+                                                    key_type, lo, hi, share)
+    if top >= inf_key or top < 0:
+        on_nonfinite()  # raises for NaN/Inf data
+    if not fits or not below <= k <= below + inside:
+        return False
     need = k - below
     if need == 0:
         words[ci] = ones  # every candidate is kept

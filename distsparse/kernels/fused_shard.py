@@ -1,7 +1,25 @@
 """The fused CPU kernel (:mod:`distsparse.kernels.fused_cpu`) on one rank's rows of a split group.
 
-A replicated group split over ranks is a row range per rank. Each rank runs the fused
-kernel's three passes on its rows only, with the selection made global in between:
+A replicated group split over ranks is a row range per rank; every rank holds the whole
+table. Two kernels, the selection made global in between:
+
+**One read** (:class:`OneReadShard`, the shapes of ``fused_cpu._bracket_mask``: one-row
+blocks one key wide, whole blocks pruned, ``0 < k < n_blocks``, at least
+``fused_cpu._BRACKET_MIN_BLOCKS`` blocks in the table):
+
+1. every rank samples the WHOLE table — the same evenly spaced blocks as one process —
+   and so gets the same bracket ``[lo, hi]`` around the GLOBAL k-th lowest key, with no
+   communication; one read of the shard's rows writes every block's final mask word
+   outside the bracket and gathers the keys inside it (:func:`fused_cpu.bracket_read`);
+2. the caller sums ``(below, inside, missed)`` over the ranks (:attr:`OneReadShard.status`,
+   a few int64 in the step's status all-reduce); when the summed counts hold the k-th key
+   (:meth:`OneReadShard.holds_cut`, the same answer on every rank) the candidates of all
+   shards go through the exact distributed selection for the ``need = k - below`` lowest,
+   and :meth:`OneReadShard.settle` writes the candidates' words. Nothing is read twice.
+   Otherwise (a sample unlike the data, ties filling the bracket) every rank runs the
+   three passes below instead.
+
+**Three passes** (every other covered shape, and the fallback):
 
 1. :class:`FusedShard` — scores, keys and the top-digit histogram of the shard's blocks in
    one read, the keys parked in the shard's mask rows (the kernel's pass 1);
@@ -20,12 +38,14 @@ arithmetic, and a block's key depends on its own elements only.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from . import fused_cpu
 
-__all__ = ["BINS", "FusedShard", "applies"]
+__all__ = ["BINS", "FusedShard", "OneReadShard", "applies", "new_whole_mask", "one_read_applies"]
 
 #: Length of a shard's top-digit histogram.
 BINS = fused_cpu._BINS
@@ -35,6 +55,100 @@ def applies(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a split group of this dtype and device runs the fused shard kernel here
     (every rank must agree: the step's agreement includes :func:`fused_cpu.available`)."""
     return fused_cpu.available() and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+def new_whole_mask(shape: torch.Size) -> torch.Tensor:
+    """An uninitialised CPU bool mask of ``shape``: a split group's new whole mask, whose
+    rows this rank's kernel writes and the mask exchange the others'. Large ones come
+    from ``fused_cpu._mask_buffer``'s buffers, reused once nothing references them, so
+    their pages are already in memory (a fresh 32 MB mask costs ~6 ms of page faults on
+    each rank, half in the kernel's read, half in unpacking the other ranks' rows)."""
+    return torch.from_numpy(fused_cpu._mask_buffer(1, math.prod(shape))).view(torch.bool).view(shape)
+
+
+def one_read_applies(shape: tuple[int, int], block_shape: tuple[int, int], zeros_per_block: int, nbytes: int,
+                     k: int) -> bool:
+    """Whether a split group of this 2-D ``shape`` (the whole table), block shape,
+    ``zeros_per_block``, element size and global ``k`` runs :class:`OneReadShard`: the
+    shapes ``fused_cpu._bracket_mask`` covers. A function of facts every rank shares
+    (the step's agreement): every rank decides the same."""
+    rows, cols = shape
+    bh, bw = block_shape
+    n_blocks = -(-rows // bh) * -(-cols // bw)
+    return bh == 1 and bw == nbytes and cols % bw == 0 and zeros_per_block >= bh * bw and 0 < k < n_blocks \
+        and n_blocks >= fused_cpu._BRACKET_MIN_BLOCKS
+
+
+class OneReadShard:
+    """The one-read kernel on rows ``[row_start, row_stop)`` of the 2-D ``matrix`` (the
+    whole table, which every rank holds), writing into ``out`` (the bool mask rows of that
+    range): samples the whole table for the bracket around the global ``k``-th lowest
+    key, then reads the shard's rows once. Only where :func:`one_read_applies`.
+
+    :attr:`status` — ``(below, inside, missed)`` as int64, to be summed over the ranks:
+    blocks below the bracket, blocks inside it (this shard's candidates), and 1 when this
+    shard did not read (the sample put over ``fused_cpu._MAX_SHARE`` of the blocks inside
+    the bracket: heavy ties) or gathered more candidates than planned. ``nonfinite``:
+    some block score is inf or NaN."""
+
+    #: Length of :attr:`status`.
+    STATUS = 3
+
+    def __init__(self, matrix: torch.Tensor, row_start: int, row_stop: int, block_shape: tuple[int, int],
+                 norm: str, out: torch.Tensor, k: int) -> None:
+        from . import _fused_cpu_jit as jit
+
+        self._jit = jit
+        bw = block_shape[1]
+        x = matrix.detach().numpy()
+        self.nbytes = x.itemsize
+        key_type = np.int32 if self.nbytes == 4 else np.int64
+        self.ones = int.from_bytes(b"\x01" * self.nbytes, "little", signed=True)
+        self.nonfinite = False
+        self.keys = self.idx = np.empty(0, dtype=np.int64)
+        self.status = torch.tensor([0, 0, 1], dtype=torch.int64)  # missed until read
+        if not (x.flags.c_contiguous and out.is_contiguous()):
+            return  # (not met by the sparsifier's tables and masks) the three passes
+        l2 = norm == "L2"
+        divisors = np.arange(bw + 1).astype(x.dtype)
+        xb = x.reshape(-1, bw)
+        lo, hi, share = fused_cpu.sample_bracket(jit, xb, k, l2, divisors, key_type)
+        if share > fused_cpu._MAX_SHARE:  # the k-th key is heavily tied: three passes, no wasted read
+            return
+        n_bc = x.shape[1] // bw
+        shard = xb[row_start * n_bc : row_stop * n_bc]
+        self.words = out.view(torch.uint8).numpy().view(key_type).reshape(-1)
+        parts = max(1, min(torch.get_num_threads(), row_stop - row_start))
+        bounds = fused_cpu._ranges(row_stop - row_start, parts) * n_bc
+        top, below, inside, fits, self.keys, self.idx = fused_cpu.bracket_read(
+            jit, shard, self.words, parts, bounds, l2, divisors, self.ones, fused_cpu._INF_KEY[self.nbytes],
+            key_type, lo, hi, share)
+        self.nonfinite = top >= fused_cpu._INF_KEY[self.nbytes] or top < 0
+        self.status = torch.tensor([below, inside, 0 if fits else 1], dtype=torch.int64)
+
+    @staticmethod
+    def holds_cut(total: torch.Tensor, k: int) -> tuple[bool, int, int]:
+        """From the status summed over the ranks: ``(held, need, candidates)`` — whether the
+        brackets hold the k-th lowest key (no shard missed, ``below <= k <= below +
+        inside``), how many of all shards' candidates are pruned and how many there are.
+        The same on every rank."""
+        below, inside, missed = (int(v) for v in total)
+        return missed == 0 and below <= k <= below + inside, k - below, inside
+
+    def candidates(self) -> torch.Tensor:
+        """This shard's candidates' keys as scores (the key bits read as floats: the
+        selection's keys order them as the integers), in row-major order."""
+        dtype = np.float32 if self.nbytes == 4 else np.float64
+        return torch.from_numpy(self.keys.astype(np.int32 if self.nbytes == 4 else np.int64).view(dtype))
+
+    def settle(self, pruned: torch.Tensor | None) -> None:
+        """Write the candidates' words (the read wrote 0 for them): all ones for those not
+        flagged in ``pruned`` (one flag per candidate; ``None``: none pruned)."""
+        if not self.idx.size:
+            return
+        kept = self.idx if pruned is None else self.idx[~pruned.numpy()]
+        self.words[kept] = self.ones
+        self.keys = self.idx = np.empty(0, dtype=np.int64)
 
 
 class FusedShard:

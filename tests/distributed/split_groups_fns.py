@@ -129,3 +129,73 @@ def differing_replicas(nan_on_rank: int | None = None) -> dict:
             "unchanged": before == _digest(sp.get_mask("shared")),
             "equals_owners_copy": bool(torch.equal(sp.get_mask("shared"),
                                                    _reference(owner_copy, 0.5, [1, 4], None)))}
+
+
+def one_read_split(shape: list, dtype: str, block: list, norm: str, levels: list, kind: str = "random",
+                   miss: str | None = None, nan_at: list | None = None) -> dict:
+    """One table of ``shape`` big enough for the one-read shard kernel, split over every
+    rank, stepped at each of ``levels``; per step whether the mask equals the torch path's
+    (``DISTSPARSE_FUSED_CPU=0``) and world 1's fused kernel, plus how many shards of each
+    kernel this rank built. ``kind="rounded"``: values to 0.01 (ties at the cut, across
+    ranks); ``"zero_rows"``: 60 % of the rows are zero (the cut is tied: three passes). ``miss="bracket"``: every rank's bracket lies wholly above the
+    k-th key; ``"cap_on_rank1"``: rank 1 alone gathers more candidates than planned.
+    ``nan_at``: a NaN at that (row, col); then the outcome of the first step instead."""
+    import os
+
+    from distsparse.kernels import fused_cpu, fused_shard
+    from rank_fns import capture_error
+
+    rank = dist.get_rank()
+    data = _data("random", *shape, 61).to(getattr(torch, dtype))
+    if kind == "rounded":  # ~800 distinct scores: the blocks tied at the cut lie in every rank's rows
+        data = (data * 100).round() / 100
+    if kind == "zero_rows":
+        data[torch.randperm(shape[0], generator=torch.Generator().manual_seed(3))[: shape[0] * 3 // 5]] = 0
+    if nan_at is not None:
+        data[nan_at[0], nan_at[1]] = float("nan")
+    made = {"one_read": 0, "one_read_missed": 0, "three_pass": 0}
+    one_init, three_init = fused_shard.OneReadShard.__init__, fused_shard.FusedShard.__init__
+
+    def one_read(self, *args, **kwargs):
+        one_init(self, *args, **kwargs)
+        made["one_read"] += 1
+        made["one_read_missed"] += int(self.status[2])
+
+    def three_pass(self, *args, **kwargs):
+        three_init(self, *args, **kwargs)
+        made["three_pass"] += 1
+
+    fused_shard.OneReadShard.__init__, fused_shard.FusedShard.__init__ = one_read, three_pass
+    if miss == "bracket":
+        real_bracket = fused_cpu.bracket
+
+        def above_the_cut(sample, k, n_blocks):  # the bracket of a cut 10 % higher: k falls below it
+            return real_bracket(sample, min(n_blocks - 1, k + n_blocks // 10), n_blocks)
+
+        fused_cpu.bracket = above_the_cut
+    if miss == "cap_on_rank1" and rank == 1:
+        fused_cpu._CAP_SLACK, fused_cpu._CAP_EXTRA = 0.0, 8
+    sp = distsparse.DataNormSparsifier(sparsity_level=levels[0], sparse_block_shape=tuple(block), norm=norm)
+    sp.min_split_elements = 1000  # split the table over every rank
+    big = nn.Parameter(data)
+    sp.add_data("big", big)
+    out = {"ranges": {str(r): list(v) for r, v in sp.assignment("big").items()}, "steps": []}
+    if nan_at is not None:
+        before = _digest(sp.get_mask("big"))
+        return {**capture_error(sp.step), "unchanged": before == _digest(sp.get_mask("big")), "made": made,
+                "ranges": out["ranges"]}
+    for level in levels:
+        sp.data_groups["big"]["sparsity_level"] = level
+        sp.step()
+        mask = sp.get_mask("big")
+        whole = norm_block_mask(data, level, tuple(block), block[0] * block[1], norm)  # world 1's fused kernel
+        os.environ["DISTSPARSE_FUSED_CPU"] = "0"
+        try:
+            torch_path = norm_block_mask(data, level, tuple(block), block[0] * block[1], norm)
+        finally:
+            del os.environ["DISTSPARSE_FUSED_CPU"]
+        out["steps"].append({"digest": _digest(mask), "equals_torch_path": bool(torch.equal(mask, torch_path)),
+                             "equals_world_1": bool(torch.equal(mask, whole)),
+                             "selection_bytes": sp.last_step_stats["selection_bytes"]})
+    out["made"] = made
+    return out

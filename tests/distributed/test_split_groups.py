@@ -127,3 +127,77 @@ def test_a_big_table_is_split_on_the_fused_kernel_by_default(world_size, kind, l
                         block, zeros, dtype, timeout=JOB_TIMEOUT)
     _check_default(results, world_size)
     assert results[0]["kinds"]["t0"] == "split" and results[0]["fused"]["t0"]
+
+
+# -- the one-read shard kernel (issue 22 item 5): (1,4) float32 / (1,8) float64 whole blocks, >= 2**18 blocks ----
+
+# 65,539 x 16 float32 (262,156 blocks of (1,4)) and 131,075 x 16 float64 (262,150 of (1,8)): ragged row ranges.
+ONE_READ_TABLES = {"float32": ([65_539, 16], [1, 4]), "float64": ([131_075, 16], [1, 8])}
+LEVELS = [0.5, 0.07, 0.93]
+
+
+def _check_one_read(results, world_size, steps=len(LEVELS)):
+    for res in results:
+        assert len(res["ranges"]) == world_size, res["ranges"]  # split over every rank
+        assert len(res["steps"]) == steps
+        for step in res["steps"]:
+            assert step["equals_torch_path"] and step["equals_world_1"], step
+    for i in range(steps):
+        assert len({res["steps"][i]["digest"] for res in results}) == 1  # identical on every rank
+
+
+@pytest.mark.parametrize("world_size", [2, 3], ids=lambda ws: f"ws{ws}")
+@pytest.mark.parametrize("dtype, norm", [("float32", "L1"), ("float64", "L2")])
+def test_a_split_table_in_one_read_per_rank_gives_the_single_process_masks(world_size, dtype, norm):
+    shape, block = ONE_READ_TABLES[dtype]
+    results = run_ranks(split_groups_fns.one_read_split, world_size, shape, dtype, block, norm, LEVELS,
+                        timeout=JOB_TIMEOUT)
+    _check_one_read(results, world_size)
+    for res in results:  # one read per step, no fallback
+        assert res["made"] == {"one_read": len(LEVELS), "one_read_missed": 0, "three_pass": 0}, res["made"]
+        # the status carries 3 counts per group: the step's all-reduces move less than the 2**15-bin
+        # int64 histogram alone did (256 KiB)
+        assert all(step["selection_bytes"] < 8 * 2**15 for step in res["steps"]), res["steps"]
+
+
+def test_blocks_tied_at_the_cut_in_every_ranks_rows_go_to_the_lowest_indices_in_one_read():
+    shape, block = ONE_READ_TABLES["float32"]
+    results = run_ranks(split_groups_fns.one_read_split, 3, shape, "float32", block, "L1", LEVELS, "rounded",
+                        timeout=JOB_TIMEOUT)
+    _check_one_read(results, 3)
+    for res in results:
+        assert res["made"] == {"one_read": len(LEVELS), "one_read_missed": 0, "three_pass": 0}, res["made"]
+
+
+def test_a_cut_among_many_zero_rows_takes_the_three_passes_on_every_rank():
+    shape, block = ONE_READ_TABLES["float32"]
+    results = run_ranks(split_groups_fns.one_read_split, 2, shape, "float32", block, "L1", [0.5, 0.3], "zero_rows",
+                        timeout=JOB_TIMEOUT)
+    _check_one_read(results, 2, steps=2)
+    for res in results:  # the sample puts 60 % of the blocks in the bracket: no read, then the three passes
+        assert res["made"] == {"one_read": 2, "one_read_missed": 2, "three_pass": 2}, res["made"]
+
+
+@pytest.mark.parametrize("world_size, miss", [(3, "bracket"), (2, "cap_on_rank1")])
+def test_a_missed_bracket_makes_every_rank_fall_back_to_the_same_masks(world_size, miss):
+    shape, block = ONE_READ_TABLES["float32"]
+    results = run_ranks(split_groups_fns.one_read_split, world_size, shape, "float32", block, "L2", [0.5],
+                        "random", miss, timeout=JOB_TIMEOUT)
+    _check_one_read(results, world_size, steps=1)
+    for rank, res in enumerate(results):
+        assert res["made"]["one_read"] == 1 and res["made"]["three_pass"] == 1, (rank, res["made"])
+        # "cap_on_rank1": rank 1 alone overflowed; the summed status sends every rank to the three passes
+        assert res["made"]["one_read_missed"] == int(miss == "cap_on_rank1" and rank == 1), (rank, res["made"])
+
+
+def test_nan_in_one_ranks_rows_of_a_one_read_split_fails_every_rank_and_changes_no_mask():
+    shape, block = ONE_READ_TABLES["float32"]
+    results = run_ranks(split_groups_fns.one_read_split, 2, shape, "float32", block, "L1", [0.5], "random", None,
+                        [65_000, 5], timeout=JOB_TIMEOUT)
+    for res in results:
+        assert res["raised"] and "'big'" in res["message"], res
+        assert res["unchanged"], res
+        assert res["made"] == {"one_read": 1, "one_read_missed": 0, "three_pass": 0}, res["made"]
+    owner = next(int(r) for r, (a, b) in results[0]["ranges"].items() if a <= 65_000 < b)
+    assert "ValueError" in results[owner]["mro"] and "row 65000" in results[owner]["message"]
+    assert results[1 - owner]["error_type"] == "RemoteError"
