@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .kernels import fused_triton
 from .kernels.fused_cpu import fused_block_mask
 from .kernels.radix import ShardSelection
+from .kernels.unpack_rows import pack_blocks
 
 __all__ = [
     "as_matrix",
@@ -30,6 +31,9 @@ __all__ = [
     "pack_bits",
     "unpack_bits",
     "packed_size",
+    "pack_block_bits",
+    "unpack_block_bits",
+    "block_bits_size",
 ]
 
 # Elements scored per chunk: big enough to amortise kernel launches, small enough that
@@ -354,6 +358,31 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[:numel].to(torch.bool).reshape(tuple(shape))
+
+
+def block_bits_size(shape: tuple[int, int], block_shape: tuple[int, int]) -> int:
+    """Bytes that :func:`pack_block_bits` produces for a 2-D mask of ``shape``."""
+    (rows, cols), (bh, bw) = shape, block_shape
+    return packed_size(-(-rows // bh) * -(-cols // bw))
+
+
+def pack_block_bits(mask: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """One bit per block of a 2-D mask that is constant on each of its blocks (the
+    top-left element of each; edge blocks may be cut), in :func:`pack_bits`'s layout:
+    a whole-block pruning mask travels in ``1 / (bh·bw)`` of :func:`pack_bits`'s bytes."""
+    fast = pack_blocks(mask, block_shape)
+    if fast is not None:
+        return fast
+    bh, bw = block_shape
+    return pack_bits(mask[::bh, ::bw])
+
+
+def unpack_block_bits(packed: torch.Tensor, shape: tuple[int, int], block_shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`pack_block_bits`: the ``bool`` 2-D mask of ``shape``, each block
+    filled with its bit (``kernels.unpack_rows.unpack_blocks_into`` writes into place)."""
+    (rows, cols), (bh, bw) = shape, block_shape
+    flags = unpack_bits(packed, (-(-rows // bh), -(-cols // bw)))
+    return flags.repeat_interleave(bh, 0)[:rows].repeat_interleave(bw, 1)[:, :cols]
 
 
 # -- shards ------------------------------------------------------------------------------

@@ -178,6 +178,36 @@ def test_unpacking_with_the_wrong_length_is_an_error():
         unpack_bits(torch.zeros(2, dtype=torch.uint8), (3, 7))
 
 
+def _block_constant_mask(shape, block, seed):
+    (rows, cols), (bh, bw) = shape, block
+    flags = torch.rand(-(-rows // bh), -(-cols // bw), generator=torch.Generator().manual_seed(seed)) < 0.5
+    return flags, flags.repeat_interleave(bh, 0)[:rows].repeat_interleave(bw, 1)[:, :cols].contiguous()
+
+
+@pytest.mark.parametrize("shape, block", [((8, 16), (1, 4)), ((3, 9), (1, 4)), ((7, 13), (2, 3)), ((9, 10), (4, 1)),
+                                          ((5, 5), (3, 5)), ((6, 8), (2, 2)), ((4, 7), (2, 8)), ((33, 64), (1, 8)),
+                                          ((5, 6), (1, 2)), ((4, 4), (1, 1)), ((0, 8), (1, 4))])
+def test_block_bits_carry_one_bit_per_block_in_pack_bits_layout_and_round_trip(shape, block):
+    from distsparse.kernels.unpack_rows import unpack_blocks_into
+    from distsparse.masks import block_bits_size, pack_block_bits, unpack_block_bits
+
+    flags, mask = _block_constant_mask(shape, block, seed=sum(shape) + block[1])
+    packed = pack_block_bits(mask, block)
+    assert packed.dtype == torch.uint8 and packed.numel() == block_bits_size(shape, block)
+    assert torch.equal(packed, pack_bits(flags))  # the fast path and the generic one agree bit for bit
+    assert torch.equal(unpack_block_bits(packed, shape, block), mask)
+    for start in (torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)):
+        if unpack_blocks_into(packed, start, block):  # False only where numba is absent
+            assert torch.equal(start, mask)
+
+
+def test_block_bits_are_a_bh_times_bw_fraction_of_element_bits():
+    from distsparse.masks import block_bits_size
+
+    assert block_bits_size((4096, 8), (1, 4)) * 4 == packed_size(4096 * 8)
+    assert block_bits_size((4096, 32), (2, 8)) * 16 == packed_size(4096 * 32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("zeros", [1, 2, 5])
 def test_every_pruned_whole_block_has_exactly_zeros_per_block_zeros_even_with_ties(dtype, zeros):

@@ -26,8 +26,9 @@ import torch
 
 from .comm import mark_raised_everywhere
 from ..kernels.mask_digest import mask_digest
-from ..kernels.unpack_rows import unpack_into
-from ..masks import as_matrix, pack_bits, packed_size, unpack_bits
+from ..kernels.unpack_rows import unpack_blocks_into, unpack_into
+from ..masks import (as_matrix, block_bits_size, pack_bits, pack_block_bits, packed_size, unpack_bits,
+                     unpack_block_bits)
 from .planner import Plan
 from .rects import RectView, layout_from_gathered
 from ..kernels import fused_shard
@@ -209,16 +210,35 @@ def compute_split(sp, plan: Plan | None, split: list[str], sharded: list[str],
 # -- split groups on the fused CPU kernel, see distsparse.kernels.fused_shard -------------------
 
 
+def _built_in(method: Any) -> bool:
+    """DataNormSparsifier's own method, not a subclass override (no import upward)."""
+    return getattr(method, "__module__", None) == "distsparse.norm_sparsifier" and \
+        getattr(method, "__qualname__", "").startswith("DataNormSparsifier.")
+
+
+def _block_wire(sp, name: str) -> tuple[int, int] | None:
+    """The block shape when every mask of group ``name`` is constant on its blocks — the
+    built-in masks pruning whole blocks (``zeros_per_block`` the block) — so the exchange
+    sends one bit per block (``masks.pack_block_bits``); else None (one bit per element).
+    A function of the agreed configs and the code: the same on every rank."""
+    kind = type(sp)
+    if not (_built_in(kind.update_mask) and _built_in(kind._shard_mask)):
+        return None
+    config = sp.data_groups[name]
+    try:
+        bh, bw = (int(v) for v in config["sparse_block_shape"])
+    except (KeyError, TypeError, ValueError):
+        return None  # a bad config fails the step (every rank alike); the lengths stay computable
+    zeros = config.get("zeros_per_block")
+    return (bh, bw) if bh > 0 and bw > 0 and zeros in (None, bh * bw) else None
+
+
 def _runs_fused(sp, name: str) -> bool:
     """Whether split group ``name`` runs the fused kernel on every rank: the built-in norm
     scoring (no subclass override), CPU float32/float64 data and the kernel available (the
     step's agreement compares that last fact, so every rank decides the same)."""
-    def built_in(method: Any) -> bool:  # DataNormSparsifier's own, not a subclass override (no import upward)
-        return getattr(method, "__module__", None) == "distsparse.norm_sparsifier" and \
-            getattr(method, "__qualname__", "").startswith("DataNormSparsifier.")
-
     kind = type(sp)
-    if not (built_in(kind._shard_scores) and built_in(kind._shard_mask) and isinstance(getattr(sp, "norm", None), str)):
+    if not (_built_in(kind._shard_scores) and _built_in(kind._shard_mask) and isinstance(getattr(sp, "norm", None), str)):
         return False
     data = sp._groups[name].local
     return fused_shard.applies(data.dtype, data.device)
@@ -471,7 +491,8 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
     """One all-gather of every rank's status byte, the pruned-element counts of its
     part of each ``counted`` (sharded) group, the digest of its mask of each group every
     rank computes (planner kind ``"everywhere"``), and bit-packed mask rows — its whole
-    groups and its row ranges of split groups, in name order — into ``new_masks``
+    groups and its row ranges of split groups, in name order, one bit per block where
+    the masks prune whole blocks (:func:`_block_wire`), else per element — into ``new_masks``
     (whole masks of every replicated group). If any rank failed (or the selection was
     ``aborted`` for it), every rank raises instead. Where the digests of an everywhere
     group differ (its replicas were not the same data), :func:`_adopt_owner_masks` gives
@@ -482,12 +503,21 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
     work = [plan.work_of(r) for r in range(comm.world_size)]
     everywhere = plan.everywhere_names
 
-    def cols_of(name: str) -> int:
+    def shape_of(name: str) -> tuple[int, int]:
         data = sp._groups[name].local
-        return int(as_matrix(data).shape[1]) if data.dim() else 1
+        return tuple(as_matrix(data).shape) if data.dim() else (1, 1)  # type: ignore[return-value]
+
+    wire = {n: _block_wire(sp, n) for items in work for n, _, _ in items}
+
+    def size_of(name: str, a: int, b: int) -> int:
+        cols = shape_of(name)[1]
+        return packed_size((b - a) * cols) if wire[name] is None else block_bits_size((b - a, cols), wire[name])
+
+    def packed(mask: torch.Tensor, name: str) -> torch.Tensor:
+        return pack_bits(mask) if wire[name] is None else pack_block_bits(as_matrix(mask), wire[name])
 
     head = 1 + 8 * len(counted) + 8 * len(everywhere)
-    lengths = [head + sum(packed_size((b - a) * cols_of(n)) for n, a, b in items) for items in work]
+    lengths = [head + sum(size_of(n, a, b) for n, a, b in items) for items in work]
     if errors or aborted:
         payload = torch.ones(1, dtype=torch.uint8, device=device)  # status 1; masks unused
     else:
@@ -496,7 +526,7 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
         parts = [torch.zeros(1, dtype=torch.uint8, device=device), counts.view(torch.uint8).to(device)]
         for name, a, b in work[comm.rank]:
             own = as_matrix(pieces[name])[a:b] if name in pieces else new_masks[name]
-            parts.append(pack_bits(own).to(device))
+            parts.append(packed(own, name).to(device))
         payload = torch.cat(parts)
     gathered = comm.all_gather_tensor(payload, lengths)
     failed = [bool(int(part[0])) for part in gathered]
@@ -513,16 +543,21 @@ def exchange_masks(sp, plan: Plan, new_masks: dict[str, torch.Tensor], pieces: d
     for r, items in enumerate(work):
         offset = head
         for name, a, b in items:
-            data = sp._groups[name].local
-            size = packed_size((b - a) * cols_of(name))
+            size = size_of(name, a, b)
             if r != comm.rank:
                 part = gathered[r][offset : offset + size]
+                block = wire[name]
                 if name in pieces:  # rows of a split group
                     rows = as_matrix(pieces[name])[a:b]
-                    if not unpack_into(part, rows):
+                    if block is None and not unpack_into(part, rows):
                         rows.copy_(unpack_bits(part, tuple(rows.shape)))
+                    elif block is not None and not unpack_blocks_into(part, rows, block):
+                        rows.copy_(unpack_block_bits(part, tuple(rows.shape), block))
                 else:
-                    new_masks[name] = unpack_bits(part, tuple(data.shape)).to(data.device)
+                    data = sp._groups[name].local
+                    mask = unpack_bits(part, tuple(data.shape)) if block is None else \
+                        unpack_block_bits(part, shape_of(name), block).reshape(data.shape)
+                    new_masks[name] = mask.to(data.device)
             offset += size
     new_masks.update(pieces)
     # all-gather: this rank's (padded) buffer goes to every other rank, theirs come here.

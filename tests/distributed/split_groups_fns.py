@@ -196,6 +196,7 @@ def one_read_split(shape: list, dtype: str, block: list, norm: str, levels: list
             del os.environ["DISTSPARSE_FUSED_CPU"]
         out["steps"].append({"digest": _digest(mask), "equals_torch_path": bool(torch.equal(mask, torch_path)),
                              "equals_world_1": bool(torch.equal(mask, whole)),
-                             "selection_bytes": sp.last_step_stats["selection_bytes"]})
+                             "selection_bytes": sp.last_step_stats["selection_bytes"],
+                             "bytes_sent": sp.last_step_stats["bytes_sent"]})
     out["made"] = made
     return out

@@ -158,6 +158,11 @@ def test_a_split_table_in_one_read_per_rank_gives_the_single_process_masks(world
         # the status carries 3 counts per group: the step's all-reduces move less than the 2**15-bin
         # int64 histogram alone did (256 KiB)
         assert all(step["selection_bytes"] < 8 * 2**15 for step in res["steps"]), res["steps"]
+        # whole (1,4)/(1,8) blocks pruned: the rows travel as one bit per block (to each other rank), a
+        # quarter / an eighth of the one bit per element that this rank's share of the rows would take
+        element_bits_sent = shape[0] * shape[1] // 8 // world_size * (world_size - 1)
+        for step in res["steps"]:
+            assert step["bytes_sent"] - step["selection_bytes"] < element_bits_sent // 3, (step, element_bits_sent)
 
 
 def test_blocks_tied_at_the_cut_in_every_ranks_rows_go_to_the_lowest_indices_in_one_read():
