@@ -161,6 +161,7 @@ def test_the_one_read_path_covers_whole_one_row_one_key_wide_blocks_of_large_tab
             ((1 << 16, 18), (1, 4), 4, 4, n // 2, False),  # cols % bw != 0 (with more blocks than the minimum)
             (big, (1, 4), 3, 4, n // 2, False),  # blocks pruned partly
             (big, (2, 2), 4, 4, n // 8, False), ((1 << 17, 16), (2, 2), 4, 4, n // 2, False),
+            ((1 << 17, 16), (2, 4), 8, 4, n // 2, False),  # one key wide, but two rows
             (big, (1, 4), 4, 8, n // 2, False),  # float64 (1,4): half a key wide
             (big, (1, 2), 2, 4, n // 2, False), ((1 << 16, 32), (1, 8), 8, 4, n // 2, False)]:  # float32
         assert fused_cpu.one_read_applies(shape, block, zeros, nbytes, k) is applies, (shape, block, zeros, nbytes, k)
