@@ -146,6 +146,39 @@ def one_read(monkeypatch):
     return outcomes
 
 
+def test_the_one_read_path_covers_whole_one_row_one_key_wide_blocks_of_large_tables():
+    """``fused_cpu.one_read_applies`` with the real minimum (2**18 blocks): the one
+    condition of the whole-table kernel and of split shards (``fused_shard`` re-exports it)."""
+    from distsparse.kernels import fused_shard
+
+    assert fused_shard.one_read_applies is fused_cpu.one_read_applies
+    big, n = (1 << 16, 16), 1 << 18  # (1,4) blocks: exactly 2**18
+    for shape, block, zeros, nbytes, k, applies in [
+            (big, (1, 4), 4, 4, n // 2, True), (big, (1, 4), 4, 4, 1, True), (big, (1, 4), 4, 4, n - 1, True),
+            ((1 << 15, 64), (1, 8), 8, 8, n // 2, True),  # float64: (1,8) is one key wide
+            (big, (1, 4), 4, 4, 0, False), (big, (1, 4), 4, 4, n, False),  # nothing or everything pruned
+            (((1 << 16) - 1, 16), (1, 4), 4, 4, n // 2, False),  # 4 blocks short of the minimum
+            ((1 << 16, 18), (1, 4), 4, 4, n // 2, False),  # cols % bw != 0 (with more blocks than the minimum)
+            (big, (1, 4), 3, 4, n // 2, False),  # blocks pruned partly
+            (big, (2, 2), 4, 4, n // 8, False), ((1 << 17, 16), (2, 2), 4, 4, n // 2, False),
+            ((1 << 17, 16), (2, 4), 8, 4, n // 2, False),  # one key wide, but two rows
+            (big, (1, 4), 4, 8, n // 2, False),  # float64 (1,4): half a key wide
+            (big, (1, 2), 2, 4, n // 2, False), ((1 << 16, 32), (1, 8), 8, 4, n // 2, False)]:  # float32
+        assert fused_cpu.one_read_applies(shape, block, zeros, nbytes, k) is applies, (shape, block, zeros, nbytes, k)
+
+
+def test_the_kernel_takes_the_one_read_path_exactly_where_it_applies(one_read):
+    data = torch.randn(40, 24, generator=torch.Generator().manual_seed(15))
+    cases = [(data, (1, 4), 4, 100, True), (data, (1, 4), 4, 0, False), (data, (1, 4), 4, 240, False),
+             (data, (1, 4), 2, 100, False), (data[:, :22].contiguous(), (1, 4), 4, 100, False),
+             (data.double(), (1, 8), 8, 60, True), (data.double(), (1, 4), 4, 100, False)]
+    for x, block, zeros, k, applies in cases:
+        assert fused_cpu.one_read_applies(tuple(x.shape), block, zeros, x.element_size(), k) is applies
+        one_read.clear()
+        assert fused_cpu.fused_block_mask(x, k, block, zeros, "L1", lambda: None, force=True) is not None
+        assert len(one_read) == applies, (tuple(x.shape), block, zeros, k)
+
+
 @pytest.mark.parametrize("dtype, block", [(torch.float32, (1, 4)), (torch.float64, (1, 8))])
 @pytest.mark.parametrize("norm", ["L1", "L2"])
 def test_one_read_path_is_bit_equal(monkeypatch, one_read, dtype, norm, block):

@@ -34,8 +34,9 @@ the scores' order, so the read compares scores with ``hi``'s score and keys with
 keys' bounds, in their own width (both vectorise). A split group's shard
 (:class:`~distsparse.kernels.fused_shard.OneReadShard`) takes the same sample of the
 whole table (:func:`sample_bracket`) and reads only its rows (:func:`bracket_read`).
+Both run where :func:`one_read_applies`.
 
-Masks of 4 MiB and more are allocated from :func:`_mask_buffer`, which reuses a buffer of
+Masks of 4 MiB and more are allocated from :func:`mask_buffer`, which reuses a buffer of
 an earlier mask once nothing references it: a table stepped again alternates between two
 buffers whose pages are already in memory (one unused buffer of that size stays
 allocated between steps; ``DISTSPARSE_FUSED_CPU_REUSE=0`` turns this off).
@@ -63,7 +64,7 @@ import torch
 # imported on the first call only (``_fused_cpu_jit``): ``import distsparse`` stays fast.
 _HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
-__all__ = ["available", "faster_than_torch", "fused_block_mask"]
+__all__ = ["available", "faster_than_torch", "fused_block_mask", "mask_buffer", "one_read_applies"]
 
 # Top-digit shift per key width: 2**15 bins (keys of scores >= 0 are below 2**(bits-1)).
 _SHIFT = {4: 16, 8: 48}
@@ -78,7 +79,7 @@ _SAMPLE, _SAMPLE_MIN, _SAMPLE_EVERY = 1 << 16, 1 << 14, 16
 _CAP_SLACK, _CAP_EXTRA = 1.5, 1024
 # ... unless the sample puts more than this share of the blocks inside the bracket (ties).
 _MAX_SHARE = 0.05
-# Mask buffers kept for reuse (``_mask_buffer``): per size in bytes, from this size up.
+# Mask buffers kept for reuse (``mask_buffer``): per size in bytes, from this size up.
 _SPARES: dict[int, list[np.ndarray]] = {}
 _SPARE_MIN_BYTES, _SPARE_PER_SIZE = 1 << 22, 2
 _LOCK = threading.Lock()
@@ -104,7 +105,7 @@ def _run(parts: int, work: Callable[[int], int | None]) -> list:
     return list(pool.map(work, range(parts)))
 
 
-def _mask_buffer(rows: int, cols: int) -> np.ndarray:
+def mask_buffer(rows: int, cols: int) -> np.ndarray:
     """A ``(rows, cols)`` uint8 array for a new mask. Large ones come from a few buffers
     kept per size: one that nothing references any more (the mask it held was dropped:
     the sparsifier drops a group's old mask when it stores the new one) is reused, its
@@ -124,6 +125,21 @@ def _mask_buffer(rows: int, cols: int) -> np.ndarray:
         if len(spares) < _SPARE_PER_SIZE:
             spares.append(arr)
         return arr.reshape(rows, cols)
+
+
+def one_read_applies(shape: tuple[int, int], block_shape: tuple[int, int], zeros_per_block: int, nbytes: int,
+                     k: int) -> bool:
+    """Whether the one-read path (:func:`_bracket_mask`; a split group's
+    :class:`~distsparse.kernels.fused_shard.OneReadShard`) covers the 2-D ``shape`` (the
+    whole table), block shape, ``zeros_per_block``, element size ``nbytes`` and ``k``: whole
+    blocks one row by one key wide, tiling the columns, ``0 < k < n_blocks``, at least
+    ``_BRACKET_MIN_BLOCKS`` blocks. A function of facts every rank shares (the step's
+    agreement), so every rank of a split group decides the same."""
+    rows, cols = shape
+    bh, bw = block_shape
+    n_blocks = -(-rows // bh) * -(-cols // bw)
+    return bh == 1 and bw == nbytes and cols % bw == 0 and zeros_per_block >= bh * bw and 0 < k < n_blocks \
+        and n_blocks >= _BRACKET_MIN_BLOCKS
 
 
 def _ranges(n: int, parts: int) -> np.ndarray:
@@ -164,7 +180,7 @@ def fused_block_mask(
     nbytes = matrix.element_size()
     x = matrix.detach().numpy()
     exact = rows == n_br * bh and cols == n_bc * bw
-    buf = _mask_buffer(n_br * bh, n_bc * bw)
+    buf = mask_buffer(n_br * bh, n_bc * bw)
     out = torch.from_numpy(buf)
     key_type = np.int32 if nbytes == 4 else np.int64
     # Keys live in the mask's own bytes when a block's region can hold one: through an
@@ -177,8 +193,7 @@ def fused_block_mask(
     divisors = np.arange(bh * bw + 1).astype(x.dtype)
     l2 = norm == "L2"
     ones = int.from_bytes(b"\x01" * nbytes, "little", signed=True)
-    if mode == 0 and bh == 1 and cols % bw == 0 and zeros_per_block >= bh * bw and 0 < k < n_blocks \
-            and n_blocks >= _BRACKET_MIN_BLOCKS:
+    if one_read_applies((rows, cols), block_shape, zeros_per_block, nbytes, k):  # then mode == 0
         xb = x.reshape(-1, bw)
         if _bracket_mask(jit, xb, kview.reshape(-1), k, parts, bounds * n_bc, bw, l2, divisors, ones,
                          _INF_KEY[nbytes], key_type, on_nonfinite):

@@ -3,7 +3,7 @@
 A replicated group split over ranks is a row range per rank; every rank holds the whole
 table. Two kernels, the selection made global in between:
 
-**One read** (:class:`OneReadShard`, the shapes of ``fused_cpu._bracket_mask``: one-row
+**One read** (:class:`OneReadShard`, where :func:`fused_cpu.one_read_applies`: one-row
 blocks one key wide, whole blocks pruned, ``0 < k < n_blocks``, at least
 ``fused_cpu._BRACKET_MIN_BLOCKS`` blocks in the table):
 
@@ -60,23 +60,14 @@ def applies(dtype: torch.dtype, device: torch.device) -> bool:
 def new_whole_mask(shape: torch.Size) -> torch.Tensor:
     """An uninitialised CPU bool mask of ``shape``: a split group's new whole mask, whose
     rows this rank's kernel writes and the mask exchange the others'. Large ones come
-    from ``fused_cpu._mask_buffer``'s buffers, reused once nothing references them, so
+    from :func:`fused_cpu.mask_buffer`'s buffers, reused once nothing references them, so
     their pages are already in memory (a fresh 32 MB mask costs ~6 ms of page faults on
     each rank, half in the kernel's read, half in unpacking the other ranks' rows)."""
-    return torch.from_numpy(fused_cpu._mask_buffer(1, math.prod(shape))).view(torch.bool).view(shape)
+    return torch.from_numpy(fused_cpu.mask_buffer(1, math.prod(shape))).view(torch.bool).view(shape)
 
 
-def one_read_applies(shape: tuple[int, int], block_shape: tuple[int, int], zeros_per_block: int, nbytes: int,
-                     k: int) -> bool:
-    """Whether a split group of this 2-D ``shape`` (the whole table), block shape,
-    ``zeros_per_block``, element size and global ``k`` runs :class:`OneReadShard`: the
-    shapes ``fused_cpu._bracket_mask`` covers. A function of facts every rank shares
-    (the step's agreement): every rank decides the same."""
-    rows, cols = shape
-    bh, bw = block_shape
-    n_blocks = -(-rows // bh) * -(-cols // bw)
-    return bh == 1 and bw == nbytes and cols % bw == 0 and zeros_per_block >= bh * bw and 0 < k < n_blocks \
-        and n_blocks >= fused_cpu._BRACKET_MIN_BLOCKS
+#: Whether a split group (its whole table's shape, the global ``k``) runs :class:`OneReadShard`.
+one_read_applies = fused_cpu.one_read_applies
 
 
 class OneReadShard:
