@@ -80,7 +80,10 @@ def run_child(cfg: dict) -> dict:
     sp = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 4), norm="L1")
     for n, p in zip(names, params):
         sp.add_data(n, p)
-    if cfg.get("min_split") is not None:  # the size rule instead of the cost model (measure a forced split)
+    if cfg.get("min_split") == 0:  # the cost model, with every split declined: tables computed everywhere
+        from distsparse.distributed import planner
+        planner.SplitCosts.split_pays = lambda self, numel, world_size: False
+    elif cfg.get("min_split") is not None:  # the size rule instead of the cost model (measure a forced split)
         sp.min_split_elements = cfg["min_split"]
 
     owners, plans = {}, {}
@@ -501,7 +504,8 @@ def main() -> int:
     ap.add_argument("--dims", default="8,32,128", help="--sweep: columns per table")
     ap.add_argument("--label", default="", help="--sweep: a heading for this run (e.g. before/after)")
     ap.add_argument("--min-split", type=int, default=None,
-                    help="set sp.min_split_elements (the size rule instead of the cost model: forces splits)")
+                    help="set sp.min_split_elements (the size rule instead of the cost model: 1 forces splits); "
+                         "0: the cost model declining every split (single tables computed everywhere)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--floor-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--module", default="distsparse", help=argparse.SUPPRESS)  # harness dev

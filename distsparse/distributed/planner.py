@@ -25,10 +25,12 @@ rank, each cut rounded to the nearest block row. So:
 its busiest rank finishes sooner with the group split over the ranks than with one rank
 computing it whole (:meth:`SplitCosts.split_pays`). Both run the fused one-read kernel
 (``distsparse.kernels.fused_cpu``; a shard ``distsparse.kernels.fused_shard``), so a split
-halves the computation at world 2 and adds the selection's all-reduces (~2.6 ms at world 2
-on gloo over loopback) and the mask rows' exchange: tables from ~3M elements gain at
-world 2. The constants are fixed (the same on every rank, so every rank makes the same
-plan) and come from ``benchmarks/cost_model.py``. An explicit ``min_split_elements`` restores the size rule:
+halves the computation at world 2 but, on this project's 2-vCPU machine, two processes
+reading side by side are slower per element, and the split adds a wait for the slowest
+rank, the selection's all-reduces (~18.5 ms at world 2 on gloo over loopback, all told)
+and the mask rows' exchange: tables from ~62M elements gain at world 2 (measured: even at
+64M), ~43M at world 4; smaller ones are computed on every rank. The constants are fixed (the same on every rank, so every rank
+makes the same plan) and were measured with ``benchmarks/bench_distributed.py --sweep``. An explicit ``min_split_elements`` restores the size rule:
 every group of at least that many elements may be split when balance needs it.
 
 **Whole groups computed on every rank** (kind ``"everywhere"``). A whole group costs its
@@ -63,43 +65,53 @@ DEFAULT_MIN_SPLIT_ELEMENTS: int | None = None
 @dataclass(frozen=True)
 class SplitCosts:
     """The per-rank time model behind the default split decision. Defaults: one core of
-    this project's 2-vCPU machine, gloo over loopback (``benchmarks/cost_model.py``).
+    this project's 2-vCPU machine, gloo over loopback, two processes side by side
+    (``benchmarks/bench_distributed.py --sweep`` with ``--min-split 1`` and ``0``,
+    2026-12-03; ``benchmarks/results/distributed_sweep.md``).
 
     A group computed whole costs ``numel × whole_seconds_per_element`` (the fused CPU
     kernel, on every rank or on its owner). Split over ``N`` ranks, the busiest rank costs
-    ``numel / N × split_seconds_per_element`` (the same kernel on its rows,
-    :mod:`distsparse.kernels.fused_shard`), plus the selection's all-reduces — the
-    top-digit histogram (``2**15`` int64 counts, with the status), ``rounds`` rounds over
-    the candidates (``2**candidate_digit_bits`` counts each) and the tie counts — each a ring of
+    ``numel / N × split_seconds_per_element`` (the one-read kernel on its rows,
+    :mod:`distsparse.kernels.fused_shard`, slowed by the other ranks' reads of the same
+    memory), plus ``skew_seconds`` (the status all-reduce waiting for the slowest rank,
+    and each rank's sample of the whole table), plus the selection's all-reduces — the
+    status (``1 + 3`` int64: one-read shards), ``rounds`` rounds over the candidates
+    (``2**candidate_digit_bits`` counts each) and the tie counts — each a ring of
     ``2(N−1)`` steps of ``step_latency_s`` plus a 1/N slice at ``allreduce_bytes_per_s``,
-    plus receiving and unpacking the other ranks' mask rows (``numel × (N−1)/N ×
-    exchange_seconds_per_element``)."""
+    plus packing, receiving and unpacking the other ranks' mask rows (``numel × (N−1)/N ×
+    exchange_seconds_per_element``, one bit per block)."""
 
-    #: Seconds per element of a whole group's mask (the fused CPU kernel, one thread).
-    whole_seconds_per_element: float = 1.6e-9
-    #: Seconds per element of a shard's part (the fused kernel on its rows, candidates, mask rows).
-    split_seconds_per_element: float = 1.7e-9
+    #: Seconds per element of a whole group's mask (the fused one-read kernel, one thread):
+    #: world 1 took 6.6-7.7 ms at 4M elements, 21-23 ms at 16M, 60-85 ms at 64M (dim 32).
+    whole_seconds_per_element: float = 1.2e-9
+    #: Seconds per element of a shard's rows (the one-read kernel, two processes side by side).
+    split_seconds_per_element: float = 1.4e-9
+    #: A split step's wait for the slowest rank and the per-rank whole-table sample: a forced
+    #: split at world 2 took 25 ms at 4M elements, 33 ms at 16M, 67-90 ms at 64M (~19 ms fixed).
+    skew_seconds: float = 16e-3
     #: One ring step of a small all-reduce: half the 0.49 ms of a raw 64-byte all-reduce at world 2
     #: (benchmarks/results/comm.md, load 0.45); ``selection.ALLREDUCE_STEP_LATENCY_S`` (104 µs) is the
     #: calibrated fit of larger buffers, optimistic for the step's short all-reduces.
     step_latency_s: float = 245e-6
     #: Ring all-reduce bandwidth (``selection.ALLREDUCE_BYTES_PER_S``).
     allreduce_bytes_per_s: float = 1.04e9
-    #: Receiving (1 bit over gloo) and unpacking one element of another rank's mask rows.
-    exchange_seconds_per_element: float = 0.21e-9
+    #: Packing, receiving (one bit per block over gloo) and unpacking one element of another
+    #: rank's mask rows.
+    exchange_seconds_per_element: float = 0.4e-9
     #: Selection rounds over the candidates (float32 keys, 11-bit digits: few candidates, so
     #: ``selection.choose_digit_bits`` picks small histograms), then the tie counts.
     rounds: int = 3
     candidate_digit_bits: int = 11
 
     def fixed_seconds(self, world_size: int) -> float:
-        """The selection's all-reduces at ``world_size`` (independent of the group's size)."""
+        """The split step's costs independent of the group's size at ``world_size``."""
         steps = 2 * (world_size - 1)
 
         def ring(n_bytes: int) -> float:
             return steps * (self.step_latency_s + n_bytes / (world_size * self.allreduce_bytes_per_s))
 
-        return ring(8 << 15) + self.rounds * ring(8 << self.candidate_digit_bits) + ring(8 * world_size)
+        return (self.skew_seconds + ring(8 * 4) + self.rounds * ring(8 << self.candidate_digit_bits)
+                + ring(8 * world_size))
 
     def split_seconds(self, numel: int, world_size: int) -> float:
         """The busiest rank's modelled time for ``numel`` elements split over ``world_size`` ranks."""

@@ -83,14 +83,17 @@ def _reference(data: torch.Tensor, level: float, block: list, zeros) -> torch.Te
 
 
 def default_plan_groups(shapes: list, kind: str, level: float, block: list, zeros, dtype: str = "float32",
-                        steps: int = 2) -> dict:
-    """Tables of ``shapes`` under the default (cost model) plan: each group's plan kind,
-    mask digests per step and whether each equals the single-process mask."""
+                        steps: int = 2, min_split: int | None = None) -> dict:
+    """Tables of ``shapes`` under the default (cost model) plan — or the size rule of
+    ``min_split`` — : each group's plan kind, mask digests per step and whether each
+    equals the single-process mask."""
     tables = {f"t{i}": nn.Parameter(_data(kind, r, c, 40 + i).to(getattr(torch, dtype)))
               for i, (r, c) in enumerate(shapes)}
     sp = distsparse.DataNormSparsifier(sparsity_level=level, sparse_block_shape=tuple(block), zeros_per_block=zeros)
     for name, table in tables.items():
         sp.add_data(name, table)
+    if min_split is not None:
+        sp.min_split_elements = min_split
     plan = sp._plan() if sp.world_size > 1 else None
     from distsparse.distributed.step import _runs_fused
 

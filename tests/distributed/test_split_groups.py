@@ -121,10 +121,11 @@ def test_nan_in_one_ranks_copy_of_an_everywhere_group_fails_every_rank_naming_it
     ("few_values", 0.37, [3, 4], 2, "float32"),
     ("repeated_rows", 0.5, [1, 4], None, "float64"),
 ], ids=["ties-3x4-zpb2-f32", "repeated-rows-1x4-f64"])
-def test_a_big_table_is_split_on_the_fused_kernel_by_default(world_size, kind, level, block, zeros, dtype):
-    # 1,600,003 x 4 (ragged block rows): the cost model splits it; each rank runs the fused kernel on its rows.
+def test_a_split_table_runs_the_fused_kernel_on_its_rows(world_size, kind, level, block, zeros, dtype):
+    # 1,600,003 x 4 (ragged block rows), split by the size rule (the cost model splits from ~62M elements at
+    # world 2: tests/test_planner.py); each rank runs the fused kernel on its rows.
     results = run_ranks(split_groups_fns.default_plan_groups, world_size, [(1_600_003, 4), (50, 12)], kind, level,
-                        block, zeros, dtype, timeout=JOB_TIMEOUT)
+                        block, zeros, dtype, 2, 1 << 20, timeout=JOB_TIMEOUT)
     _check_default(results, world_size)
     assert results[0]["kinds"]["t0"] == "split" and results[0]["fused"]["t0"]
 
