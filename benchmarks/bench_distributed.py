@@ -390,6 +390,26 @@ def floor_child(spec: str, args) -> dict:
     return {"median": sorted(times)[len(times) // 2]}
 
 
+def both_whole_floor(args) -> float | None:
+    """The slower of two concurrent processes each stepping the whole single table (no
+    communication): the floor of an ``everywhere`` plan on this machine."""
+    rows = args.rows or (25_000 if args.quick else 250_000)
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--floor-child", f"1:{rows}",
+                               "--cols", str(args.cols), "--steps", str(args.steps)],
+                              stdout=subprocess.PIPE, text=True, env=_common.child_env()) for _ in range(2)]
+    medians = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=args.timeout)
+            line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+            medians.append(json.loads(line[-1][7:])["median"] if line else None)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        return None
+    return None if None in medians else max(medians)
+
+
 def parallel_floor(args) -> tuple[float, float] | None:
     """(one process, all tables; two concurrent processes, half each): step medians."""
     rows = args.rows or (25_000 if args.quick else 250_000)
@@ -431,8 +451,8 @@ def sweep(args) -> int:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     header = ["elements", "rows x dim", "plan (world 2)", "world 1 wall", "world 2 wall", "ratio",
-              "target", "floor (1 proc vs 2 halves)", "CPU w1", "CPU w2 per rank", "busiest CPU ratio",
-              "masks = w1", "load"]
+              "target", "floor (1 proc vs 2 halves)", "floor, everywhere (2 procs whole each)", "CPU w1",
+              "CPU w2 per rank", "busiest CPU ratio", "masks = w1", "load"]
     rows_md = []
     for size in args.sizes.split(","):
         numel = _elements(size)
@@ -444,12 +464,13 @@ def sweep(args) -> int:
             bad = [f"w{w} r{r['rank']}: {r['error'][-300:]}" for w in res for r in res[w] if "error" in r]
             load = os.getloadavg()[0]
             if bad:
-                rows_md.append([size, f"{rows:,} x {dim}", "error: " + "; ".join(bad)] + [""] * 9 + [f"{load:.1f}"])
+                rows_md.append([size, f"{rows:,} x {dim}", "error: " + "; ".join(bad)] + [""] * 10 + [f"{load:.1f}"])
                 print(rows_md[-1], file=sys.stderr, flush=True)
                 continue
             s = {w: summarize(res[w]) for w in res}
             fargs = argparse.Namespace(**{**vars(args), "tables": 1, "rows": rows, "cols": dim})
             floor = parallel_floor(fargs)
+            both = both_whole_floor(fargs)
             ratio = s[2]["step_median"] / s[1]["step_median"]
             target = 0.75 if numel >= 32 << 20 else 1.05
             cpu1 = max(s[1]["cpu_median"].values())
@@ -459,6 +480,7 @@ def sweep(args) -> int:
                 ms(s[1]["step_median"]), ms(s[2]["step_median"]), f"{ratio:.2f}",
                 f"<= {target} {'PASS' if ratio <= target else 'FAIL'}",
                 f"{ms(floor[0])} vs {ms(floor[1])} ({floor[1] / floor[0]:.2f})" if floor else "n/a",
+                f"{ms(both)} ({both / floor[0]:.2f})" if floor and both else "n/a",
                 ms(cpu1), " / ".join(ms(v) for _, v in sorted(cpu2.items())),
                 f"{max(cpu2.values()) / cpu1:.2f}", "yes" if s[2]["sha"] == s[1]["sha"] and s[2]["sha_same"]
                 else "NO", f"{load:.1f}"])
@@ -467,7 +489,9 @@ def sweep(args) -> int:
           f"`python benchmarks/bench_distributed.py --sweep --steps {args.steps} --sizes {args.sizes} "
           f"--dims {args.dims}`: one replicated float32 table, block (1,4), sparsity 0.5, L1, gloo on 127.0.0.1, "
           f"1 thread per process; wall = median over {args.steps} steps of the max over ranks. Load average "
-          f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}.\n",
+          f"at the start {' / '.join(f'{x:.2f}' for x in load_start)}. *floor, everywhere*: two concurrent "
+          "processes each scoring the whole table, no communication (the slower one; ratio to one process "
+          "alone): the best an `everywhere` plan can do on this machine.\n",
           _common.md_table(header, rows_md),
           f"\nSweep wall time {time.perf_counter() - t_start:.0f} s; load average at the end "
           f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}.\n"]
