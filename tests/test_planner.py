@@ -185,19 +185,15 @@ def test_whole_groups_go_largest_first_so_a_mix_that_balances_whole_is_not_split
 # -- split only where it pays (issue 22 item 5) ----------------------------------------------
 
 
-@pytest.mark.parametrize("rows, cols", [(131_072, 8), (32_768, 32), (8_192, 128), (262_144, 8), (100_000, 30)])
-def test_world_two_computes_a_single_small_table_on_every_rank(rows, cols):
-    # A half plus the selection's all-reduces and the mask exchange costs more than the fused whole;
-    # computing it on every rank costs no rank more than the owner alone and sends no mask.
+@pytest.mark.parametrize("rows, cols", [(131_072, 8), (32_768, 32), (8_192, 128), (262_144, 8), (100_000, 30),
+                                        (2_000_000, 8), (3_500_000, 16), (524_288, 64), (1_048_576, 32)])
+def test_world_two_computes_a_single_table_below_about_62m_elements_on_every_rank(rows, cols):
+    # A half plus the split's fixed costs and the mask exchange costs more than the fused whole (measured here:
+    # a forced split at world 2 loses up to 16M elements and breaks even at 64M); computing it on every rank
+    # costs no rank more than the owner alone and sends no mask.
     p = plan(2, [GroupSpec("t", rows, cols, (1, 4))])
     assert p.groups["t"].kind == "everywhere" and p.split_names == [] and p.work_of(0) == p.work_of(1) == []
     assert not SplitCosts().split_pays(rows * cols, 2)
-
-
-@pytest.mark.parametrize("rows, cols", [(2_000_000, 8), (3_500_000, 16), (524_288, 64), (1_048_576, 32)])
-def test_world_two_computes_a_table_up_to_about_64m_elements_on_every_rank(rows, cols):
-    # Measured here: a forced split at world 2 loses up to 16M elements and breaks even at 64M.
-    test_world_two_computes_a_single_small_table_on_every_rank(rows, cols)
 
 
 @pytest.mark.parametrize("rows, cols", [(10_000_001, 8), (8_000_000, 16), (1_000_000, 128), (16_777_216, 8),
