@@ -22,28 +22,6 @@ __all__ = ["unpack_into", "unpack_blocks_into"]
 
 _HAS_NUMBA = importlib.util.find_spec("numba") is not None
 _jit = None
-_blocks_jit = None
-
-
-def _compiled():
-    global _jit
-    if _jit is None:
-        from numba import njit
-
-        @njit(cache=True, nogil=True)
-        def unpack(packed, out):
-            n = out.size
-            full = n // 8
-            for i in range(full):
-                b = packed[i]
-                base = i * 8
-                for j in range(8):
-                    out[base + j] = (b >> (7 - j)) & 1
-            for j in range(n - full * 8):
-                out[full * 8 + j] = (packed[full] >> (7 - j)) & 1
-
-        _jit = unpack
-    return _jit
 
 
 def unpack_into(packed: torch.Tensor, out: torch.Tensor) -> bool:
@@ -52,18 +30,19 @@ def unpack_into(packed: torch.Tensor, out: torch.Tensor) -> bool:
     if not (_HAS_NUMBA and out.device.type == "cpu" and packed.device.type == "cpu" and out.is_contiguous()
             and out.dtype == torch.bool and packed.numel() * 8 >= out.numel()):
         return False
-    _compiled()(packed.contiguous().numpy(), out.view(torch.uint8).reshape(-1).numpy())
+    _compiled()[0](packed.contiguous().numpy(), out.view(torch.uint8).reshape(-1).numpy(), np.uint8(1))
     return True
 
 
-def _compiled_blocks():
-    global _blocks_jit
-    if _blocks_jit is None:
+def _compiled():
+    """The kernels, compiled on first use: (unpack_words, unpack_blocks, pack_words)."""
+    global _jit
+    if _jit is None:
         from numba import njit
 
         @njit(cache=True, nogil=True)
         def unpack_words(packed, out, one):
-            # one block per word, row-major: bit b fills word b
+            # bit b sets word b to ``one`` or 0: one bool per word (unpack_into), or one block per word
             n = out.size
             full = n // 8
             for i in range(full):
@@ -103,8 +82,8 @@ def _compiled_blocks():
                     byte = (byte << 1) | (full * 8 + j < n and words[full * 8 + j] != 0)
                 packed[full] = byte
 
-        _blocks_jit = (unpack_words, unpack_blocks, pack_words)
-    return _blocks_jit
+        _jit = (unpack_words, unpack_blocks, pack_words)
+    return _jit
 
 
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -128,7 +107,7 @@ def pack_blocks(mask: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tenso
     if words is None:
         return None
     packed = np.empty((words.size + 7) // 8, dtype=np.uint8)
-    _compiled_blocks()[2](words, packed)
+    _compiled()[2](words, packed)
     return torch.from_numpy(packed)
 
 
@@ -146,7 +125,7 @@ def unpack_blocks_into(packed: torch.Tensor, out: torch.Tensor, block_shape: tup
     source = packed.contiguous().numpy()
     words = _block_words(out, block_shape)
     if words is not None:
-        _compiled_blocks()[0](source, words, words.dtype.type(int.from_bytes(b"\x01" * bw, "little")))
+        _compiled()[0](source, words, words.dtype.type(int.from_bytes(b"\x01" * bw, "little")))
     else:
-        _compiled_blocks()[1](source, out.view(torch.uint8).numpy(), bh, bw)
+        _compiled()[1](source, out.view(torch.uint8).numpy(), bh, bw)
     return True
